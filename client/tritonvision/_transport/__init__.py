@@ -1,0 +1,1 @@
+"""How requests reach Triton. Only this package imports tritonclient."""

@@ -1,0 +1,65 @@
+"""The SDK's errors. Every error raised by :mod:`tritonvision` is a :class:`TritonVisionError`::
+
+    TritonVisionError
+    ├── InvalidImageError        the server (or the client) refused this image; other requests are unaffected
+    ├── ServerError              the server could not serve the request
+    │   ├── ServerUnavailableError   not reachable (down, restarting, wrong address); retried by the client
+    │   ├── ModelNotReadyError       the classifier is not loaded or not ready
+    │   ├── OverloadedError          the server shed load (queue full, resource exhausted)
+    │   └── InternalServerError      anything else the server reported
+    └── DeadlineExceededError    the call's deadline passed before a response came
+
+Errors from the server are mapped from their gRPC status code in :func:`tritonvision._transport._errors.map_error`,
+never from message text.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TritonVisionError",
+    "InvalidImageError",
+    "ServerError",
+    "ServerUnavailableError",
+    "ModelNotReadyError",
+    "OverloadedError",
+    "InternalServerError",
+    "DeadlineExceededError",
+]
+
+
+class TritonVisionError(Exception):
+    """Base class of every error the SDK raises."""
+
+    def __init__(self, message: str, *, status: str | None = None):
+        super().__init__(message)
+        self.message = message
+        #: The gRPC status code name (``"INVALID_ARGUMENT"``...) when the error came from the server.
+        self.status = status
+
+
+class InvalidImageError(TritonVisionError):
+    """The image was refused: not a supported format, corrupt, truncated, empty or too large."""
+
+
+class ServerError(TritonVisionError):
+    """The server could not serve the request."""
+
+
+class ServerUnavailableError(ServerError):
+    """The server is not reachable."""
+
+
+class ModelNotReadyError(ServerError):
+    """The model is not loaded or not ready on the server."""
+
+
+class OverloadedError(ServerError):
+    """The server refused the request for lack of capacity."""
+
+
+class InternalServerError(ServerError):
+    """The server failed in a way not covered by a more specific error."""
+
+
+class DeadlineExceededError(TritonVisionError):
+    """The call's deadline passed before the server answered."""

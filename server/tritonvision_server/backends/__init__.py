@@ -1,0 +1,1 @@
+"""Python-backend step models of the cpu profile; each repository's ``model.py`` imports one of these."""

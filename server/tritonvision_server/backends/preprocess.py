@@ -1,0 +1,78 @@
+"""cpu profile ``preprocess``: header checks, then the DALI pipeline on the CPU over the whole dynamic batch.
+
+DALI fails a whole batch when one image fails to decode. Requests are therefore checked one by one first
+(:mod:`..imagecheck`), and if decoding the batch still fails (damage only decoding finds, such as a
+truncated scan), the batch is decoded again request by request so only the broken ones get an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonvision.spec import IMAGE
+
+from ..imagecheck import InvalidImage, inspect
+from ..pipeline import CpuPreprocessor
+from ._common import error_response, output_dtype, parameters
+
+log = logging.getLogger(__name__)
+
+
+def decode_error_message(fmt: str) -> str:
+    # DALI's exception names only the operator and sample index (the decoder's reason goes to stderr).
+    return f"could not decode the {fmt.upper()} image: the data is corrupt or truncated"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config, params = parameters(args)
+        self.pixels_name = config["output"][0]["name"]
+        self.dtype = output_dtype(config, self.pixels_name)
+        self.pre = CpuPreprocessor(
+            max_batch_size=config["max_batch_size"],
+            num_threads=int(params.get("num_threads", "2")),
+            pixels_dtype="FP16" if self.dtype == np.float16 else "FP32",
+        )
+
+    def _samples(self, request):
+        array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
+        if array.ndim == 1:
+            array = array[None]
+        samples, formats = [], []
+        for row in array:
+            # Rows of a padded batch end in zeros, which decoders ignore after the end-of-image marker.
+            formats.append(inspect(row.tobytes()).format)
+            samples.append(np.ascontiguousarray(row))
+        return samples, formats
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        work = []  # (request index, samples, formats)
+        for i, request in enumerate(requests):
+            try:
+                samples, formats = self._samples(request)
+            except InvalidImage as exc:
+                responses[i] = error_response(str(exc))
+                continue
+            work.append((i, samples, formats))
+        if work:
+            try:
+                pixels = self.pre([s for _, samples, _ in work for s in samples])
+                offset = 0
+                for i, samples, _ in work:
+                    responses[i] = self._response(pixels[offset : offset + len(samples)])
+                    offset += len(samples)
+            except Exception:
+                # One undecodable image failed the batch: decode each request alone.
+                for i, samples, formats in work:
+                    try:
+                        responses[i] = self._response(self.pre(samples))
+                    except Exception:  # noqa: BLE001 - DALI raises RuntimeError for any decode failure
+                        responses[i] = error_response(decode_error_message(formats[0]))
+        return responses
+
+    def _response(self, pixels):
+        return pb_utils.InferenceResponse([pb_utils.Tensor(self.pixels_name, pixels.astype(self.dtype, copy=False))])

@@ -1,0 +1,182 @@
+"""Generate the model repository of either profile from :mod:`tritonvision.spec` through Triton's schema.
+
+Each ``config.pbtxt`` is built as a ``model_config_pb2.ModelConfig`` message and printed with
+``text_format``, so a field that Triton does not know cannot be written and every file parses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tritonvision import spec
+from tritonvision.spec import ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, Profile
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.txt"
+ONNX_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
+DALI_FILE = "model.dali"
+# A real photo shipped in the repository: DALI cannot warm up on random bytes.
+WARMUP_FILE = "warmup/photo.jpg"
+
+_DTYPES = {"UINT8": mc.TYPE_UINT8, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "BYTES": mc.TYPE_STRING}
+_KINDS = {"KIND_CPU": mc.ModelInstanceGroup.KIND_CPU, "KIND_GPU": mc.ModelInstanceGroup.KIND_GPU}
+
+
+def _header(profile: Profile, model: str) -> str:
+    return (
+        f"# Generated for the {profile.name} profile by `build_engines.py configs` from tritonvision/spec.py\n"
+        f"# (server/tritonvision_server/configs.py). Do not edit: change the spec and regenerate.\n"
+        f"# Model: {model}\n"
+    )
+
+
+def _input(tensor: spec.Tensor, *, ragged: bool = False) -> mc.ModelInput:
+    return mc.ModelInput(name=tensor.name, data_type=_DTYPES[tensor.dtype], dims=list(tensor.dims), allow_ragged_batch=ragged)
+
+
+def _output(tensor: spec.Tensor, *, labels: bool = False) -> mc.ModelOutput:
+    return mc.ModelOutput(
+        name=tensor.name, data_type=_DTYPES[tensor.dtype], dims=list(tensor.dims), label_filename=LABELS_FILE if labels else ""
+    )
+
+
+def _serving(config: mc.ModelConfig, serving: spec.StepServing) -> None:
+    b = serving.batching
+    config.max_batch_size = b.max_batch_size
+    config.instance_group.append(mc.ModelInstanceGroup(count=serving.instances, kind=_KINDS[serving.kind]))
+    config.dynamic_batching.preferred_batch_size.extend(b.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = b.max_queue_delay_us
+
+
+def _parameters(config: mc.ModelConfig, **params) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
+
+
+def preprocess_config(profile: Profile) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=PREPROCESS)
+    # Ragged batching lets requests whose encoded images differ in length share one batch.
+    config.input.append(_input(IMAGE, ragged=True))
+    config.output.append(_output(profile.pixels))
+    _serving(config, profile.preprocess)
+    if profile.name == "cpu":
+        config.backend = "python"
+        _parameters(config, num_threads=profile.cpu_threads)
+    else:
+        config.backend = "dali"
+        config.default_model_filename = DALI_FILE
+        _parameters(config, num_threads=profile.cpu_threads)
+        config.model_warmup.append(_warmup(profile.preprocess.batching.preferred_batch_sizes[0]))
+    return config
+
+
+def resnet50_config(profile: Profile) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=RESNET50)
+    config.input.append(_input(profile.pixels))
+    config.output.append(_output(SCORES, labels=True))
+    _serving(config, profile.resnet50)
+    if profile.name == "cpu":
+        config.backend = "python"
+        _parameters(config, onnx_file=ONNX_FILE, intra_op_threads=profile.cpu_threads)
+    else:
+        config.platform = "tensorrt_plan"
+        config.default_model_filename = PLAN_FILE
+        if profile.cuda_graph_batch_sizes:
+            cuda = config.optimization.cuda
+            cuda.graphs = True
+            for size in profile.cuda_graph_batch_sizes:
+                cuda.graph_spec.append(mc.ModelOptimizationPolicy.Cuda.GraphSpec(batch_size=size))
+    return config
+
+
+def ensemble_config(profile: Profile) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=profile.max_batch_size)
+    config.input.append(_input(IMAGE))
+    config.output.append(_output(SCORES, labels=True))
+    pixels = profile.pixels.name
+    config.ensemble_scheduling.step.extend(
+        [
+            mc.ModelEnsembling.Step(
+                model_name=PREPROCESS, model_version=-1, input_map={IMAGE.name: IMAGE.name}, output_map={pixels: "pixels"}
+            ),
+            mc.ModelEnsembling.Step(
+                model_name=RESNET50, model_version=-1, input_map={pixels: "pixels"}, output_map={SCORES.name: SCORES.name}
+            ),
+        ]
+    )
+    return config
+
+
+def _warmup(batch_size: int) -> mc.ModelWarmup:
+    return mc.ModelWarmup(
+        name="photo",
+        batch_size=batch_size,
+        inputs={IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[-1], input_data_file=Path(WARMUP_FILE).name)},
+    )
+
+
+def configs(profile: Profile) -> dict[str, mc.ModelConfig]:
+    return {ENSEMBLE: ensemble_config(profile), PREPROCESS: preprocess_config(profile), RESNET50: resnet50_config(profile)}
+
+
+def render(profile: Profile) -> dict[str, str]:
+    """``config.pbtxt`` text of each model, keyed by model name."""
+    return {name: _header(profile, name) + text_format.MessageToString(cfg) for name, cfg in configs(profile).items()}
+
+
+def parse(text: str) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt`` with Triton's schema (comments allowed); raises ``text_format.ParseError``."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def labels() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
+    from ._extras import require
+
+    require("torchvision", extra="build", what="the ImageNet label list")
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+_BACKEND_STUB = '''# Generated by tritonvision_server.configs: the model's code is {module}.
+from {module} import TritonPythonModel  # noqa: F401
+'''
+
+
+def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = None, label_names: list[str] | None = None) -> Path:
+    """Write ``dest`` as a model repository of ``profile`` (configs, labels, cpu-profile model code and ONNX)."""
+    dest = Path(dest)
+    label_text = "\n".join(label_names if label_names is not None else labels()) + "\n"
+    for name, text in render(profile).items():
+        model_dir = dest / name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(text)
+    for name in (ENSEMBLE, RESNET50):
+        (dest / name / LABELS_FILE).write_text(label_text)
+    if profile.name == "cpu":
+        for name in (PREPROCESS, RESNET50):
+            module = f"tritonvision_server.backends.{name}"
+            (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
+        if onnx_path is not None:
+            _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
+    else:
+        (dest / ENSEMBLE / "1" / ".gitkeep").touch()
+    log.info("wrote the %s model repository to %s", profile.name, dest)
+    return dest

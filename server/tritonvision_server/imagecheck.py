@@ -1,0 +1,137 @@
+"""A cheap header check of encoded images, run before they reach the decoder.
+
+DALI decodes a whole batch at once and fails all of it when one sample is bad, so every request is first
+checked on its own here: a known format, dimensions read from the header within the limits. This reads a
+few hundred bytes per image and never decodes pixels. Damage that only decoding finds (a truncated scan)
+is handled by the caller retrying the batch's requests one by one.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from tritonvision.spec import IMAGE_LIMITS, ImageLimits
+
+
+class InvalidImage(ValueError):
+    """The encoded image is refused; the message says why, for the client."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise InvalidImage("corrupt JPEG: bad marker")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xD9 or marker == 0xDA:
+            break  # end of image / start of scan before any frame header
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                break
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        i += 2 + length
+    raise InvalidImage("corrupt or truncated JPEG: no frame header")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise InvalidImage("corrupt PNG: no IHDR chunk")
+    return struct.unpack(">II", data[16:24])
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 26:
+        raise InvalidImage("truncated BMP header")
+    width, height = struct.unpack("<ii", data[18:26])
+    return width, abs(height)
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    end = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(end + "I", data[4:8])
+        (count,) = struct.unpack(end + "H", data[ifd : ifd + 2])
+        tags = {}
+        for k in range(count):
+            off = ifd + 2 + 12 * k
+            tag, typ = struct.unpack(end + "HH", data[off : off + 4])
+            if tag in (256, 257):
+                fmt = "H" if typ == 3 else "I"
+                (tags[tag],) = struct.unpack(end + fmt, data[off + 8 : off + 8 + struct.calcsize(fmt)])
+        return tags[256], tags[257]
+    except (struct.error, KeyError) as exc:
+        raise InvalidImage("corrupt TIFF: no image size in the first directory") from exc
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    try:
+        if chunk == b"VP8 ":
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if chunk == b"VP8L":
+            b = int.from_bytes(data[21:25], "little")
+            return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8X":
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    except struct.error as exc:
+        raise InvalidImage("truncated WebP header") from exc
+    raise InvalidImage("corrupt WebP: unknown chunk")
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "jpeg", _jpeg_size),
+    (b"\x89PNG\r\n\x1a\n", "png", _png_size),
+    (b"BM", "bmp", _bmp_size),
+    (b"II*\x00", "tiff", _tiff_size),
+    (b"MM\x00*", "tiff", _tiff_size),
+)
+
+
+def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
+    """Return the image's format and size, or raise :class:`InvalidImage` with a message for the client."""
+    if len(data) == 0:
+        raise InvalidImage("empty image: the request carried 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise InvalidImage(f"image of {len(data)} bytes exceeds the limit of {limits.max_bytes} bytes")
+    head = bytes(data[:65536])
+    for magic, fmt, size in _SIGNATURES:
+        if head.startswith(magic):
+            break
+    else:
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            fmt, size = "webp", _webp_size
+        else:
+            raise InvalidImage(
+                f"not a supported image: accepted formats are {', '.join(limits.formats)} "
+                f"(first bytes {head[:8].hex()})"
+            )
+    if fmt not in limits.formats:
+        raise InvalidImage(f"{fmt} images are not accepted: accepted formats are {', '.join(limits.formats)}")
+    width, height = size(data if fmt == "tiff" else head)
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"corrupt {fmt.upper()}: image size {width}x{height}")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"image of {width}x{height} pixels exceeds the limit of {limits.max_side} pixels a side "
+            f"and {limits.max_pixels // 1_000_000} megapixels"
+        )
+    return ImageInfo(fmt, width, height)

@@ -1,0 +1,131 @@
+"""The DALI preprocessing pipeline, shared by both profiles.
+
+The cpu profile runs it inside a python-backend model with the CPU decoder; the gpu profile serialises the
+same function with the GPU decoder (``device="mixed"``) into ``preprocess/1/model.dali`` for the DALI backend.
+"""
+
+from __future__ import annotations
+
+from tritonvision.spec import IMAGE, PREPROCESSING
+
+from ._extras import require
+
+DECODER_DEVICES = ("cpu", "mixed")
+
+
+def _dali():
+    require("nvidia.dali", extra="server", what="the DALI preprocessing pipeline")
+    from nvidia import dali
+
+    return dali
+
+
+def _centre_offset(fn, types, size, crop: int):
+    """``round((size - crop) / 2)`` with Python's half-to-even rounding, in DALI integer arithmetic."""
+    margin = fn.cast(size, dtype=types.INT32) - crop
+    half = margin // 2
+    return half + (margin - 2 * half) * (half - 2 * (half // 2))
+
+
+def _pipeline_fn():
+    dali = _dali()
+    import nvidia.dali.math as dmath
+
+    fn, types = dali.fn, dali.types
+    p = PREPROCESSING
+
+    # A pipeline_def function cannot take **kwargs, so every knob is a named argument.
+    @dali.pipeline_def
+    def preprocess_pipeline(decoder_device="cpu", pixels_dtype="FP32", hw_decoder_load=0.65):
+        encoded = fn.external_source(name=IMAGE.name, dtype=types.UINT8, ndim=1, device="cpu")
+        if decoder_device == "mixed":
+            # hw_decoder_load: the share of each batch sent to the A100/H100 hardware JPEG decoder;
+            # the rest goes to the CUDA decoder so both run at once.
+            images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        else:
+            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        # torchvision's Resize truncates the long side (int(256 * long / short)) and CenterCrop rounds its
+        # offset half-to-even; DALI's resize_shorter and crop_pos round differently, up to a pixel, so both
+        # are computed here from the header's (EXIF-oriented) shape to match torchvision exactly.
+        shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+        height, width = shape[0], shape[1]
+        short = dmath.min(height, width)
+        new_h = dmath.floor(height * float(p.resize_shorter) / short)
+        new_w = dmath.floor(width * float(p.resize_shorter) / short)
+        images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR)
+        anchor = fn.stack(_centre_offset(fn, types, new_h, p.crop), _centre_offset(fn, types, new_w, p.crop))
+        images = fn.slice(images, anchor, fn.constant(idata=[p.crop, p.crop], dtype=types.INT32), axes=[0, 1])
+        return fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT16 if pixels_dtype == "FP16" else types.FLOAT,
+            output_layout="CHW",
+            mean=list(p.mean_255),
+            std=list(p.std_255),
+        )
+
+    return preprocess_pipeline
+
+
+def build_pipeline(
+    *,
+    batch_size: int,
+    num_threads: int,
+    decoder_device: str = "cpu",
+    pixels_dtype: str = "FP32",
+    device_id: int | None = None,
+    hw_decoder_load: float = 0.65,
+):
+    """Build (not yet start) the preprocessing pipeline.
+
+    ``device_id=None`` builds a CPU-only pipeline; that also serialises a ``mixed`` pipeline on a machine
+    without a GPU, since the DALI backend supplies the device, batch size and threads when it loads it.
+    """
+    if decoder_device not in DECODER_DEVICES:
+        raise ValueError(f"decoder_device must be one of {DECODER_DEVICES}, got {decoder_device!r}")
+    if pixels_dtype not in ("FP32", "FP16"):
+        raise ValueError(f"pixels_dtype must be FP32 or FP16, got {pixels_dtype!r}")
+    return _pipeline_fn()(
+        decoder_device=decoder_device,
+        pixels_dtype=pixels_dtype,
+        hw_decoder_load=hw_decoder_load,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        # feed_input-driven pipelines must not prefetch: run() consumes exactly what was fed.
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+
+
+class CpuPreprocessor:
+    """Runs the pipeline on the CPU over lists of encoded images, returning ``[n, 3, crop, crop]`` arrays."""
+
+    def __init__(self, *, max_batch_size: int, num_threads: int, pixels_dtype: str = "FP32"):
+        self._args = dict(batch_size=max_batch_size, num_threads=num_threads, pixels_dtype=pixels_dtype)
+        self.max_batch_size = max_batch_size
+        self._pipe = self._start()
+
+    def _start(self):
+        pipe = build_pipeline(**self._args)
+        pipe.build()
+        return pipe
+
+    def __call__(self, encoded: list):
+        import numpy as np
+
+        if not encoded:
+            raise ValueError("no images")
+        out = []
+        for start in range(0, len(encoded), self.max_batch_size):
+            chunk = encoded[start : start + self.max_batch_size]
+            self._pipe.feed_input(IMAGE.name, chunk)
+            try:
+                (pixels,) = self._pipe.run()
+            except Exception:
+                # A failed run can leave DALI's executor mid-iteration; a fresh pipeline is cheap next to a
+                # stuck one.
+                self._pipe = self._start()
+                raise
+            out.append(pixels.as_array())
+        return np.concatenate(out) if len(out) > 1 else out[0]
