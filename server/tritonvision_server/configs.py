@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonvision import spec
-from tritonvision.spec import ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, Profile
+from tritonvision.spec import ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALID_IMAGE, VALIDATE, Profile
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,10 @@ LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 DALI_FILE = "model.dali"
-# A real photo shipped in the repository: DALI cannot warm up on random bytes.
+# A real photo shipped in the repository: DALI cannot warm up on random bytes. Triton reads warm-up data
+# from <model>/warmup/<file>, and a variable-length input needs the file's exact byte count as its dims.
 WARMUP_FILE = "warmup/photo.jpg"
+WARMUP_SOURCE = Path(__file__).resolve().parents[2] / "samples" / "chelsea.jpg"
 
 _DTYPES = {"UINT8": mc.TYPE_UINT8, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "BYTES": mc.TYPE_STRING}
 _KINDS = {"KIND_CPU": mc.ModelInstanceGroup.KIND_CPU, "KIND_GPU": mc.ModelInstanceGroup.KIND_GPU}
@@ -74,7 +76,20 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
         config.backend = "dali"
         config.default_model_filename = DALI_FILE
         _parameters(config, num_threads=profile.cpu_threads)
-        config.model_warmup.append(_warmup(profile.preprocess.batching.preferred_batch_sizes[0]))
+        # Batch 1 compiles the decoder paths; the max batch makes DALI allocate its largest buffers at load
+        # time rather than under the first burst of traffic.
+        for batch_size in sorted({1, profile.preprocess.batching.max_batch_size}):
+            config.model_warmup.append(_warmup(batch_size))
+    return config
+
+
+def validate_config(profile: Profile) -> mc.ModelConfig:
+    """The gpu profile's header check ahead of DALI (see :mod:`.backends.validate`)."""
+    assert profile.validate is not None
+    config = mc.ModelConfig(name=VALIDATE, backend="python")
+    config.input.append(_input(IMAGE, ragged=True))
+    config.output.append(_output(VALID_IMAGE))
+    _serving(config, profile.validate)
     return config
 
 
@@ -102,10 +117,19 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
     config.input.append(_input(IMAGE))
     config.output.append(_output(SCORES, labels=True))
     pixels = profile.pixels.name
+    image = IMAGE.name
+    if profile.validate is not None:
+        config.ensemble_scheduling.step.append(
+            mc.ModelEnsembling.Step(
+                model_name=VALIDATE, model_version=-1, input_map={IMAGE.name: IMAGE.name},
+                output_map={VALID_IMAGE.name: "valid_image"},
+            )
+        )
+        image = "valid_image"
     config.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(
-                model_name=PREPROCESS, model_version=-1, input_map={IMAGE.name: IMAGE.name}, output_map={pixels: "pixels"}
+                model_name=PREPROCESS, model_version=-1, input_map={IMAGE.name: image}, output_map={pixels: "pixels"}
             ),
             mc.ModelEnsembling.Step(
                 model_name=RESNET50, model_version=-1, input_map={pixels: "pixels"}, output_map={SCORES.name: SCORES.name}
@@ -115,16 +139,26 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
     return config
 
 
+def _warmup_source() -> Path:
+    if not WARMUP_SOURCE.is_file():
+        raise FileNotFoundError(f"the warm-up photo {WARMUP_SOURCE} is missing; restore it from git")
+    return WARMUP_SOURCE
+
+
 def _warmup(batch_size: int) -> mc.ModelWarmup:
+    size = _warmup_source().stat().st_size
     return mc.ModelWarmup(
-        name="photo",
+        name=f"photo_batch{batch_size}",
         batch_size=batch_size,
-        inputs={IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[-1], input_data_file=Path(WARMUP_FILE).name)},
+        inputs={IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(WARMUP_FILE).name)},
     )
 
 
 def configs(profile: Profile) -> dict[str, mc.ModelConfig]:
-    return {ENSEMBLE: ensemble_config(profile), PREPROCESS: preprocess_config(profile), RESNET50: resnet50_config(profile)}
+    models = {ENSEMBLE: ensemble_config(profile), PREPROCESS: preprocess_config(profile), RESNET50: resnet50_config(profile)}
+    if profile.validate is not None:
+        models[VALIDATE] = validate_config(profile)
+    return models
 
 
 def render(profile: Profile) -> dict[str, str]:
@@ -170,13 +204,19 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         (model_dir / "config.pbtxt").write_text(text)
     for name in (ENSEMBLE, RESNET50):
         (dest / name / LABELS_FILE).write_text(label_text)
+    python_steps = [PREPROCESS, RESNET50] if profile.name == "cpu" else []
+    if profile.validate is not None:
+        python_steps.append(VALIDATE)
+    for name in python_steps:
+        module = f"tritonvision_server.backends.{name}"
+        (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
     if profile.name == "cpu":
-        for name in (PREPROCESS, RESNET50):
-            module = f"tritonvision_server.backends.{name}"
-            (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
         if onnx_path is not None:
             _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
     else:
         (dest / ENSEMBLE / "1" / ".gitkeep").touch()
+        warmup = dest / PREPROCESS / WARMUP_FILE
+        warmup.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_warmup_source(), warmup)
     log.info("wrote the %s model repository to %s", profile.name, dest)
     return dest

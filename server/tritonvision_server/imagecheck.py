@@ -1,9 +1,11 @@
 """A cheap header check of encoded images, run before they reach the decoder.
 
 DALI decodes a whole batch at once and fails all of it when one sample is bad, so every request is first
-checked on its own here: a known format, dimensions read from the header within the limits. This reads a
-few hundred bytes per image and never decodes pixels. Damage that only decoding finds (a truncated scan)
-is handled by the caller retrying the batch's requests one by one.
+checked on its own here: a known format, dimensions read from the header within the limits, and for JPEG
+and PNG an end marker where the image data ends (a truncated upload, the commonest damage, fails the
+decoder). This scans the bytes once at memory speed and never decodes pixels. Damage that only decoding
+finds (corrupt entropy-coded data that still ends properly) is left to the caller: the cpu profile retries
+the batch request by request; in the gpu profile the DALI backend fails the whole batch.
 """
 
 from __future__ import annotations
@@ -49,6 +51,44 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             return width, height
         i += 2 + length
     raise InvalidImage("corrupt or truncated JPEG: no frame header")
+
+
+def _jpeg_complete(data: bytes) -> None:
+    """Refuse a JPEG whose scan data is not followed by an end-of-image marker (a truncated file).
+
+    Inside entropy-coded data every 0xFF byte is followed by 0x00 or a restart marker, so the first FF D9
+    after the first start-of-scan is the real end of image. Trailing bytes after it (padding, an appended
+    video) are allowed, as decoders ignore them; the test is the same whichever occurrence is found.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise InvalidImage("corrupt JPEG: bad marker")
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker == 0xD9:
+            raise InvalidImage("corrupt JPEG: end of image before any scan data")
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker == 0xDA:
+            # rfind: the marker is normally in the last bytes, so this returns at once.
+            if data.rfind(b"\xff\xd9", i + 2 + length) < 0:
+                raise InvalidImage(f"truncated JPEG: no end-of-image marker after the scan data ({n} bytes)")
+            return
+        i += 2 + length
+    raise InvalidImage(f"truncated JPEG: the data ends before the scan data ({n} bytes)")
+
+
+def _png_complete(data: bytes) -> None:
+    if data.rfind(b"IEND") < 0:
+        raise InvalidImage(f"truncated PNG: no IEND chunk ({len(data)} bytes)")
+
+
+_COMPLETENESS = {"jpeg": _jpeg_complete, "png": _png_complete}
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -134,4 +174,7 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
             f"image of {width}x{height} pixels exceeds the limit of {limits.max_side} pixels a side "
             f"and {limits.max_pixels // 1_000_000} megapixels"
         )
+    complete = _COMPLETENESS.get(fmt)
+    if complete is not None:
+        complete(data if isinstance(data, bytes) else bytes(data))
     return ImageInfo(fmt, width, height)

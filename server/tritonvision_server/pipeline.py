@@ -129,3 +129,30 @@ class CpuPreprocessor:
                 raise
             out.append(pixels.as_array())
         return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+def serialize_gpu_pipeline(path, profile) -> bool:
+    """Write the ``mixed``-decoder pipeline of ``profile`` to ``path`` (``preprocess/1/model.dali``).
+
+    Needs no GPU: the DALI backend supplies the device, batch size and threads when it loads the file.
+    Returns False, writing nothing, when ``path`` already holds the same serialised pipeline.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    pipe = _pipeline_fn()(
+        decoder_device="mixed",
+        pixels_dtype=profile.pixels_dtype,
+        hw_decoder_load=profile.hw_decoder_load,
+        batch_size=profile.preprocess.batching.max_batch_size,
+        num_threads=profile.cpu_threads,
+        device_id=None,
+    )
+    data = pipe.serialize()
+    if path.exists() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return True
