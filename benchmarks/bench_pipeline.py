@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""In-process pipeline vs. the same pipeline through Triton (cpu profile), in one run.
+
+Baseline: DALI on the CPU + the same ONNX file in ONNX Runtime, called directly with the thread budget the
+server's steps get (``spec.CPU.cpu_threads`` each). Served: the SDK over gRPC to the real tritonserver
+serving the cpu-profile ensemble. Both at batch 1 (sequential requests: latency) and at saturation
+(in-process: batches of the preferred size; served: many requests in flight, batched by Triton).
+
+Prints a table and writes ``results/bench_pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tritonvision import Classifier, spec
+from tritonvision_server.build import build_cpu_repository
+from tritonvision_server.launcher import TritonServer
+from tritonvision_server.pipeline import CpuPreprocessor
+
+log = logging.getLogger("bench_pipeline")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def percentile(values, q):
+    return float(np.percentile(np.asarray(values) * 1000.0, q))
+
+
+def in_process(onnx: Path, images: list[bytes], n_latency: int, n_throughput: int) -> dict:
+    import onnxruntime as ort
+
+    threads = spec.CPU.cpu_threads
+    pre = CpuPreprocessor(max_batch_size=spec.CPU.max_batch_size, num_threads=threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+    arrays = [np.frombuffer(b, np.uint8) for b in images]
+
+    def run(batch):
+        pixels = pre(batch)
+        return session.run(None, {spec.PIXELS("FP32").name: pixels})[0]
+
+    run(arrays[:1])  # warm-up
+    lat = []
+    for i in tqdm(range(n_latency), desc="in-process batch 1", leave=False):
+        t = time.perf_counter()
+        run([arrays[i % len(arrays)]])
+        lat.append(time.perf_counter() - t)
+    batch = max(spec.CPU.resnet50.batching.preferred_batch_sizes)
+    done, start = 0, time.perf_counter()
+    with tqdm(total=n_throughput, desc=f"in-process batch {batch}", leave=False) as bar:
+        while done < n_throughput:
+            run([arrays[(done + j) % len(arrays)] for j in range(batch)])
+            done += batch
+            bar.update(batch)
+    elapsed = time.perf_counter() - start
+    return {"batch1_p50_ms": percentile(lat, 50), "batch1_p90_ms": percentile(lat, 90), "throughput_img_s": done / elapsed,
+            "throughput_batch": batch}
+
+
+def served(url: str, images: list[bytes], n_latency: int, n_throughput: int, concurrency: int) -> dict:
+    with Classifier(url, timeout=600, max_in_flight=concurrency) as clf:
+        clf.classify(images[0])  # warm-up
+        lat = []
+        for i in tqdm(range(n_latency), desc="served batch 1", leave=False):
+            t = time.perf_counter()
+            clf.classify(images[i % len(images)])
+            lat.append(time.perf_counter() - t)
+        work = [images[i % len(images)] for i in range(n_throughput)]
+        start = time.perf_counter()
+        clf.classify_batch(work)
+        elapsed = time.perf_counter() - start
+    return {"batch1_p50_ms": percentile(lat, 50), "batch1_p90_ms": percentile(lat, 90), "throughput_img_s": n_throughput / elapsed,
+            "concurrency": concurrency}
+
+
+def batch_stats(url: str) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        out = {}
+        for model in (spec.PREPROCESS, spec.RESNET50):
+            s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+            out[model] = round(int(s["inference_count"]) / max(1, int(s["execution_count"])), 2)
+        return out
+    finally:
+        client.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latency-requests", type=int, default=40)
+    ap.add_argument("--throughput-images", type=int, default=160)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--weights", default="random:0", help="weights of the benchmarked model (speed does not depend on them)")
+    ap.add_argument("--output", type=Path, default=ROOT / "results" / "bench_pipeline.json")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    build = ROOT / "build" / "bench"
+    repo = build_cpu_repository(build / "model_repository_cpu", build / "resnet50.onnx", args.weights)
+    images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]
+
+    log.info("in-process baseline")
+    base = in_process(build / "resnet50.onnx", images, args.latency_requests, args.throughput_images)
+    log.info("through Triton")
+    with TritonServer(repo) as server:
+        srv = served(server.grpc_url, images, args.latency_requests, args.throughput_images, args.concurrency)
+        srv["avg_batch"] = batch_stats(server.grpc_url)
+
+    import onnxruntime
+    import tritonclient
+    from nvidia import dali
+
+    result = {
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
+        "versions": {"python": platform.python_version(), "dali": dali.__version__, "onnxruntime": onnxruntime.__version__,
+                     "tritonclient": tritonclient.__version__ if hasattr(tritonclient, "__version__") else "?", "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
+        "images": [p.name for p in sorted((ROOT / "samples").glob("*.jpg"))],
+        "in_process": base,
+        "served": srv,
+        "ratios": {
+            "throughput_served_over_in_process": srv["throughput_img_s"] / base["throughput_img_s"],
+            "batch1_p50_overhead_ms": srv["batch1_p50_ms"] - base["batch1_p50_ms"],
+        },
+        "targets": {"throughput_ratio_min": 0.9, "batch1_p50_overhead_ms_max": 3.0},
+    }
+    rows = [
+        ("in-process (DALI CPU + ORT)", base["batch1_p50_ms"], base["batch1_p90_ms"], base["throughput_img_s"], f"batch {base['throughput_batch']}"),
+        ("Triton cpu profile via SDK", srv["batch1_p50_ms"], srv["batch1_p90_ms"], srv["throughput_img_s"], f"{args.concurrency} in flight"),
+    ]
+    print(f"\n{'pipeline':<30} {'b1 p50 ms':>10} {'b1 p90 ms':>10} {'img/s':>8}  saturation")
+    for name, p50, p90, tput, how in rows:
+        print(f"{name:<30} {p50:>10.1f} {p90:>10.1f} {tput:>8.1f}  {how}")
+    r = result["ratios"]
+    print(f"\nthroughput served/in-process: {r['throughput_served_over_in_process']:.2f} (target >= 0.9); "
+          f"batch-1 p50 overhead: {r['batch1_p50_overhead_ms']:+.1f} ms (target <= 3 ms); average batch {srv['avg_batch']}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    log.info("wrote %s", args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

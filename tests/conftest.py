@@ -1,0 +1,84 @@
+"""Shared fixtures: the real Triton server with the cpu profile, started once per session, and test photos."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "test"
+# Random weights with a fixed seed: no downloads at test time.
+TEST_WEIGHTS = "random:0"
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidia0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Real photos shipped with scikit-image, encoded to JPEG here."""
+    import skimage.data
+
+    return {name: encode(getattr(skimage.data, name)(), quality=92) for name in ("chelsea", "astronaut", "coffee", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def onnx_path() -> Path:
+    from tritonvision_server.onnx_export import export_onnx
+
+    return export_onnx(BUILD / "resnet50.onnx", TEST_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(onnx_path) -> Path:
+    from tritonvision import spec
+    from tritonvision_server.configs import write_repository
+
+    return write_repository(spec.CPU, BUILD / "model_repository_cpu", onnx_path=onnx_path)
+
+
+@pytest.fixture(scope="session")
+def triton_server(cpu_repository):
+    """The real tritonserver (bundled in nvidia-pytriton) serving the cpu profile on free loopback ports."""
+    from tritonvision_server.launcher import TritonServer
+
+    server = TritonServer(cpu_repository, log_file=BUILD / "tritonserver.log")
+    with server:
+        yield server
+    assert not server.leftover_shm(), "the server left shared-memory files behind"
+
+
+@pytest.fixture(scope="session")
+def grpc_url(triton_server) -> str:
+    return triton_server.grpc_url
+
+
+@pytest.fixture()
+def classifier(grpc_url):
+    from tritonvision import Classifier
+
+    with Classifier(grpc_url, timeout=120) as clf:
+        yield clf

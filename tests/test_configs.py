@@ -1,0 +1,67 @@
+"""The generated configs: valid for Triton's schema, faithful to the spec, and the committed ones up to date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tritonvision import spec
+from tritonvision_server import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "model_repository"
+
+
+@pytest.mark.parametrize("profile", list(spec.PROFILES.values()), ids=list(spec.PROFILES))
+def test_every_generated_config_parses_with_tritons_schema(profile):
+    for name, text in configs.render(profile).items():
+        parsed = configs.parse(text)
+        assert parsed.name == name
+        assert parsed == configs.configs(profile)[name]
+
+
+def test_committed_gpu_repository_equals_generator_output(tmp_path):
+    configs.write_repository(spec.GPU, tmp_path)
+    generated = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    for rel in generated:
+        committed = COMMITTED / rel
+        assert committed.exists(), f"{rel} is generated but not committed: run `python build_engines.py configs`"
+        assert committed.read_bytes() == (tmp_path / rel).read_bytes(), (
+            f"model_repository/{rel} differs from the generator: run `python build_engines.py configs`"
+        )
+    for committed in COMMITTED.rglob("config.pbtxt"):
+        assert committed.relative_to(COMMITTED) in generated, f"{committed} is committed but no longer generated"
+
+
+@pytest.mark.parametrize("profile", list(spec.PROFILES.values()), ids=list(spec.PROFILES))
+def test_configs_carry_the_spec_values(profile):
+    cfg = configs.configs(profile)
+    ens, pre, net = cfg[spec.ENSEMBLE], cfg[spec.PREPROCESS], cfg[spec.RESNET50]
+    assert [i.name for i in ens.input] == [spec.IMAGE.name] and [o.name for o in ens.output] == [spec.SCORES.name]
+    assert ens.output[0].label_filename == configs.LABELS_FILE
+    assert list(ens.output[0].dims) == [spec.NUM_CLASSES]
+    assert pre.input[0].allow_ragged_batch, "encoded images differ in length: batching needs ragged inputs"
+    assert list(pre.output[0].dims) == [3, spec.PREPROCESSING.crop, spec.PREPROCESSING.crop]
+    assert pre.output[0].data_type == net.input[0].data_type
+    for model, serving in ((pre, profile.preprocess), (net, profile.resnet50)):
+        assert model.max_batch_size == serving.batching.max_batch_size
+        assert list(model.dynamic_batching.preferred_batch_size) == list(serving.batching.preferred_batch_sizes)
+        assert model.dynamic_batching.max_queue_delay_microseconds == serving.batching.max_queue_delay_us
+        assert model.instance_group[0].count == serving.instances
+    assert ens.max_batch_size <= min(pre.max_batch_size, net.max_batch_size)
+
+
+def test_committed_labels_are_torchvisions_imagenet_classes():
+    lines = (COMMITTED / spec.ENSEMBLE / configs.LABELS_FILE).read_text().splitlines()
+    assert len(lines) == spec.NUM_CLASSES
+    assert lines == configs.labels()
+    assert lines[281] == "tabby"
+
+
+def test_cpu_repository_has_model_code_and_onnx(cpu_repository):
+    for step in (spec.PREPROCESS, spec.RESNET50):
+        stub = (cpu_repository / step / "1" / "model.py").read_text()
+        assert f"tritonvision_server.backends.{step}" in stub
+    assert (cpu_repository / spec.RESNET50 / "1" / configs.ONNX_FILE).stat().st_size > 50_000_000
+    assert configs.parse((cpu_repository / spec.PREPROCESS / "config.pbtxt").read_text()).backend == "python"

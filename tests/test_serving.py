@@ -1,0 +1,242 @@
+"""The cpu profile end to end: the real Triton server, the ensemble, the SDK, over gRPC."""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import encode
+from reference import reference_scores, top_k
+from tritonvision import Classifier, InvalidImageError, spec
+from tritonvision_server.launcher import ServerStartError, TritonServer
+
+
+# Classes whose reference scores are this close are tied: the two pipelines may rank them either way.
+TIE = 2e-4
+
+
+def _check_against_reference(predictions, onnx_path, data, *, tol=1e-3):
+    """Same top-k as the in-process reference (up to ties), each score within ``tol``."""
+    ref = reference_scores(onnx_path, data)
+    expected = top_k(ref, len(predictions))
+    got = [p.index for p in predictions]
+    for rank, (g, e) in enumerate(zip(got, expected)):
+        assert g == e or abs(ref[g] - ref[e]) <= TIE, f"rank {rank}: got class {g}, reference {e}; top-k {got} vs {expected}"
+    for p in predictions:
+        assert abs(p.score - float(ref[p.index])) <= tol, (p, float(ref[p.index]))
+
+
+def _statistics(url: str, model: str) -> dict:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+    return {"executions": int(stats.get("execution_count", 0)), "inferences": int(stats.get("inference_count", 0)), "batches": batches}
+
+
+def test_classify_returns_same_top5_as_reference_pipeline(classifier, photos, onnx_path):
+    tops = set()
+    for name, data in photos.items():
+        predictions = classifier.classify(data, top_k=5)
+        assert len(predictions) == 5
+        assert all(p.label == configs_label(p.index) for p in predictions)
+        _check_against_reference(predictions, onnx_path, data)
+        tops.add(tuple(p.index for p in predictions))
+    # The random-weight model must still tell the photos apart, or the comparison above proves little.
+    assert len(tops) > 1
+
+
+def configs_label(index: int) -> str:
+    from tritonvision_server.configs import labels
+
+    return labels()[index]
+
+
+def test_paths_and_file_objects_classify_like_bytes(classifier, photos, tmp_path):
+    data = photos["coffee"]
+    path = tmp_path / "coffee.jpg"
+    path.write_bytes(data)
+    expected = classifier.classify(data)
+    assert classifier.classify(path) == expected
+    assert classifier.classify(str(path)) == expected
+    with open(path, "rb") as fh:
+        assert classifier.classify(fh) == expected
+
+
+def test_batch_of_n_gives_same_results_as_n_single_requests(classifier, photos):
+    images = list(photos.values()) * 2
+    singles = [classifier.classify(img) for img in images]
+    batched = classifier.classify_batch(images)
+    for single, batch in zip(singles, batched):
+        assert [p.index for p in single] == [p.index for p in batch]
+        assert np.allclose([p.score for p in single], [p.score for p in batch], atol=1e-5)
+
+
+def test_one_request_carrying_several_images_returns_one_result_each(grpc_url, classifier, photos):
+    # A client may pad several encoded images into one [n, max_len] request; decoders ignore the padding.
+    blobs = [photos["chelsea"], photos["astronaut"]]
+    width = max(map(len, blobs))
+    tensor = np.zeros((len(blobs), width), np.uint8)
+    for row, blob in zip(tensor, blobs):
+        row[: len(blob)] = np.frombuffer(blob, np.uint8)
+    client = grpcclient.InferenceServerClient(grpc_url)
+    inp = grpcclient.InferInput(spec.IMAGE.name, list(tensor.shape), "UINT8")
+    inp.set_data_from_numpy(tensor)
+    result = client.infer(spec.ENSEMBLE, [inp], outputs=[grpcclient.InferRequestedOutput(spec.SCORES.name)])
+    client.close()
+    scores = result.as_numpy(spec.SCORES.name)
+    assert scores.shape == (2, spec.NUM_CLASSES)
+    for row, blob in zip(scores, blobs):
+        assert top_k(row) == [p.index for p in classifier.classify(blob)]
+
+
+def test_server_batches_concurrent_requests(grpc_url, classifier, photos):
+    before = _statistics(grpc_url, spec.RESNET50)
+    classifier.classify_batch(list(photos.values()) * 4)
+    after = _statistics(grpc_url, spec.RESNET50)
+    multi = {b: n - before["batches"].get(b, 0) for b, n in after["batches"].items() if b > 1}
+    assert sum(multi.values()) > 0, f"no execution with batch size > 1: {after['batches']}"
+    executions = after["executions"] - before["executions"]
+    inferences = after["inferences"] - before["inferences"]
+    assert inferences == 16 and executions < inferences
+
+
+def _huge_header_jpeg(data: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header claiming ``width x height``."""
+    i = 2
+    while True:
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xC3:
+            return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
+        i += 2 + length
+
+
+def _bad_inputs(photos) -> dict[str, tuple[bytes, str]]:
+    good = photos["chelsea"]
+    rng = np.random.default_rng(7)
+    return {
+        "empty": (b"", "empty image"),
+        "truncated_jpeg": (good[: len(good) // 2], "could not decode the JPEG image"),
+        "random_bytes": (rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "not a supported image"),
+        "text_file": (b"name,score\ncat,0.9\n" * 50, "not a supported image"),
+        "huge_header": (_huge_header_jpeg(good, 30_000, 30_000), "exceeds the limit"),
+        "too_wide": (encode(np.zeros((8, 20_000), np.uint8)), "exceeds the limit"),
+        "gif": (encode(np.zeros((64, 64), np.uint8), "GIF"), "not a supported image"),
+    }
+
+
+BAD_CASES = ["empty", "truncated_jpeg", "random_bytes", "text_file", "huge_header", "too_wide", "gif"]
+
+
+def test_bad_input_cases_are_all_exercised(photos):
+    assert sorted(_bad_inputs(photos)) == sorted(BAD_CASES)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_path, grpc_url):
+    bad, message = _bad_inputs(photos)[case]
+    good = [photos["astronaut"], photos["coffee"], photos["rocket"]]
+    images = [good[0], bad, good[1], good[2], bad, good[0]]
+    before = _statistics(grpc_url, spec.PREPROCESS)
+    results = classifier.classify_batch(images, return_exceptions=True)
+    after = _statistics(grpc_url, spec.PREPROCESS)
+    for image, result in zip(images, results):
+        if image is bad:
+            assert isinstance(result, InvalidImageError), result
+            assert message in result.message, result.message
+            assert result.status == "INVALID_ARGUMENT"
+        else:
+            assert isinstance(result, list), result
+            _check_against_reference(result, onnx_path, image)
+    # Some of them shared a preprocess batch with the bad image's requests.
+    assert after["executions"] - before["executions"] < len(images)
+    assert classifier.is_ready()
+
+
+def test_truncated_jpeg_in_one_padded_request_fails_that_request_only(grpc_url, classifier, photos):
+    good = photos["chelsea"]
+    bad = good[: len(good) // 3]
+    errors = []
+
+    def send(blob):
+        try:
+            classifier.classify(blob)
+        except InvalidImageError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in (good, bad, good, good)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and "truncated" in errors[0].message
+
+
+def _format(photo: bytes, fmt: str, **kwargs) -> bytes:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(photo))
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_and_webp_formats_classify_like_the_reference(fmt, classifier, photos, onnx_path):
+    data = _format(photos["chelsea"], fmt)
+    _check_against_reference(classifier.classify(data), onnx_path, data)
+
+
+def test_greyscale_and_cmyk_jpegs_classify_like_the_reference(classifier, photos, onnx_path):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(photos["astronaut"]))
+    for mode in ("L", "CMYK"):
+        buf = io.BytesIO()
+        image.convert(mode).save(buf, format="JPEG", quality=92)
+        _check_against_reference(classifier.classify(buf.getvalue()), onnx_path, buf.getvalue())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_photo_classifies_like_the_upright_photo(orientation, classifier, photos, onnx_path):
+    from PIL import Image
+
+    upright = Image.open(io.BytesIO(photos["chelsea"]))
+    # Store the pixels rotated and let the EXIF tag say how to turn them back, as cameras do.
+    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    rotated = classifier.classify(buf.getvalue())
+    _check_against_reference(rotated, onnx_path, buf.getvalue())
+    assert [p.index for p in rotated] == [p.index for p in classifier.classify(photos["chelsea"])]
+
+
+def test_server_shuts_down_cleanly_without_leaving_shared_memory(cpu_repository, photos):
+    server = TritonServer(cpu_repository)
+    with server:
+        with Classifier(server.grpc_url, timeout=120) as clf:
+            results = clf.classify_batch([photos["coffee"], b"junk", photos["chelsea"][:5000]], return_exceptions=True)
+        assert isinstance(results[0], list)
+        assert server.leftover_shm(), "the python backend should be using shared memory while serving"
+    assert not server.running
+    assert server.leftover_shm() == []
+
+
+def test_startup_failure_raises_with_the_server_log(tmp_path, cpu_repository):
+    broken = tmp_path / "repo"
+    (broken / "broken" / "1").mkdir(parents=True)
+    (broken / "broken" / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
+    server = TritonServer(broken, startup_timeout=60)
+    with pytest.raises(ServerStartError) as info:
+        server.start()
+    assert "no_such_backend" in str(info.value)
+    assert not server.running and server.leftover_shm() == []
