@@ -6,16 +6,21 @@
 ...         print(f"{p.score:.3f} {p.label}")
 """
 
-from ._client import DEFAULT_URL, Classifier
-from ._types import Prediction
+from ._async import AsyncClassifier
+from ._client import DEFAULT_URL, Classifier, Measurement
+from ._retry import RetryPolicy
+from ._stats import Breakdown, StageStats, Statistics
+from ._types import Classification, Prediction
 from .exceptions import (
     DeadlineExceededError,
     InternalServerError,
     InvalidImageError,
+    MissingExtraError,
     ModelNotReadyError,
     OverloadedError,
     ServerError,
     ServerUnavailableError,
+    SharedMemoryError,
     TritonVisionError,
 )
 
@@ -23,8 +28,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Classifier",
+    "AsyncClassifier",
     "DEFAULT_URL",
+    "RetryPolicy",
     "Prediction",
+    "Classification",
+    "Statistics",
+    "Breakdown",
+    "StageStats",
+    "Measurement",
     "TritonVisionError",
     "InvalidImageError",
     "ServerError",
@@ -33,5 +45,7 @@ __all__ = [
     "OverloadedError",
     "InternalServerError",
     "DeadlineExceededError",
+    "SharedMemoryError",
+    "MissingExtraError",
     "__version__",
 ]

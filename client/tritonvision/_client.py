@@ -2,17 +2,59 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Literal
 
-from ._images import ImageInput, as_tensor, encoded_bytes
+from ._images import ImageInput, encoded_bytes
+from ._retry import Deadline, RetryPolicy, backoff_or_raise
+from ._stats import Breakdown, Statistics
 from ._transport._grpc import GrpcTransport
-from ._types import Prediction
-from .exceptions import DeadlineExceededError, ServerUnavailableError, TritonVisionError
+from ._transport._shm import ShmPool
+from ._transport._stream import InferStream
+from ._types import Classification, Prediction
+from .exceptions import DeadlineExceededError, InvalidImageError, TritonVisionError
 from .spec import ENSEMBLE
 
+log = logging.getLogger("tritonvision")
+
 DEFAULT_URL = "127.0.0.1:8001"
+
+ShmMode = Literal["system", "cuda", "auto"] | None
+
+
+def is_local(url: str) -> bool:
+    """Whether ``host:port`` names this machine (loopback, or one of this host's own addresses)."""
+    host = url.rsplit(":", 1)[0].strip("[]") if ":" in url else url
+    if host in ("localhost", ""):
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    own: set[str] = set()
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback or a in own for a in addresses)
+
+
+def resolve_shm(shm: ShmMode, url: str) -> str | None:
+    """The shared-memory kind to use: ``auto`` means system shared memory when the server is on this host."""
+    if shm in (None, "none", "off", False):
+        return None
+    if shm == "auto":
+        return "system" if os.path.isdir("/dev/shm") and is_local(url) else None
+    if shm in ("system", "cuda"):
+        return shm
+    raise ValueError(f"shm must be None, 'system', 'cuda' or 'auto', not {shm!r}")
 
 
 class Classifier:
@@ -21,69 +63,184 @@ class Classifier:
     >>> with Classifier("127.0.0.1:8001") as clf:
     ...     top5 = clf.classify("cat.jpg")
     ...     print(top5[0].label, top5[0].score)
+
+    ``timeout`` is each call's deadline in seconds, over all its retries. Only an unreachable server
+    (:class:`ServerUnavailableError`) is retried, following ``retry``. ``shm`` sends images through shared
+    memory: ``"system"`` (server on this host), ``"cuda"`` (on this host's GPU; ``tritonvision[cuda]``) or
+    ``"auto"`` (system shared memory when the server is local).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, model: str = ENSEMBLE, timeout: float | None = None, max_in_flight: int = 64):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        model: str = ENSEMBLE,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 64,
+        shm: ShmMode = None,
+        cuda_device: int = 0,
+    ):
         self.url = url
         self.timeout = timeout
+        self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
         self._transport = GrpcTransport(url, model=model)
+        self.shm = resolve_shm(shm, url)
+        try:
+            self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
+        except BaseException:
+            self._transport.close()
+            raise
+
+    # -- one image ----------------------------------------------------------------------------------------
+    def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        if self._pool is None:
+            return self._transport.infer(data, top_k, timeout)
+        with self._pool.lease(data) as ref:
+            try:
+                return self._transport.infer(ref, top_k, timeout)
+            except InvalidImageError:
+                # A server restarted between two calls has forgotten our regions and answers
+                # INVALID_ARGUMENT; if so, register again and retry once, otherwise the image is bad.
+                if ref.region in self._transport.registered_shm(self.shm):
+                    raise
+                log.info("the server lost its shared-memory registrations; registering again")
+                self._pool.forget_registrations()
+        with self._pool.lease(data) as ref:
+            return self._transport.infer(ref, top_k, timeout)
 
     def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
-        """Top-k predictions for one image (bytes, path or binary file object), best first."""
-        (result,) = self._transport.infer(as_tensor(encoded_bytes(image)), top_k, timeout or self.timeout)
-        return result
+        """Top-k predictions for one image, best first."""
+        data = encoded_bytes(image)
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return self._infer(data, top_k, deadline.check())
+            except TritonVisionError as exc:
+                wait = backoff_or_raise(exc, delays, deadline)
+                log.info("%s; retrying in %.2f s", exc.message, wait)
+                time.sleep(wait)
+
+    # -- many images ----------------------------------------------------------------------------------------
+    def _submit(self, data: bytes, top_k: int, deadline: Deadline, callback, delays=None) -> None:
+        """Send one image without blocking; ``callback(predictions, error)`` runs once, on another thread."""
+        delays = delays if delays is not None else self.retry.delays()
+        region = None
+        try:
+            payload = data
+            if self._pool is not None:
+                region, payload = self._pool.acquire(data)
+
+            def done(preds, error):
+                if region is not None:
+                    self._pool.release(region, error)
+                if error is not None:
+                    try:
+                        wait = backoff_or_raise(error, delays, deadline)
+                    except TritonVisionError as final:
+                        callback(None, final)
+                        return
+                    timer = threading.Timer(wait, self._submit, (data, top_k, deadline, callback, delays))
+                    timer.daemon = True
+                    timer.start()
+                    return
+                callback(preds, None)
+
+            self._transport.async_infer(payload, top_k, done, deadline.check())
+        except TritonVisionError as exc:
+            if region is not None:
+                self._pool.release(region, exc)
+            callback(None, exc)
 
     def classify_batch(
         self, images: Iterable[ImageInput], top_k: int = 5, *, timeout: float | None = None, return_exceptions: bool = False
     ) -> list[list[Prediction] | TritonVisionError]:
         """Classify many images at once; the server's dynamic batcher groups them.
 
-        Each image travels as its own request, so a bad image fails alone: with ``return_exceptions=True``
-        its slot holds the error; otherwise the first error (in input order) is raised after all finish.
+        Each image travels as its own request (at most ``max_in_flight`` at a time), so a bad image fails
+        alone: with ``return_exceptions=True`` its slot holds the error; otherwise the first error (in input
+        order) is raised after all finish.
         """
         images = list(images)
         results: list = [None] * len(images)
         slots = threading.BoundedSemaphore(self.max_in_flight)
-        pending = threading.Semaphore(0)
+        finished = threading.Semaphore(0)
+        budget = timeout if timeout is not None else self.timeout
 
         def on_done(i):
             def done(preds, error):
-                results[i] = error if error is not None else preds[0]
+                results[i] = error if error is not None else preds
                 slots.release()
-                pending.release()
+                finished.release()
 
             return done
 
         for i, image in enumerate(images):
             slots.acquire()
             try:
-                self._transport.async_infer(as_tensor(encoded_bytes(image)), top_k, on_done(i), timeout or self.timeout)
-            except TritonVisionError as exc:  # unreadable file, or the request could not be sent
-                results[i] = exc
-                slots.release()
-                pending.release()
+                data = encoded_bytes(image)
+            except TritonVisionError as exc:  # unreadable file: never sent
+                on_done(i)(None, exc)
+                continue
+            self._submit(data, top_k, Deadline(budget), on_done(i))
         for _ in images:
-            pending.acquire()
+            finished.acquire()
         if not return_exceptions:
             for r in results:
                 if isinstance(r, TritonVisionError):
                     raise r
         return results
 
+    def classify_stream(
+        self, images: Iterable[ImageInput], top_k: int = 5, *, max_in_flight: int = 16, timeout: float | None = None
+    ) -> Iterator[Classification]:
+        """Classify an iterable (possibly endless) over one gRPC stream; one :class:`Classification` per
+        image, in input order. At most ``max_in_flight`` images are outstanding, so ``images`` is consumed
+        only as fast as results are. A bad image yields a failed ``Classification`` and the stream goes on;
+        a lost server raises. ``timeout`` bounds each image's wait. Close the generator (or exhaust it) to
+        end the stream."""
+        budget = timeout if timeout is not None else self.timeout
+        stream = InferStream(
+            self._transport,
+            top_k=top_k,
+            max_in_flight=max_in_flight,
+            timeout=budget,
+            pool=self._pool,
+            recheck=lambda data: self._infer(data, top_k, budget),
+        )
+        return stream.classify(images)
+
+    # -- server state ---------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         return self._transport.is_ready()
 
-    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
+    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.25) -> None:
         """Block until the server and the classifier are ready, or raise :class:`DeadlineExceededError`."""
         deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise DeadlineExceededError(f"{self.url} was not ready after {timeout:.0f} s")
+        while not self._transport.is_ready(timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+            if time.monotonic() + interval > deadline:
+                raise DeadlineExceededError(f"{self.url} was not ready after {timeout:g} s")
             time.sleep(interval)
 
+    def statistics(self) -> Statistics:
+        """A snapshot of Triton's counters for every model; subtract two to get a :class:`Breakdown`."""
+        return Statistics.parse(self._transport.statistics(self.timeout))
+
+    @contextmanager
+    def measure(self) -> Iterator["Measurement"]:
+        """``with clf.measure() as m: ...`` then ``m.breakdown``: the per-stage figures of the block."""
+        m = Measurement(self.statistics())
+        yield m
+        m.breakdown = self.statistics() - m.before
+
     def close(self) -> None:
-        self._transport.close()
+        try:
+            if self._pool is not None:
+                self._pool.close()
+        finally:
+            self._transport.close()
 
     def __enter__(self) -> "Classifier":
         return self
@@ -91,3 +248,10 @@ class Classifier:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+class Measurement:
+    """Filled in by :meth:`Classifier.measure` when its block ends."""
+
+    def __init__(self, before: Statistics):
+        self.before = before
+        self.breakdown: Breakdown | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .exceptions import TritonVisionError
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -22,3 +24,25 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The outcome of one image of a stream: its position in the input, and predictions or an error.
+
+    A failed image does not end the stream; :meth:`unwrap` raises its error where a caller wants that.
+    """
+
+    index: int
+    predictions: list[Prediction] | None = None
+    error: TritonVisionError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> list[Prediction]:
+        if self.error is not None:
+            raise self.error
+        assert self.predictions is not None
+        return self.predictions

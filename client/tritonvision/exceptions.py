@@ -7,7 +7,9 @@
     │   ├── ModelNotReadyError       the classifier is not loaded or not ready
     │   ├── OverloadedError          the server shed load (queue full, resource exhausted)
     │   └── InternalServerError      anything else the server reported
-    └── DeadlineExceededError    the call's deadline passed before a response came
+    ├── DeadlineExceededError    the call's deadline passed before a response came
+    ├── SharedMemoryError        a client-side shared-memory region could not be created or written
+    └── MissingExtraError        an optional feature's package is missing (also an ImportError)
 
 Errors from the server are mapped from their gRPC status code in :func:`tritonvision._transport._errors.map_error`,
 never from message text.
@@ -24,6 +26,8 @@ __all__ = [
     "OverloadedError",
     "InternalServerError",
     "DeadlineExceededError",
+    "SharedMemoryError",
+    "MissingExtraError",
 ]
 
 
@@ -63,3 +67,11 @@ class InternalServerError(ServerError):
 
 class DeadlineExceededError(TritonVisionError):
     """The call's deadline passed before the server answered."""
+
+
+class SharedMemoryError(TritonVisionError):
+    """A shared-memory region could not be created, written or registered on the client's side."""
+
+
+class MissingExtraError(TritonVisionError, ImportError):
+    """An optional dependency is missing; the message names the extra that installs it."""

@@ -29,19 +29,34 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[exc.TritonVisionError]] = {
 
 
 def status_code(error) -> grpc.StatusCode | None:
-    """The gRPC status of a tritonclient ``InferenceServerException`` (its ``status()`` is ``"StatusCode.X"``)."""
-    status = error.status() if hasattr(error, "status") and callable(error.status) else None
+    """The gRPC status of a ``grpc.RpcError`` or of a tritonclient ``InferenceServerException``
+    (whose ``status()`` is the string ``"StatusCode.X"``)."""
+    if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+        code = error.code()
+        return code if isinstance(code, grpc.StatusCode) else None
+    status = error.status() if callable(getattr(error, "status", None)) else None
     if not status:
         return None
     name = str(status).rsplit(".", 1)[-1]
     return grpc.StatusCode.__members__.get(name)
 
 
-def map_error(error: Exception) -> exc.TritonVisionError:
+def _message(error) -> str:
+    for attr in ("message", "details"):
+        fn = getattr(error, attr, None)
+        if callable(fn):
+            text = fn()
+            if text:
+                return str(text)
+    return str(error)
+
+
+def map_error(error: BaseException) -> exc.TritonVisionError:
     """Translate a tritonclient/gRPC error into the SDK's hierarchy (call as ``raise map_error(e) from e``)."""
     if isinstance(error, exc.TritonVisionError):
         return error
     code = status_code(error)
-    message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
-    cls = STATUS_TO_ERROR.get(code, exc.InternalServerError) if code else exc.TritonVisionError
-    return cls(message or str(error), status=code.name if code else None)
+    message = _message(error)
+    if code is None:
+        return exc.TritonVisionError(message)
+    return STATUS_TO_ERROR.get(code, exc.InternalServerError)(message, status=code.name)

@@ -1,0 +1,204 @@
+"""Where the time goes: Triton's per-model statistics, differenced between two snapshots.
+
+Triton keeps cumulative counters per model. For a request, ``queue`` is the time it waited for a batch and
+``compute_input/infer/output`` the time of the batch it ran in (so per-request compute of a batch of 8 is
+counted 8 times); ``batch_stats`` count executions per batch size once each. Between two snapshots:
+
+* requests = success.count; average request/queue/input/infer/output time = ns / count
+* executions and inferences (images): their ratio is the average dynamic batch size
+* infer time per image = the executions' compute_infer ns (from ``batch_stats``) / inferences
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from .spec import ENSEMBLE, PREPROCESS, RESNET50
+
+_STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass(frozen=True)
+class Counter:
+    count: int = 0
+    ns: int = 0
+
+    @classmethod
+    def parse(cls, d: dict | None) -> "Counter":
+        d = d or {}
+        return cls(int(d.get("count", 0)), int(d.get("ns", 0)))
+
+    def __sub__(self, other: "Counter") -> "Counter":
+        return Counter(self.count - other.count, self.ns - other.ns)
+
+    def mean_ms(self) -> float:
+        return self.ns / self.count / 1e6 if self.count else 0.0
+
+
+@dataclass(frozen=True)
+class ModelCounters:
+    """Cumulative counters of one model version, as Triton reports them."""
+
+    name: str
+    version: str = ""
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Counter = Counter()
+    fail: Counter = Counter()
+    queue: Counter = Counter()
+    compute_input: Counter = Counter()
+    compute_infer: Counter = Counter()
+    compute_output: Counter = Counter()
+    #: batch size -> (executions, compute_infer ns of those executions)
+    batches: dict[int, Counter] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict) -> "ModelCounters":
+        inf = d.get("inference_stats", {})
+        return cls(
+            name=d["name"],
+            version=str(d.get("version", "")),
+            inference_count=int(d.get("inference_count", 0)),
+            execution_count=int(d.get("execution_count", 0)),
+            success=Counter.parse(inf.get("success")),
+            fail=Counter.parse(inf.get("fail")),
+            **{stage: Counter.parse(inf.get(stage)) for stage in _STAGES},
+            batches={int(b["batch_size"]): Counter.parse(b.get("compute_infer")) for b in d.get("batch_stats", [])},
+        )
+
+    def __sub__(self, other: "ModelCounters") -> "ModelCounters":
+        sizes = set(self.batches) | set(other.batches)
+        return ModelCounters(
+            name=self.name,
+            version=self.version,
+            inference_count=self.inference_count - other.inference_count,
+            execution_count=self.execution_count - other.execution_count,
+            success=self.success - other.success,
+            fail=self.fail - other.fail,
+            **{stage: getattr(self, stage) - getattr(other, stage) for stage in _STAGES},
+            batches={
+                s: self.batches.get(s, Counter()) - other.batches.get(s, Counter())
+                for s in sizes
+                if self.batches.get(s, Counter()) != other.batches.get(s, Counter())
+            },
+        )
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """One model's figures over an interval. Times in milliseconds, averaged per request."""
+
+    model: str
+    requests: int
+    failures: int
+    executions: int
+    inferences: int
+    request_ms: float
+    queue_ms: float
+    input_ms: float
+    infer_ms: float
+    output_ms: float
+    infer_ms_per_image: float
+
+    @property
+    def avg_batch(self) -> float:
+        """Images per execution: how well the dynamic batcher grouped requests."""
+        return self.inferences / self.executions if self.executions else 0.0
+
+    @classmethod
+    def from_delta(cls, d: ModelCounters) -> "StageStats":
+        batch_infer_ns = sum(c.ns for c in d.batches.values())
+        return cls(
+            model=d.name,
+            requests=d.success.count,
+            failures=d.fail.count,
+            executions=d.execution_count,
+            inferences=d.inference_count,
+            request_ms=d.success.mean_ms(),
+            queue_ms=d.queue.mean_ms(),
+            input_ms=d.compute_input.mean_ms(),
+            infer_ms=d.compute_infer.mean_ms(),
+            output_ms=d.compute_output.mean_ms(),
+            infer_ms_per_image=batch_infer_ns / d.inference_count / 1e6 if d.inference_count else 0.0,
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "avg_batch": self.avg_batch}
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """A snapshot of every model's counters; ``later - earlier`` is the :class:`Breakdown` between them."""
+
+    models: dict[str, ModelCounters]
+    taken_at: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def parse(cls, response: dict, taken_at: float | None = None) -> "Statistics":
+        models = {}
+        for d in response.get("model_stats", []):
+            m = ModelCounters.parse(d)
+            models[m.name] = m
+        return cls(models, time.monotonic() if taken_at is None else taken_at)
+
+    def __sub__(self, earlier: "Statistics") -> "Breakdown":
+        stages = []
+        for name, now in self.models.items():
+            before = earlier.models.get(name, ModelCounters(name))
+            stages.append(StageStats.from_delta(now - before))
+        return Breakdown(_ordered(stages), self.taken_at - earlier.taken_at)
+
+    def breakdown(self) -> "Breakdown":
+        """Everything since the server started."""
+        return self - Statistics({}, self.taken_at)
+
+
+def _ordered(stages: list[StageStats]) -> list[StageStats]:
+    # The pipeline's order first (ensemble, then its steps), other models after.
+    rank = {ENSEMBLE: 0, PREPROCESS: 1, RESNET50: 2}
+    return sorted(stages, key=lambda s: (rank.get(s.model, 3), s.model))
+
+
+_COLUMNS = (
+    ("model", "{:<12}", "model"),
+    ("requests", "{:>8}", "requests"),
+    ("fail", "{:>5}", "failures"),
+    ("exec", "{:>6}", "executions"),
+    ("images", "{:>7}", "inferences"),
+    ("batch", "{:>6.2f}", "avg_batch"),
+    ("request ms", "{:>10.2f}", "request_ms"),
+    ("queue ms", "{:>9.2f}", "queue_ms"),
+    ("input ms", "{:>9.2f}", "input_ms"),
+    ("infer ms", "{:>9.2f}", "infer_ms"),
+    ("output ms", "{:>9.2f}", "output_ms"),
+    ("infer ms/img", "{:>12.2f}", "infer_ms_per_image"),
+)
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Per-stage figures over an interval of ``seconds``: the ensemble first, then each step."""
+
+    stages: list[StageStats]
+    seconds: float
+
+    def __getitem__(self, model: str) -> StageStats:
+        for s in self.stages:
+            if s.model == model:
+                return s
+        raise KeyError(model)
+
+    def active(self) -> "Breakdown":
+        """Only the models that served requests in the interval."""
+        return Breakdown([s for s in self.stages if s.requests or s.failures], self.seconds)
+
+    def table(self) -> str:
+        header = "  ".join(fmt.replace(".2f", "").format(title) for title, fmt, _ in _COLUMNS)
+        lines = [header, "-" * len(header)]
+        for s in self.stages:
+            lines.append("  ".join(fmt.format(getattr(s, attr)) for _, fmt, attr in _COLUMNS))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "stages": [s.to_dict() for s in self.stages]}

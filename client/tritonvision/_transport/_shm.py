@@ -1,0 +1,251 @@
+"""Shared-memory regions for image inputs: a pool of registered regions reused across requests.
+
+Creating and registering a region costs two system calls and a round trip, so regions are kept and
+reused; a region too small for an image is replaced by a larger one. Every region has a unique name
+(``tritonvision_client_<pid>_<random>_<n>``, also its ``/dev/shm`` file name for system memory).
+
+Nothing may leak: :meth:`ShmPool.close` unregisters every region from the server (ignoring a server that
+is gone) and destroys it locally; a ``weakref.finalize`` runs the same at interpreter exit and when the
+pool is garbage-collected unclosed. A region whose creation, write or registration fails is destroyed
+on the spot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._extras import require
+from ..exceptions import ServerUnavailableError, SharedMemoryError, TritonVisionError
+from ._grpc import GrpcTransport, ShmInput
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "tritonvision_client_"
+SHM_DIR = "/dev/shm"
+MIN_REGION_BYTES = 1 << 20
+KINDS = ("system", "cuda")
+
+
+def _round_up(n: int) -> int:
+    return max(MIN_REGION_BYTES, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclass(eq=False)
+class Region:
+    name: str
+    byte_size: int
+    handle: Any
+    registered: bool = False
+
+
+class _System:
+    kind = "system"
+
+    def __init__(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        self.shm = shm
+
+    def create(self, name: str, byte_size: int):
+        # create_only: a name collision must fail, never map somebody else's region.
+        return self.shm.create_shared_memory_region(name, "/" + name, byte_size, create_only=True)
+
+    def write(self, handle, data: bytes) -> None:
+        self.shm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
+
+    def register(self, transport: GrpcTransport, region: Region) -> None:
+        transport.register_system_shm(region.name, "/" + region.name, region.byte_size)
+
+    def destroy(self, handle) -> None:
+        self.shm.destroy_shared_memory_region(handle)
+
+
+class _Cuda:
+    kind = "cuda"
+
+    def __init__(self, device_id: int) -> None:
+        try:
+            import tritonclient.utils.cuda_shared_memory as cudashm
+        except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError without cuda-python
+            require("cuda.bindings.runtime", extra="cuda", what="CUDA shared memory")
+            raise SharedMemoryError(f"CUDA shared memory is unavailable: {exc}") from exc
+        self.cudashm = cudashm
+        self.device_id = device_id
+
+    def create(self, name: str, byte_size: int):
+        return self.cudashm.create_shared_memory_region(name, byte_size, self.device_id)
+
+    def write(self, handle, data: bytes) -> None:
+        self.cudashm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
+
+    def register(self, transport: GrpcTransport, region: Region) -> None:
+        raw = self.cudashm.get_raw_handle(region.handle)
+        transport.register_cuda_shm(region.name, raw, self.device_id, region.byte_size)
+
+    def destroy(self, handle) -> None:
+        self.cudashm.destroy_shared_memory_region(handle)
+
+
+@dataclass
+class _State:
+    """What the finalizer needs; it must not hold the pool itself."""
+
+    transport: GrpcTransport
+    backend: Any
+    regions: dict[str, Region] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _destroy(state: _State, region: Region, *, unregister: bool = True) -> None:
+    if unregister and region.registered:
+        try:
+            state.transport.unregister_shm(state.backend.kind, region.name)
+        except TritonVisionError as exc:  # the server is gone: its registrations went with it
+            log.debug("could not unregister %s: %s", region.name, exc)
+        region.registered = False
+    try:
+        state.backend.destroy(region.handle)
+    except Exception as exc:  # noqa: BLE001 - keep destroying the others
+        log.warning("could not destroy shared memory region %s: %s", region.name, exc)
+    state.regions.pop(region.name, None)
+
+
+def _release_all(state: _State) -> None:
+    with state.lock:
+        for region in list(state.regions.values()):
+            _destroy(state, region)
+
+
+class ShmPool:
+    """Registered input regions of one kind (``"system"`` or ``"cuda"``) for one server.
+
+    Use :meth:`lease` (a context manager) around a request, or :meth:`acquire`/:meth:`release` where the
+    request completes in a callback.
+    """
+
+    def __init__(self, transport: GrpcTransport, kind: str = "system", *, device_id: int = 0):
+        if kind not in KINDS:
+            raise ValueError(f"shared memory kind must be one of {KINDS}, not {kind!r}")
+        backend = _System() if kind == "system" else _Cuda(device_id)
+        self.kind = kind
+        self.prefix = f"{KEY_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._state = _State(transport, backend)
+        self._free: list[Region] = []
+        self._count = 0
+        self._finalizer = weakref.finalize(self, _release_all, self._state)
+
+    @property
+    def region_names(self) -> list[str]:
+        return sorted(self._state.regions)
+
+    def _create(self, byte_size: int) -> Region:
+        state = self._state
+        with state.lock:
+            self._count += 1
+            name = f"{self.prefix}{self._count}"
+        try:
+            handle = state.backend.create(name, byte_size)
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own untyped exceptions here
+            raise SharedMemoryError(f"cannot create {self.kind} shared memory region {name}: {exc}") from exc
+        region = Region(name, byte_size, handle)
+        with state.lock:
+            state.regions[name] = region
+        return region
+
+    def _register(self, region: Region) -> None:
+        if region.registered:
+            return
+        try:
+            # A region the server lost (it restarted) may still be registered under our name elsewhere:
+            # nothing else uses our unique names, so unregistering first is safe and makes this idempotent.
+            self._state.transport.unregister_shm(self.kind, region.name)
+        except TritonVisionError:
+            pass
+        self._state.backend.register(self._state.transport, region)
+        region.registered = True
+
+    def acquire(self, data: bytes) -> tuple[Region, ShmInput]:
+        """A registered region holding ``data``; give it back with :meth:`release`."""
+        if not self._finalizer.alive:
+            raise SharedMemoryError("the shared-memory pool is closed")
+        with self._state.lock:
+            region = next((r for r in self._free if r.byte_size >= len(data)), None)
+            if region is None and self._free:
+                region = self._free[0]  # too small: replaced below by a larger one
+            if region is not None:
+                self._free.remove(region)
+        try:
+            if region is not None and region.byte_size < len(data):
+                _destroy(self._state, region)
+                region = None
+            if region is None:
+                region = self._create(_round_up(len(data)))
+            try:
+                self._state.backend.write(region.handle, data)
+            except Exception as exc:  # noqa: BLE001
+                raise SharedMemoryError(f"cannot write shared memory region {region.name}: {exc}") from exc
+            self._register(region)
+        except BaseException:
+            if region is not None:
+                _destroy(self._state, region)
+            raise
+        return region, ShmInput(region.name, len(data))
+
+    def release(self, region: Region, error: BaseException | None = None) -> None:
+        """Return ``region`` to the pool. After :class:`ServerUnavailableError` it is re-registered on next use,
+        as a restarted server has forgotten it."""
+        if isinstance(error, ServerUnavailableError):
+            region.registered = False
+        with self._state.lock:
+            owned = region.name in self._state.regions
+            if owned and self._finalizer.alive:
+                self._free.append(region)
+                return
+        if owned:  # the pool was closed while this request was in flight
+            _destroy(self._state, region)
+
+    def forget_registrations(self) -> None:
+        """Mark every region as unknown to the server (re-registered on next use)."""
+        for region in list(self._state.regions.values()):
+            region.registered = False
+
+    @contextmanager
+    def lease(self, data: bytes) -> Iterator[ShmInput]:
+        region, ref = self.acquire(data)
+        error: BaseException | None = None
+        try:
+            yield ref
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.release(region, error)
+
+    def close(self) -> None:
+        """Unregister and destroy every region (idempotent)."""
+        self._free.clear()
+        self._finalizer()
+
+    def __enter__(self) -> "ShmPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def leftover_files(prefix: str = KEY_PREFIX) -> list[str]:
+    """``/dev/shm`` files whose name starts with ``prefix`` (for tests and diagnostics)."""
+    try:
+        return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,196 @@
+"""Classify an iterable of images over one bidirectional gRPC stream.
+
+One :class:`InferStream` owns the stream: the request queue that feeds gRPC, the reader thread that
+collects responses, the in-order hand-over of results, and closing. At most ``max_in_flight`` images are
+outstanding (sent, or answered but not yet handed to the caller), so a slow consumer or a slow server
+holds the producer back instead of filling memory.
+
+Per-image failures do not end the stream. Triton's stream responses carry an error *message* but no
+status code, and the SDK decides error types by status code only, so a failed image is sent once more
+as a unary request whose status code names the error (if that second try succeeds, its result is used).
+A failure of the stream itself (the server went away) ends it with the mapped error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import grpc
+
+from .._images import ImageInput, encoded_bytes
+from .._types import Classification, Prediction
+from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
+from ._errors import map_error
+from ._grpc import GrpcTransport, stream_predictions, stream_request
+from ._shm import Region, ShmPool
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class InferStream:
+    """One stream; use as a context manager, or call :meth:`close`. :meth:`classify` may run once."""
+
+    def __init__(
+        self,
+        transport: GrpcTransport,
+        *,
+        top_k: int,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        pool: ShmPool | None = None,
+        recheck: Callable[[bytes], list[Prediction]] | None = None,
+    ):
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.max_in_flight = max_in_flight
+        self._transport = transport
+        self._top_k = top_k
+        self._timeout = timeout
+        self._pool = pool
+        self._recheck = recheck or (lambda data: transport.infer(data, top_k, timeout))
+        self._requests: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._responses: dict[int, tuple[list[Prediction] | None, str | None]] = {}
+        self._regions: dict[int, Region] = {}
+        self._abandoned: set[int] = set()
+        self._failure: TritonVisionError | None = None
+        self._closing = False
+        self._call = None
+        self._reader: threading.Thread | None = None
+        #: Most images outstanding at once during the run (for tests of the backpressure bound).
+        self.peak_in_flight = 0
+
+    # -- the reader thread -------------------------------------------------------------------------------
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                i = int(response.infer_response.id)
+                if response.error_message:
+                    item = (None, response.error_message)
+                else:
+                    try:
+                        item = (stream_predictions(response.infer_response), None)
+                    except Exception as exc:  # noqa: BLE001 - a malformed response fails its own image
+                        item = (None, str(exc))
+                self._give_back_region(i, None)
+                with self._cond:
+                    if i in self._abandoned:
+                        self._abandoned.discard(i)
+                    else:
+                        self._responses[i] = item
+                    self._cond.notify_all()
+        except grpc.RpcError as exc:
+            if not (self._closing and exc.code() == grpc.StatusCode.CANCELLED):
+                with self._cond:
+                    self._failure = map_error(exc)
+        finally:
+            with self._cond:
+                if self._failure is None and not self._closing:
+                    self._failure = ServerUnavailableError("the server closed the stream")
+                self._cond.notify_all()
+
+    def _give_back_region(self, i: int, error: BaseException | None) -> None:
+        region = self._regions.pop(i, None)
+        if region is not None and self._pool is not None:
+            self._pool.release(region, error)
+
+    # -- the caller's side -------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._call = self._transport.open_stream(iter(self._requests.get, _END))
+        self._reader = threading.Thread(target=self._read, name="tritonvision-stream", daemon=True)
+        self._reader.start()
+
+    def _send(self, i: int, data: bytes) -> None:
+        payload: bytes | object = data
+        if self._pool is not None:
+            region, payload = self._pool.acquire(data)
+            self._regions[i] = region
+        self._requests.put(stream_request(self._transport.model, str(i), payload, self._top_k))
+
+    def _outcome(self, i: int, data: bytes, item) -> Classification:
+        preds, message = item
+        if message is None:
+            return Classification(i, predictions=preds)
+        log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
+        try:
+            return Classification(i, predictions=self._recheck(data))
+        except TritonVisionError as exc:
+            return Classification(i, error=exc)
+
+    def _wait_for(self, i: int, sent_at: float) -> object:
+        """The response of image ``i``, a :class:`DeadlineExceededError`, or raise the stream's failure."""
+        with self._cond:
+            while i not in self._responses:
+                if self._failure is not None:
+                    raise self._failure
+                left = None if self._timeout is None else sent_at + self._timeout - time.monotonic()
+                if left is not None and left <= 0:
+                    # Its response may still come; the reader drops it then (and frees its region).
+                    self._abandoned.add(i)
+                    return DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED")
+                self._cond.wait(left)
+            return self._responses.pop(i)
+
+    def classify(self, images: Iterable[ImageInput]) -> Iterator[Classification]:
+        """Results in input order, one per image."""
+        if self._call is not None:
+            raise RuntimeError("an InferStream runs once")
+        self._start()
+        pending: deque[tuple[int, bytes | None, float, Classification | None]] = deque()
+        source = enumerate(images)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(pending) < self.max_in_flight:
+                    try:
+                        i, image = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        data = encoded_bytes(image)
+                        if not data:
+                            raise InvalidImageError("empty image: 0 bytes")
+                    except InvalidImageError as exc:  # refused on the client: never sent
+                        pending.append((i, None, 0.0, Classification(i, error=exc)))
+                        continue
+                    self._send(i, data)
+                    pending.append((i, data, time.monotonic(), None))
+                    self.peak_in_flight = max(self.peak_in_flight, len(pending))
+                if not pending:
+                    return
+                i, data, sent_at, ready = pending.popleft()
+                if ready is None:
+                    item = self._wait_for(i, sent_at)
+                    ready = Classification(i, error=item) if isinstance(item, TritonVisionError) else self._outcome(i, data, item)
+                yield ready
+        finally:
+            self.close(cancel=bool(pending) or not exhausted)
+
+    def close(self, cancel: bool = True) -> None:
+        """End the stream; with ``cancel``, drop what is still in flight. Frees every region it holds."""
+        if self._call is None or self._closing:
+            return
+        with self._cond:
+            self._closing = True
+        self._requests.put(_END)  # half-close: the server answers what it has, then ends the stream
+        if cancel:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.join(timeout=30)
+        error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
+        for i in list(self._regions):
+            self._give_back_region(i, error or ServerUnavailableError("stream closed"))
+
+    def __enter__(self) -> "InferStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
