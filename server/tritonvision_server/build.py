@@ -5,6 +5,10 @@ Subcommands, each idempotent:
 - ``onnx``     export ResNet-50 (+ softmax) to ONNX with a dynamic batch axis (both profiles)
 - ``configs``  render the gpu profile's committed ``model_repository/`` configs and labels
 - ``cpu``      ``onnx`` + the cpu profile's repository (python-backend steps) under ``build/``
+- ``dali``     serialise the preprocessing pipeline with the GPU decoder as ``preprocess/1/model.dali``
+- ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``
+- ``gpu``      (alias ``all``) ``onnx`` + ``dali`` + ``engine`` + ``configs``: the whole gpu profile
+- ``check``    validate a model repository the way Triton would at load time (and more)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ DEFAULT_BUILD = Path("build")
 DEFAULT_ONNX = DEFAULT_BUILD / "resnet50.onnx"
 DEFAULT_CPU_REPOSITORY = DEFAULT_BUILD / "model_repository_cpu"
 DEFAULT_GPU_REPOSITORY = Path("model_repository")
+DEFAULT_ENGINES = DEFAULT_BUILD / "engines"
 
 
 def build_cpu_repository(dest: Path = DEFAULT_CPU_REPOSITORY, onnx: Path = DEFAULT_ONNX, weights: str = "random",
@@ -34,6 +39,70 @@ def build_cpu_repository(dest: Path = DEFAULT_CPU_REPOSITORY, onnx: Path = DEFAU
 
     export_onnx(onnx, weights, force=force)
     return configs.write_repository(spec.CPU, dest, onnx_path=onnx)
+
+
+def gpu_profile(precision: str | None = None) -> spec.Profile:
+    """The gpu profile, with another engine precision (and the PIXELS dtype it takes) when asked."""
+    if precision is None or precision == spec.GPU.engine.precision:
+        return spec.GPU
+    profile = spec.GPU.with_engine_precision(precision)
+    if profile.pixels_dtype != spec.GPU.pixels_dtype:
+        log.warning("a %s engine takes %s pixels: the configs written differ from the committed ones",
+                    precision, profile.pixels_dtype)
+    return profile
+
+
+def build_dali(repository: Path, profile: spec.Profile) -> Path:
+    from . import pipeline
+
+    path = Path(repository) / spec.PREPROCESS / "1" / configs.DALI_FILE
+    if pipeline.serialize_gpu_pipeline(path, profile):
+        log.info("wrote the DALI pipeline (mixed decoder, hw_decoder_load %.2f, %s output) to %s",
+                 profile.hw_decoder_load, profile.pixels_dtype, path)
+    else:
+        log.info("%s is up to date; skipping", path)
+    return path
+
+
+def build_engine(repository: Path, profile: spec.Profile, args: argparse.Namespace) -> Path:
+    from dataclasses import replace
+
+    from . import engines
+
+    build = profile.engine
+    if args.workspace_mib:
+        build = replace(build, workspace_mib=args.workspace_mib)
+    return engines.ensure_engine(
+        args.onnx, Path(repository) / spec.RESNET50 / "1" / configs.PLAN_FILE, build, profile.resnet50.batching,
+        engine_dir=args.engine_dir, calibration_images_dir=args.calibration_images,
+        calibration_cache=args.calibration_cache, builder=args.builder, gpu_index=args.gpu, force=args.force,
+    )
+
+
+def check(repository: Path, profile: spec.Profile, require_artifacts: bool) -> int:
+    from . import repocheck
+
+    problems = repocheck.check_repository(repository, profile=profile, require_artifacts=require_artifacts)
+    for problem in problems:
+        log.error("%s", problem)
+    if not problems:
+        log.info("%s: no problems found", repository)
+    return 1 if problems else 0
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
+                   help=f"engine precision (default from the spec: {spec.GPU.engine.precision}); fp32 and tf32 "
+                        "also switch PIXELS to FP32 and rewrite the configs")
+    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX)
+    p.add_argument("--engine-dir", type=Path, default=DEFAULT_ENGINES,
+                   help="where engines, their metadata, timing and calibration caches are kept (default: build/engines)")
+    p.add_argument("--calibration-images", type=Path, help="INT8: a folder of representative images")
+    p.add_argument("--calibration-cache", type=Path, help="INT8: an existing calibration cache to use")
+    p.add_argument("--workspace-mib", type=int, default=0, help="TensorRT workspace limit (default from the spec)")
+    p.add_argument("--builder", choices=("auto", "python", "trtexec"), default="auto")
+    p.add_argument("--gpu", type=int, default=0, help="index of the GPU to build for")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -58,6 +127,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX)
     p.add_argument("--output", type=Path, default=DEFAULT_CPU_REPOSITORY)
     p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("dali", help="serialise the GPU-decoder DALI pipeline into preprocess/1/model.dali")
+    p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
+                   help="engine precision the pixels must match (default from the spec)")
+    p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
+
+    p = sub.add_parser("engine", help="build the TensorRT engine for this GPU (needs TensorRT)")
+    _add_engine_args(p)
+    p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
+
+    for name in ("gpu", "all"):
+        p = sub.add_parser(name, help="onnx + dali + engine + configs: the whole gpu profile")
+        _add_engine_args(p)
+        p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH (default: imagenet)")
+        p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
+
+    p = sub.add_parser("check", help="validate a model repository (exit code 1 when it finds problems)")
+    p.add_argument("repository", type=Path, nargs="?", default=DEFAULT_GPU_REPOSITORY)
+    p.add_argument("--profile", choices=sorted(spec.PROFILES), default="gpu")
+    p.add_argument("--require-artifacts", action="store_true",
+                   help="also require model.plan / model.dali / model.onnx (on the serving host)")
     return ap
 
 
@@ -73,6 +163,21 @@ def main(argv: list[str] | None = None) -> int:
             configs.write_repository(spec.GPU, args.output)
         elif args.command == "cpu":
             build_cpu_repository(args.output, args.onnx, args.weights, args.force)
+        elif args.command == "dali":
+            build_dali(args.output, gpu_profile(args.precision))
+        elif args.command == "engine":
+            build_engine(args.output, gpu_profile(args.precision), args)
+        elif args.command in ("gpu", "all"):
+            from .onnx_export import export_onnx
+
+            profile = gpu_profile(args.precision)
+            export_onnx(args.onnx, args.weights)
+            build_dali(args.output, profile)
+            build_engine(args.output, profile, args)
+            configs.write_repository(profile, args.output)
+            return check(args.output, profile, require_artifacts=True)
+        elif args.command == "check":
+            return check(args.repository, spec.PROFILES[args.profile], args.require_artifacts)
     except (ImportError, ValueError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
