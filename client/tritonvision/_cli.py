@@ -1,49 +1,140 @@
 """``tritonvision``: the command line.
 
-    tritonvision classify [--url URL] [--top-k K] [--json] IMAGE...
+    tritonvision classify [--url URL] [--top-k K] [--json] [--shm auto|system|cuda|off] IMAGE|DIR|GLOB...
+    tritonvision stats [--url URL] [--interval SECONDS] [--json]
+    tritonvision bench [--url URL] [--concurrency 1,4,16] [--seconds 10] [--shm ...] [--json] IMAGE...
     tritonvision serve [--profile cpu|gpu] [--model-repository DIR] [--grpc-port 8001] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
 from ._client import DEFAULT_URL, Classifier
+from ._extras import require
 from .exceptions import InvalidImageError, TritonVisionError
 
 log = logging.getLogger("tritonvision")
 
-# Exit codes: 0 all classified, 1 some images refused, 2 usage/server errors.
+# Exit codes: 0 all classified, 1 some images refused, 2 usage/server errors, 130 interrupted.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def expand(args: list[str]) -> list[str]:
+    """Files as given; folders become their image files (recursively, sorted); globs are expanded; no repeats."""
+    out: list[str] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            out += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif any(ch in arg for ch in "*?[") and not path.exists():
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                log.warning("no file matches %s", arg)
+            out += matches
+        else:
+            out.append(arg)
+    return list(dict.fromkeys(out))  # a file named twice (folder and glob) is classified once
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    tqdm = require("tqdm", extra="cli", what="progress bars").tqdm
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
 
 
 def _classify(args: argparse.Namespace) -> int:
+    images = expand(args.images)
+    if not images:
+        log.error("no images to classify")
+        return EXIT_ERROR
     failed = 0
-    with Classifier(args.url, timeout=args.timeout) as clf:
-        results = clf.classify_batch(args.images, top_k=args.top_k, return_exceptions=True)
     out = []
-    for image, result in zip(args.images, results):
-        if isinstance(result, TritonVisionError):
-            if not isinstance(result, InvalidImageError):
-                raise result
-            failed += 1
-            out.append({"image": image, "error": result.message})
+    bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
+    with Classifier(args.url, timeout=args.timeout, shm=args.shm) as clf:
+        log.debug("shared memory: %s", clf.shm or "off")
+        for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
+            if bar is not None:
+                bar.update(1)
+            if not result.ok:
+                if not isinstance(result.error, InvalidImageError):
+                    raise result.error
+                failed += 1
+                out.append({"image": image, "error": result.error.message})
+                if not args.json:
+                    print(f"{image}: error: {result.error.message}", file=sys.stderr)
+                continue
+            out.append({"image": image, "predictions": [p.to_dict() for p in result.predictions]})
             if not args.json:
-                print(f"{image}: error: {result.message}", file=sys.stderr)
-            continue
-        out.append({"image": image, "predictions": [p.to_dict() for p in result]})
-        if not args.json:
-            print(image)
-            for p in result:
-                print(f"  {p.score:7.4f}  {p.index:4d}  {p.label}")
+                print(image)
+                for p in result.predictions:
+                    print(f"  {p.score:7.4f}  {p.index:4d}  {p.label}")
+    if bar is not None:
+        bar.close()
     if args.json:
         json.dump(out if len(out) > 1 else out[0], sys.stdout, indent=2)
         print()
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with Classifier(args.url, timeout=args.timeout or 10) as clf:
+        before = clf.statistics()
+        if args.interval:
+            log.info("measuring for %g s", args.interval)
+            time.sleep(args.interval)
+            breakdown = (clf.statistics() - before).active()
+        else:
+            breakdown = before.breakdown()
+    if args.json:
+        json.dump(breakdown.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        span = f"last {breakdown.seconds:.1f} s" if args.interval else "since the server started"
+        print(f"Triton statistics at {args.url} ({span}); times are per request, in ms\n")
+        print(breakdown.table())
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    files = expand(args.images)
+    if not files:
+        log.error("no images to send")
+        return EXIT_ERROR
+    images = [Path(f).read_bytes() for f in files]
+    levels = [int(c) for c in str(args.concurrency).split(",")]
+    results = []
+    with Classifier(args.url, shm=args.shm) as clf:
+        clf.wait_until_ready(timeout=30)
+        for c in levels:
+            bar = _progress(None, not args.no_progress, f"concurrency {c}")
+            r = _bench.run(clf, images, concurrency=c, seconds=args.seconds, warmup=args.warmup, top_k=args.top_k,
+                           progress=bar.update if bar is not None else None)
+            if bar is not None:
+                bar.close()
+            results.append(r)
+            log.info("concurrency %d: %.1f img/s, p50 %.2f ms, p99 %.2f ms", c, r.throughput, r.p50_ms, r.p99_ms)
+    if args.json:
+        json.dump({"url": args.url, "shm": clf.shm, "results": [r.to_dict() for r in results]}, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"{'concurrency':>11}  {'img/s':>9}  {'p50 ms':>8}  {'p90 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}  {'errors':>6}")
+        for r in results:
+            print(f"{r.concurrency:>11}  {r.throughput:>9.1f}  {r.p50_ms:>8.2f}  {r.p90_ms:>8.2f}  {r.p95_ms:>8.2f}"
+                  f"  {r.p99_ms:>8.2f}  {r.errors:>6}")
+    return EXIT_ERROR if any(r.errors for r in results) else EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,19 +146,49 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+
+
+def _shm(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--shm", choices=("auto", "system", "cuda", "off"), default=default,
+                   help=f"send images through shared memory (default {default}; auto = system when the server is local)")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tritonvision", description="ResNet-50 image classification on Triton.")
     ap.add_argument("--version", action="version", version=f"tritonvision {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("classify", help="classify image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    p = sub.add_parser("classify", help="classify image files, folders or globs")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="files, folders (searched recursively) or globs")
+    _url(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per image")
+    _shm(p, "off")
     p.set_defaults(func=_classify)
+
+    p = sub.add_parser("stats", help="per-stage time breakdown from Triton's statistics")
+    _url(p)
+    p.add_argument("--interval", type=float, default=0.0,
+                   help="measure over this many seconds from now (default: everything since start-up)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=None)
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("bench", help="throughput and latency percentiles at given concurrencies")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="images sent round-robin (files, folders, globs)")
+    _url(p)
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight (default 1,4,16)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _shm(p, "off")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="run tritonserver with the classifier (cpu profile by default)")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
@@ -89,6 +210,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "shm", None) == "off":
+        args.shm = None
     try:
         return args.func(args)
     except TritonVisionError as exc:

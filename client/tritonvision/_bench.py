@@ -1,0 +1,97 @@
+"""Closed-loop load through the SDK: keep ``concurrency`` requests in flight, like perf_analyzer does."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ._client import Classifier
+from ._retry import Deadline, NO_RETRY
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float  # successful images per second
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run(
+    clf: Classifier,
+    images: Sequence[bytes],
+    *,
+    concurrency: int,
+    seconds: float = 10.0,
+    warmup: float = 1.0,
+    top_k: int = 5,
+    timeout: float | None = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> BenchResult:
+    """Send ``images`` round-robin with ``concurrency`` requests outstanding for ``warmup + seconds``;
+    only requests that complete inside the measured window count. No retries: a failure is a failure."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    done_all = threading.Event()
+    state = {"next": 0, "active": concurrency}
+    start = time.perf_counter()
+    window_start = start + warmup
+    window_end = window_start + seconds
+
+    def send() -> None:
+        i = state["next"]
+        state["next"] = i + 1
+        sent = time.perf_counter()
+
+        def done(preds, error):
+            nonlocal errors
+            now = time.perf_counter()
+            with lock:
+                if window_start <= sent and now <= window_end:
+                    if error is None:
+                        latencies.append(now - sent)
+                    else:
+                        errors += 1
+                    if progress is not None:
+                        progress(1)
+                if now < window_end:
+                    send()
+                    return
+                state["active"] -= 1
+                if state["active"] == 0:
+                    done_all.set()
+
+        clf._submit(images[i % len(images)], top_k, Deadline(timeout), done, NO_RETRY.delays())
+
+    with lock:
+        for _ in range(concurrency):
+            send()
+    done_all.wait()
+    lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    pct = np.percentile(lat, [50, 90, 95, 99])
+    return BenchResult(
+        concurrency=concurrency,
+        requests=len(latencies),
+        errors=errors,
+        seconds=seconds,
+        throughput=len(latencies) / seconds,
+        p50_ms=float(pct[0]),
+        p90_ms=float(pct[1]),
+        p95_ms=float(pct[2]),
+        p99_ms=float(pct[3]),
+        mean_ms=float(lat.mean()),
+    )

@@ -1,0 +1,89 @@
+"""Error mapping (by status code only), retries with backoff, deadlines."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import grpc
+import pytest
+from tritonclient.utils import InferenceServerException
+
+import tritonvision as tv
+from tritonvision._retry import Deadline, RetryPolicy, backoff_or_raise
+from tritonvision._transport._errors import STATUS_TO_ERROR, map_error
+from tritonvision_server.launcher import free_port
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK], ids=lambda c: c.name)
+def test_every_grpc_status_maps_to_a_specific_sdk_error(code):
+    assert code in STATUS_TO_ERROR
+    error = map_error(InferenceServerException("boom", status=str(code)))
+    assert type(error) is STATUS_TO_ERROR[code]
+    assert error.status == code.name
+
+
+def test_mapping_ignores_message_text():
+    misleading = "model is not ready: deadline exceeded, server unavailable"
+    assert type(map_error(InferenceServerException(misleading, status="StatusCode.INVALID_ARGUMENT"))) is tv.InvalidImageError
+    assert type(map_error(InferenceServerException("bad image", status="StatusCode.UNAVAILABLE"))) is tv.ServerUnavailableError
+
+
+def test_error_without_status_is_the_base_error():
+    error = map_error(InferenceServerException("client-side problem"))
+    assert type(error) is tv.TritonVisionError and error.status is None
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter():
+    policy = RetryPolicy(attempts=6, initial=0.1, maximum=1.0, multiplier=2.0, jitter=0.5)
+    delays = list(policy.delays(random.Random(0)))
+    assert len(delays) == 5
+    for n, d in enumerate(delays):
+        base = min(1.0, 0.1 * 2**n)
+        assert base * 0.5 <= d <= base
+    assert list(RetryPolicy(attempts=3, jitter=0.0, initial=0.1).delays()) == [0.1, 0.2]
+
+
+def test_only_unavailable_is_retried():
+    delays = RetryPolicy(attempts=3).delays()
+    for error in (tv.InvalidImageError("x"), tv.OverloadedError("x"), tv.DeadlineExceededError("x"), tv.ModelNotReadyError("x")):
+        with pytest.raises(type(error)):
+            backoff_or_raise(error, delays, Deadline(None))
+    assert backoff_or_raise(tv.ServerUnavailableError("x"), delays, Deadline(None)) > 0
+
+
+def test_unreachable_server_is_retried_then_reported_unavailable():
+    url = f"127.0.0.1:{free_port()}"
+    policy = RetryPolicy(attempts=3, initial=0.05, maximum=0.1)
+    with tv.Classifier(url, retry=policy) as clf:
+        start = time.monotonic()
+        with pytest.raises(tv.ServerUnavailableError):
+            clf.classify(b"\xff\xd8\xff", timeout=20)
+        assert time.monotonic() - start < 15
+
+
+def test_deadline_spent_while_retrying_raises_deadline_exceeded():
+    with tv.Classifier(f"127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=100, initial=0.2, maximum=0.2)) as clf:
+        start = time.monotonic()
+        with pytest.raises(tv.DeadlineExceededError):
+            clf.classify(b"\xff\xd8\xff", timeout=1.0)
+        assert time.monotonic() - start < 3
+
+
+def test_request_slower_than_its_deadline_raises_deadline_exceeded(classifier, photos):
+    with pytest.raises(tv.DeadlineExceededError) as info:
+        classifier.classify(photos["chelsea"], timeout=0.005)
+    assert info.value.status == "DEADLINE_EXCEEDED"
+
+
+def test_wait_until_ready_returns_for_a_ready_server_and_times_out_otherwise(grpc_url):
+    with tv.Classifier(grpc_url) as clf:
+        clf.wait_until_ready(timeout=10)
+    with tv.Classifier(f"127.0.0.1:{free_port()}") as clf:
+        with pytest.raises(tv.DeadlineExceededError):
+            clf.wait_until_ready(timeout=0.5)
+
+
+def test_unreadable_file_is_an_invalid_image(classifier, tmp_path):
+    with pytest.raises(tv.InvalidImageError, match="cannot read"):
+        classifier.classify(tmp_path / "missing.jpg")
