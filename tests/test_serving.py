@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -39,6 +40,16 @@ def _statistics(url: str, model: str) -> dict:
         client.close()
     batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
     return {"executions": int(stats.get("execution_count", 0)), "inferences": int(stats.get("inference_count", 0)), "batches": batches}
+
+
+def _statistics_after(url: str, model: str, before: dict, inferences: int, timeout: float = 10.0) -> dict:
+    """Statistics once ``inferences`` more have been counted: Triton records an execution after its responses go out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = _statistics(url, model)
+        if stats["inferences"] - before["inferences"] >= inferences or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
 
 
 def test_classify_returns_same_top5_as_reference_pipeline(classifier, photos, onnx_path):
@@ -100,7 +111,7 @@ def test_one_request_carrying_several_images_returns_one_result_each(grpc_url, c
 def test_server_batches_concurrent_requests(grpc_url, classifier, photos):
     before = _statistics(grpc_url, spec.RESNET50)
     classifier.classify_batch(list(photos.values()) * 4)
-    after = _statistics(grpc_url, spec.RESNET50)
+    after = _statistics_after(grpc_url, spec.RESNET50, before, 16)
     multi = {b: n - before["batches"].get(b, 0) for b, n in after["batches"].items() if b > 1}
     assert sum(multi.values()) > 0, f"no execution with batch size > 1: {after['batches']}"
     executions = after["executions"] - before["executions"]
@@ -118,12 +129,24 @@ def _huge_header_jpeg(data: bytes, width: int, height: int) -> bytes:
         i += 2 + length
 
 
+def _undecodable_jpeg(data: bytes) -> bytes:
+    """A JPEG whose headers are intact but whose scan names an undefined Huffman table: only decoding finds it."""
+    i = 2
+    while data[i + 1] != 0xDA:
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    broken = bytearray(data)
+    broken[i + 6] = 0x77
+    return bytes(broken)
+
+
 def _bad_inputs(photos) -> dict[str, tuple[bytes, str]]:
     good = photos["chelsea"]
     rng = np.random.default_rng(7)
     return {
         "empty": (b"", "empty image"),
-        "truncated_jpeg": (good[: len(good) // 2], "could not decode the JPEG image"),
+        "truncated_jpeg": (good[: len(good) // 2], "truncated JPEG"),
+        # Passes the header check, fails in DALI: exercises the request-by-request retry of the batch.
+        "undecodable_jpeg": (_undecodable_jpeg(good), "could not decode the JPEG image"),
         "random_bytes": (rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "not a supported image"),
         "text_file": (b"name,score\ncat,0.9\n" * 50, "not a supported image"),
         "huge_header": (_huge_header_jpeg(good, 30_000, 30_000), "exceeds the limit"),
@@ -132,7 +155,7 @@ def _bad_inputs(photos) -> dict[str, tuple[bytes, str]]:
     }
 
 
-BAD_CASES = ["empty", "truncated_jpeg", "random_bytes", "text_file", "huge_header", "too_wide", "gif"]
+BAD_CASES = ["empty", "truncated_jpeg", "undecodable_jpeg", "random_bytes", "text_file", "huge_header", "too_wide", "gif"]
 
 
 def test_bad_input_cases_are_all_exercised(photos):
@@ -146,7 +169,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
     images = [good[0], bad, good[1], good[2], bad, good[0]]
     before = _statistics(grpc_url, spec.PREPROCESS)
     results = classifier.classify_batch(images, return_exceptions=True)
-    after = _statistics(grpc_url, spec.PREPROCESS)
+    after = _statistics_after(grpc_url, spec.PREPROCESS, before, len(images))
     for image, result in zip(images, results):
         if image is bad:
             assert isinstance(result, InvalidImageError), result
@@ -160,23 +183,28 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
     assert classifier.is_ready()
 
 
-def test_truncated_jpeg_in_one_padded_request_fails_that_request_only(grpc_url, classifier, photos):
+def test_undecodable_jpeg_among_concurrent_requests_fails_alone(classifier, photos):
     good = photos["chelsea"]
-    bad = good[: len(good) // 3]
-    errors = []
+    bad = _undecodable_jpeg(good)
+    outcomes = {}
 
-    def send(blob):
+    def send(i, blob):
         try:
-            classifier.classify(blob)
+            outcomes[i] = classifier.classify(blob)
         except InvalidImageError as exc:
-            errors.append(exc)
+            outcomes[i] = exc
 
-    threads = [threading.Thread(target=send, args=(b,)) for b in (good, bad, good, good)]
+    blobs = [good, bad, good, good, bad, good]
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(blobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(errors) == 1 and "truncated" in errors[0].message
+    errors = [i for i, o in outcomes.items() if isinstance(o, InvalidImageError)]
+    assert sorted(errors) == [1, 4]
+    assert all("could not decode" in outcomes[i].message for i in errors)
+    expected = [p.index for p in outcomes[0]]
+    assert all([p.index for p in outcomes[i]] == expected for i in (2, 3, 5))
 
 
 def _format(photo: bytes, fmt: str, **kwargs) -> bytes:
@@ -217,7 +245,10 @@ def test_exif_rotated_photo_classifies_like_the_upright_photo(orientation, class
     stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
     rotated = classifier.classify(buf.getvalue())
     _check_against_reference(rotated, onnx_path, buf.getvalue())
-    assert [p.index for p in rotated] == [p.index for p in classifier.classify(photos["chelsea"])]
+    # Re-encoding adds JPEG noise, so compare with the upright photo on the well-separated top 3 only.
+    upright_top = classifier.classify(photos["chelsea"], top_k=3)
+    assert [p.index for p in rotated[:3]] == [p.index for p in upright_top]
+    assert np.allclose([p.score for p in rotated[:3]], [p.score for p in upright_top], atol=2e-3)
 
 
 def test_server_shuts_down_cleanly_without_leaving_shared_memory(cpu_repository, photos):
