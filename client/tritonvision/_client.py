@@ -19,7 +19,7 @@ from ._transport._grpc import GrpcTransport
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
 from ._types import Classification, Prediction
-from .exceptions import DeadlineExceededError, InvalidImageError, TritonVisionError
+from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
@@ -100,9 +100,9 @@ class Classifier:
         with self._pool.lease(data) as ref:
             try:
                 return self._transport.infer(ref, top_k, timeout)
-            except InvalidImageError:
-                # A server restarted between two calls has forgotten our regions and answers
-                # INVALID_ARGUMENT; if so, register again and retry once, otherwise the image is bad.
+            except (InvalidImageError, ModelNotReadyError):
+                # A server restarted between two calls has forgotten our regions and answers NOT_FOUND
+                # (unknown region); if our region is indeed unknown, register again and retry once.
                 if ref.region in self._transport.registered_shm(self.shm):
                     raise
                 log.info("the server lost its shared-memory registrations; registering again")
@@ -231,9 +231,22 @@ class Classifier:
     @contextmanager
     def measure(self) -> Iterator["Measurement"]:
         """``with clf.measure() as m: ...`` then ``m.breakdown``: the per-stage figures of the block."""
-        m = Measurement(self.statistics())
+        m = Measurement(self.settled_statistics())
         yield m
-        m.breakdown = self.statistics() - m.before
+        m.breakdown = self.settled_statistics() - m.before
+
+    def settled_statistics(self, patience: float = 2.0, interval: float = 0.05) -> Statistics:
+        """A snapshot taken once the counters stop moving: Triton updates an ensemble's counters just
+        after it sends the response, so a snapshot taken right after the last answer can miss it."""
+        snapshot = self.statistics()
+        end = time.monotonic() + patience
+        while time.monotonic() < end:
+            time.sleep(interval)
+            again = self.statistics()
+            if again.models == snapshot.models:
+                return again
+            snapshot = again
+        return snapshot
 
     def close(self) -> None:
         try:

@@ -1,0 +1,50 @@
+"""``tritonvision classify | stats | bench`` against the real server, exit codes included."""
+
+from __future__ import annotations
+
+import json
+
+from tritonvision._cli import EXIT_OK, EXIT_SOME_FAILED, expand, main
+
+
+def test_classify_takes_folders_and_globs_and_exits_1_when_an_image_is_refused(grpc_url, photos, tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    (tmp_path / "sub" / "coffee.jpg").write_bytes(photos["coffee"])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    files = expand([str(tmp_path), str(tmp_path / "*.jpg")])
+    assert len(files) == 3  # the glob repeats two files of the folder
+    code = main(["classify", "--url", grpc_url, "--json", "--shm", "auto", "--top-k", "2", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == EXIT_SOME_FAILED
+    by_name = {o["image"].rsplit("/", 1)[-1]: o for o in out}
+    assert "error" in by_name["broken.jpg"]
+    assert len(by_name["cat.jpg"]["predictions"]) == 2
+
+
+def test_classify_exits_0_when_all_images_pass(grpc_url, photos, tmp_path, capsys):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    assert main(["classify", "--url", grpc_url, str(tmp_path / "cat.jpg")]) == EXIT_OK
+    assert "cat.jpg" in capsys.readouterr().out
+
+
+def test_stats_prints_the_stage_table(grpc_url, capsys):
+    assert main(["stats", "--url", grpc_url]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "queue ms" in out and "resnet50" in out and "preprocess" in out
+
+
+def test_bench_reports_throughput_and_percentiles(grpc_url, photos, tmp_path, capsys):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    code = main(["bench", "--url", grpc_url, "--concurrency", "2", "--seconds", "1", "--warmup", "0.5",
+                 "--no-progress", "--json", str(tmp_path / "cat.jpg")])
+    assert code == EXIT_OK
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert r["concurrency"] == 2 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+
+
+def test_unreachable_server_exits_2(tmp_path, photos):
+    from tritonvision_server.launcher import free_port
+
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    assert main(["classify", "--url", f"127.0.0.1:{free_port()}", "--timeout", "1", str(tmp_path / "cat.jpg")]) == 2

@@ -1,0 +1,69 @@
+"""A server of our own that goes away and comes back: retries, re-registration, cleanup."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import tritonvision as tv
+from sdk_helpers import assert_no_regions, own_server, top
+from tritonvision._transport._shm import leftover_files
+
+pytestmark = pytest.mark.slow
+
+PATIENT = tv.RetryPolicy(attempts=60, initial=0.1, maximum=0.5)
+
+
+@pytest.fixture(scope="module")
+def server(cpu_repository, tmp_path_factory):
+    with own_server(cpu_repository, log_file=tmp_path_factory.mktemp("own") / "tritonserver.log") as s:
+        yield s
+
+
+def test_classify_retries_until_a_restarted_server_answers(server, photos):
+    with tv.Classifier(server.grpc_url, timeout=120, retry=PATIENT) as clf, \
+            tv.Classifier(server.grpc_url, timeout=120, retry=PATIENT, shm="system") as shm:
+        before = top(clf.classify(photos["chelsea"]))
+        assert top(shm.classify(photos["chelsea"])) == before
+        server.stop()
+        results = {}
+        threads = [
+            threading.Thread(target=lambda: results.update(plain=top(clf.classify(photos["chelsea"])))),
+            threading.Thread(target=lambda: results.update(shm=top(shm.classify(photos["chelsea"])))),
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # both calls now fail with UNAVAILABLE and back off
+        server.start()
+        for t in threads:
+            t.join(timeout=120)
+        # The shm client registered its region again on the new server.
+        assert results == {"plain": before, "shm": before}
+
+
+def test_region_registered_before_a_silent_restart_is_registered_again(server, photos):
+    with tv.Classifier(server.grpc_url, timeout=120, shm="system") as clf:
+        before = top(clf.classify(photos["coffee"]))
+        server.stop()
+        server.start()
+        # No call saw UNAVAILABLE, so the client still believes its region is registered.
+        assert top(clf.classify(photos["coffee"])) == before
+
+
+def test_regions_are_cleaned_up_after_the_server_goes_away(server, photos):
+    clf = tv.Classifier(server.grpc_url, timeout=30, shm="system", retry=tv.RetryPolicy(attempts=2, initial=0.05))
+    clf.classify(photos["chelsea"], top_k=1)
+    prefix = clf._pool.prefix
+    assert leftover_files(prefix)
+    server.stop()
+    with pytest.raises(tv.ServerUnavailableError):
+        clf.classify(photos["chelsea"], top_k=1)
+    with pytest.raises(tv.ServerUnavailableError):
+        list(clf.classify_stream([photos["chelsea"]]))
+    clf.close()
+    assert leftover_files(prefix) == []
+    server.start()
+    with tv.Classifier(server.grpc_url) as probe:
+        assert_no_regions(prefix, probe._transport.registered_shm("system"))

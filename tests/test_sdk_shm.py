@@ -1,0 +1,94 @@
+"""Shared memory: same results as plain gRPC, regions reused, and nothing leaks on any path."""
+
+from __future__ import annotations
+
+import pytest
+
+import tritonvision as tv
+from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, top
+from tritonvision._client import is_local, resolve_shm
+
+
+def registered(grpc_url) -> list[str]:
+    from tritonvision._transport._grpc import GrpcTransport
+
+    t = GrpcTransport(grpc_url)
+    try:
+        return t.registered_shm("system")
+    finally:
+        t.close()
+
+
+def test_system_shm_round_trip_equals_plain_grpc(grpc_url, photos):
+    with tv.Classifier(grpc_url, timeout=120) as plain, tv.Classifier(grpc_url, timeout=120, shm="system") as shm:
+        for data in photos.values():
+            a, b = plain.classify(data), shm.classify(data)
+            assert top(a) == top(b)
+            assert [p.score for p in a] == pytest.approx([p.score for p in b], abs=1e-6)
+        assert [top(p) for p in shm.classify_batch(photos.values())] == [top(plain.classify(d)) for d in photos.values()]
+        assert [top(r.unwrap()) for r in shm.classify_stream(photos.values())] == [top(plain.classify(d)) for d in photos.values()]
+
+
+def test_regions_are_reused_and_released_on_close(grpc_url, photos):
+    with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
+        for _ in range(3):
+            clf.classify(photos["chelsea"], top_k=1)
+        prefix = clf._pool.prefix
+        assert len(clf._pool.region_names) == 1  # sequential calls share one region
+        assert clf._pool.region_names[0] in registered(grpc_url)
+    assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_no_region_leaks_after_an_exception_in_the_with_block(grpc_url, photos):
+    with pytest.raises(RuntimeError, match="user code failed"):
+        with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
+            prefix = clf._pool.prefix
+            clf.classify_batch([photos["chelsea"], photos["coffee"]], top_k=1)
+            raise RuntimeError("user code failed")
+    assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_refused_image_through_shm_fails_alone_and_leaks_nothing(grpc_url, photos):
+    with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
+        prefix = clf._pool.prefix
+        with pytest.raises(tv.InvalidImageError):
+            clf.classify(NOT_AN_IMAGE)
+        results = list(clf.classify_stream([NOT_AN_IMAGE, photos["chelsea"]]))
+        assert [r.ok for r in results] == [False, True]
+    assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_pool_is_released_at_garbage_collection_without_close(grpc_url, photos):
+    import gc
+
+    clf = tv.Classifier(grpc_url, timeout=120, shm="system")
+    clf.classify(photos["chelsea"], top_k=1)
+    prefix = clf._pool.prefix
+    clf._transport.close()  # even with its transport already gone, the finalizer frees the local files
+    del clf
+    gc.collect()
+    from tritonvision._transport._shm import leftover_files
+
+    assert leftover_files(prefix) == []
+
+
+def test_shm_auto_uses_system_memory_only_for_a_local_server():
+    assert is_local("127.0.0.1:8001") and is_local("localhost:8001")
+    assert resolve_shm("auto", "127.0.0.1:8001") == "system"
+    assert resolve_shm("auto", "192.0.2.10:8001") is None  # TEST-NET-1: never this host
+    assert resolve_shm(None, "127.0.0.1:8001") is None
+    with pytest.raises(ValueError):
+        resolve_shm("posix", "127.0.0.1:8001")
+
+
+@pytest.mark.gpu
+def test_cuda_shm_round_trip_equals_plain_grpc(grpc_url, photos):
+    with tv.Classifier(grpc_url, timeout=120) as plain, tv.Classifier(grpc_url, timeout=120, shm="cuda") as cuda:
+        for data in photos.values():
+            assert top(plain.classify(data)) == top(cuda.classify(data))
+        prefix = cuda._pool.prefix
+    from tritonvision._transport._grpc import GrpcTransport
+
+    t = GrpcTransport(grpc_url)
+    assert [r for r in t.registered_shm("cuda") if r.startswith(prefix)] == []
+    t.close()
