@@ -41,8 +41,10 @@ def run(
     timeout: float | None = 60.0,
     progress: Callable[[int], None] | None = None,
 ) -> BenchResult:
-    """Send ``images`` round-robin with ``concurrency`` requests outstanding for ``warmup + seconds``;
-    only requests that complete inside the measured window count. No retries: a failure is a failure."""
+    """Send ``images`` round-robin with ``concurrency`` requests outstanding for ``warmup + seconds``.
+    Like perf_analyzer, every request that completes inside the measured window counts (also one sent
+    before it: excluding those would undercount by about one latency's worth of the window at high
+    concurrency). No retries: a failure is a failure."""
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -61,7 +63,7 @@ def run(
             nonlocal errors
             now = time.perf_counter()
             with lock:
-                if window_start <= sent and now <= window_end:
+                if window_start <= now <= window_end:
                     if error is None:
                         latencies.append(now - sent)
                     else:

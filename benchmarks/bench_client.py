@@ -1,0 +1,171 @@
+"""SDK versus perf_analyzer on the same server, model and image, in one run; shm versus plain gRPC.
+
+Two servers, one after the other: the real cpu-profile ensemble (ResNet-50 in ONNX Runtime, ~40 ms an
+image on two cores, which hides any client cost) and its light variant (same configs and interface,
+trivial compute: :mod:`tritonvision_server.backends.light`), where client and transport overhead show.
+At each concurrency: the SDK's closed loop (``tritonvision bench``'s engine) over plain gRPC and over
+system shared memory, and perf_analyzer 2.51 over both. Writes ``results/bench_client.json`` and prints a
+table with the hardware, the versions and the SDK/perf_analyzer ratio (target >= 0.95).
+
+    .venv/bin/python benchmarks/bench_client.py [--concurrency 1,4,16] [--seconds 6] [--variants real,light]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import perf_analyzer  # noqa: E402
+from light_repository import write_light_repository  # noqa: E402
+
+log = logging.getLogger("bench_client")
+
+BUILD = ROOT / "build" / "bench"
+SERVER_VERSION = "2.51.0"
+
+
+def photo() -> bytes:
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def repositories(variants: list[str]) -> dict[str, Path]:
+    from tritonvision import spec
+    from tritonvision_server.configs import write_repository
+
+    repos = {}
+    if "real" in variants:
+        onnx = ROOT / "build" / "test" / "resnet50.onnx"
+        if not onnx.exists():
+            from tritonvision_server.onnx_export import export_onnx
+
+            onnx = export_onnx(onnx, "random:0")
+        repos["real"] = write_repository(spec.CPU, BUILD / "model_repository_cpu", onnx_path=onnx)
+    if "light" in variants:
+        repos["light"] = write_light_repository(BUILD / "model_repository_light")
+    return repos
+
+
+def hardware() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        "tritonclient": version("tritonclient"),
+        "grpcio": version("grpcio"),
+        "tritonserver": SERVER_VERSION,
+        "perf_analyzer": "2.51.0",
+    }
+
+
+def measure_variant(name: str, repo: Path, args, image: bytes, pa_binary: Path, pa_env: dict, bar) -> list[dict]:
+    from tritonvision import Classifier
+    from tritonvision._bench import run as sdk_run
+    from tritonvision_server.launcher import TritonServer
+
+    rows = []
+    data = perf_analyzer.input_data(image, BUILD / "input_data.json")
+    with TritonServer(repo, log_file=BUILD / f"tritonserver_{name}.log") as server:
+        with Classifier(server.grpc_url, timeout=60) as clf:
+            clf.classify(image)  # load every model's first-call paths
+        for c in args.concurrency:
+            for shm in ("none", "system"):
+                with Classifier(server.grpc_url, shm=None if shm == "none" else shm) as clf:
+                    r = sdk_run(clf, [image], concurrency=c, seconds=args.seconds, warmup=args.warmup).to_dict()
+                rows.append({"variant": name, "client": "sdk", "shm": shm, **r})
+                log.info("%s sdk shm=%s c=%d: %.1f img/s p50 %.2f ms", name, shm, c, r["throughput"], r["p50_ms"])
+                bar.update(1)
+                csv_path = BUILD / f"pa_{name}_{shm}_{c}.csv"
+                csv_path.unlink(missing_ok=True)
+                r = perf_analyzer.run(pa_binary, pa_env, url=server.grpc_url, model="classifier", data=data,
+                                      concurrency=c, interval_ms=int(args.seconds * 1000), csv_path=csv_path, shm=shm)
+                rows.append({"variant": name, "client": "perf_analyzer", "shm": shm, **r})
+                log.info("%s perf_analyzer shm=%s c=%d: %.1f img/s p50 %.2f ms", name, shm, c, r["throughput"], r["p50_ms"])
+                bar.update(1)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    index = {(r["variant"], r["client"], r["shm"], r["concurrency"]): r for r in rows}
+    head = (f"{'variant':<7} {'shm':<7} {'conc':>4}  {'SDK img/s':>9} {'PA img/s':>9} {'SDK/PA':>6}  "
+            f"{'SDK p50':>8} {'PA p50':>8} {'SDK p99':>8} {'PA p99':>8}")
+    lines = [head, "-" * len(head)]
+    for (variant, client, shm, c), sdk in index.items():
+        if client != "sdk":
+            continue
+        pa = index.get((variant, "perf_analyzer", shm, c))
+        ratio = sdk["throughput"] / pa["throughput"] if pa and pa["throughput"] else float("nan")
+        lines.append(
+            f"{variant:<7} {shm:<7} {c:>4}  {sdk['throughput']:>9.1f} {pa['throughput']:>9.1f} {ratio:>6.2f}  "
+            f"{sdk['p50_ms']:>8.2f} {pa['p50_ms']:>8.2f} {sdk['p99_ms']:>8.2f} {pa['p99_ms']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--seconds", type=float, default=6.0, help="measured seconds per run (perf_analyzer window too)")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--variants", default="real,light", type=lambda s: s.split(","))
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_client.json")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm import tqdm
+
+    BUILD.mkdir(parents=True, exist_ok=True)
+    pa_binary, pa_env = perf_analyzer.ensure(BUILD / "perf_analyzer", ROOT / ".whl")
+    image = photo()
+    repos = repositories(args.variants)
+    rows: list[dict] = []
+    started = time.time()
+    with tqdm(total=len(repos) * len(args.concurrency) * 4, desc="runs", unit="run", file=sys.stderr) as bar:
+        for name, repo in repos.items():
+            rows += measure_variant(name, repo, args, image, pa_binary, pa_env, bar)
+    result = {
+        "hardware": hardware(),
+        "versions": versions(),
+        "image_bytes": len(image),
+        "seconds_per_run": args.seconds,
+        "baseline": "perf_analyzer 2.51.0 (gRPC, -b 1, time windows), same server/model/image in the same run",
+        "notes": "SDK asks for top-5 labels (classification extension); perf_analyzer for the raw 1000 scores",
+        "wall_seconds": time.time() - started,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    hw, v = result["hardware"], result["versions"]
+    print(f"\n{hw['cpu']} ({hw['cores']} cores, no GPU); tritonserver {v['tritonserver']}, tritonclient {v['tritonclient']}, "
+          f"grpcio {v['grpcio']}, Python {v['python']}; baseline: perf_analyzer {v['perf_analyzer']}\n")
+    print(table(rows))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
