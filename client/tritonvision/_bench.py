@@ -50,18 +50,23 @@ def run(
     lock = threading.Lock()
     done_all = threading.Event()
     state = {"next": 0, "active": concurrency}
+    submitting = threading.local()
     start = time.perf_counter()
     window_start = start + warmup
     window_end = window_start + seconds
 
     def send() -> None:
-        i = state["next"]
-        state["next"] = i + 1
+        with lock:
+            i = state["next"]
+            state["next"] = i + 1
         sent = time.perf_counter()
 
         def done(preds, error):
             nonlocal errors
             now = time.perf_counter()
+            # A request that failed before it left (no server, a missing extra) would fail again at once:
+            # end this slot rather than spin.
+            failed_to_send = error is not None and getattr(submitting, "active", False)
             with lock:
                 if window_start <= now <= window_end:
                     if error is None:
@@ -70,18 +75,22 @@ def run(
                         errors += 1
                     if progress is not None:
                         progress(1)
-                if now < window_end:
-                    send()
-                    return
-                state["active"] -= 1
-                if state["active"] == 0:
-                    done_all.set()
+                again = now < window_end and not failed_to_send
+                if not again:
+                    state["active"] -= 1
+                    if state["active"] == 0:
+                        done_all.set()
+            if again:  # outside the lock: the callback of a fast reply may run on this very thread
+                send()
 
-        clf._submit(images[i % len(images)], top_k, Deadline(timeout), done, NO_RETRY.delays())
+        submitting.active = True
+        try:
+            clf._submit(images[i % len(images)], top_k, Deadline(timeout), done, NO_RETRY.delays())
+        finally:
+            submitting.active = False
 
-    with lock:
-        for _ in range(concurrency):
-            send()
+    for _ in range(concurrency):
+        send()
     done_all.wait()
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
     pct = np.percentile(lat, [50, 90, 95, 99])
