@@ -214,7 +214,10 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         if onnx_path is not None:
             _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
     else:
-        (dest / ENSEMBLE / "1" / ".gitkeep").touch()
+        # Version folders whose content is built on the GPU host (model.dali, model.plan) or that stay
+        # empty (the ensemble) still have to exist for Triton; git keeps them through a placeholder.
+        for name in (ENSEMBLE, PREPROCESS, RESNET50):
+            (dest / name / "1" / ".gitkeep").touch()
         warmup = dest / PREPROCESS / WARMUP_FILE
         warmup.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_warmup_source(), warmup)
