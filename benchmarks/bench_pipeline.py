@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 

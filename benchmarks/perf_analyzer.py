@@ -6,7 +6,6 @@ serve, through symlinks in a private lib directory and LD_LIBRARY_PATH.
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 import logging

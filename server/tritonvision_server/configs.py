@@ -173,7 +173,7 @@ def parse(text: str) -> mc.ModelConfig:
 
 def labels() -> list[str]:
     """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
-    from ._extras import require
+    from tritonvision._extras import require
 
     require("torchvision", extra="build", what="the ImageNet label list")
     from torchvision.models import ResNet50_Weights

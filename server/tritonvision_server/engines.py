@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tritonvision.spec import PIXELS, PREPROCESSING, SCORES, Batching, EngineBuild
+from tritonvision.spec import PIXELS, PREPROCESSING, Batching, EngineBuild
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _calibrator(batches, batch_size: int, cache: Path):
     """An IInt8EntropyCalibrator2 fed from ``batches``; reads/writes ``cache``. Needs tensorrt and torch+CUDA."""
     import tensorrt as trt
 
-    from ._extras import require
+    from tritonvision._extras import require
 
     torch = require("torch", extra="build", what="INT8 calibration (device buffers)")
 

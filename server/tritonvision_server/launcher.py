@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._extras import require
+from tritonvision._extras import require
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tritonvision.spec import PREPROCESSING, SCORES, PIXELS
 
-from ._extras import require
+from tritonvision._extras import require
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tritonvision.spec import IMAGE, PREPROCESSING
 
-from ._extras import require
+from tritonvision._extras import require
 
 DECODER_DEVICES = ("cpu", "mixed")
 
