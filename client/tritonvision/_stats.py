@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from .spec import ENSEMBLE, PREPROCESS, RESNET50
+from .spec import ENSEMBLE, PREPROCESS, RESNET50, VALIDATE
 
 _STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 
@@ -156,8 +156,8 @@ class Statistics:
 
 def _ordered(stages: list[StageStats]) -> list[StageStats]:
     # The pipeline's order first (ensemble, then its steps), other models after.
-    rank = {ENSEMBLE: 0, PREPROCESS: 1, RESNET50: 2}
-    return sorted(stages, key=lambda s: (rank.get(s.model, 3), s.model))
+    rank = {ENSEMBLE: 0, VALIDATE: 1, PREPROCESS: 2, RESNET50: 3}
+    return sorted(stages, key=lambda s: (rank.get(s.model, len(rank)), s.model))
 
 
 _COLUMNS = (

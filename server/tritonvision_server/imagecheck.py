@@ -178,3 +178,12 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
     if complete is not None:
         complete(data if isinstance(data, bytes) else bytes(data))
     return ImageInfo(fmt, width, height)
+
+
+def inspect_rows(array) -> list[ImageInfo]:
+    """:func:`inspect` each image of a request's ``[batch, bytes]`` UINT8 tensor (1-D: one image).
+
+    Rows of a padded multi-image request end in zeros, which decoders ignore after the end marker.
+    """
+    rows = array.reshape(1, -1) if array.ndim == 1 else array
+    return [inspect(row.tobytes()) for row in rows]

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import IMAGE, NUM_CLASSES
 
-from ..imagecheck import InvalidImage, inspect
+from ..imagecheck import InvalidImage, inspect_rows
 from ._common import error_response, output_dtype, parameters
 
 
@@ -36,8 +36,7 @@ class LightPreprocess:
             if array.ndim == 1:
                 array = array[None]
             try:
-                for row in array:
-                    inspect(row.tobytes())
+                inspect_rows(array)
             except InvalidImage as exc:
                 responses.append(error_response(str(exc)))
                 continue

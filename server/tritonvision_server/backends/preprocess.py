@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import IMAGE
 
-from ..imagecheck import InvalidImage, inspect
+from ..imagecheck import InvalidImage, inspect_rows
 from ..pipeline import CpuPreprocessor
 from ._common import error_response, output_dtype, parameters
 
@@ -39,14 +39,9 @@ class TritonPythonModel:
 
     def _samples(self, request):
         array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
-        if array.ndim == 1:
-            array = array[None]
-        samples, formats = [], []
-        for row in array:
-            # Rows of a padded batch end in zeros, which decoders ignore after the end-of-image marker.
-            formats.append(inspect(row.tobytes()).format)
-            samples.append(np.ascontiguousarray(row))
-        return samples, formats
+        formats = [info.format for info in inspect_rows(array)]
+        rows = array.reshape(1, -1) if array.ndim == 1 else array
+        return [np.ascontiguousarray(row) for row in rows], formats
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -9,20 +9,12 @@ unchanged as ``VALID_IMAGE``.
 
 from __future__ import annotations
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import IMAGE, VALID_IMAGE
 
-from ..imagecheck import InvalidImage, inspect
+from ..imagecheck import InvalidImage, inspect_rows
 from ._common import error_response
-
-
-def check_rows(array: np.ndarray) -> None:
-    """Raise :class:`InvalidImage` unless every row of a ``[batch, bytes]`` request is an accepted image."""
-    for row in array:
-        # Rows of a padded multi-image request end in zeros, which decoders ignore after the end marker.
-        inspect(row.tobytes())
 
 
 class TritonPythonModel:
@@ -32,7 +24,7 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, IMAGE.name)
             array = tensor.as_numpy()
             try:
-                check_rows(array.reshape(1, -1) if array.ndim == 1 else array)
+                inspect_rows(array)
             except InvalidImage as exc:
                 responses.append(error_response(str(exc)))
                 continue
