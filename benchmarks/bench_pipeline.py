@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -35,53 +36,89 @@ def percentile(values, q):
     return float(np.percentile(np.asarray(values) * 1000.0, q))
 
 
-def in_process(onnx: Path, images: list[bytes], n_latency: int, n_throughput: int) -> dict:
-    import onnxruntime as ort
+class InProcess:
+    """The baseline: DALI on the CPU, then ONNX Runtime, called directly with the steps' thread budget."""
 
-    threads = spec.CPU.cpu_threads
-    pre = CpuPreprocessor(max_batch_size=spec.CPU.max_batch_size, num_threads=threads)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
-    arrays = [np.frombuffer(b, np.uint8) for b in images]
+    name = "in-process (DALI CPU + ORT)"
 
-    def run(batch):
-        pixels = pre(batch)
-        return session.run(None, {spec.PIXELS("FP32").name: pixels})[0]
+    def __init__(self, onnx: Path, images: list[bytes]):
+        import onnxruntime as ort
 
-    run(arrays[:1])  # warm-up
-    lat = []
-    for i in tqdm(range(n_latency), desc="in-process batch 1", leave=False):
-        t = time.perf_counter()
-        run([arrays[i % len(arrays)]])
-        lat.append(time.perf_counter() - t)
-    batch = max(spec.CPU.resnet50.batching.preferred_batch_sizes)
-    done, start = 0, time.perf_counter()
-    with tqdm(total=n_throughput, desc=f"in-process batch {batch}", leave=False) as bar:
-        while done < n_throughput:
-            run([arrays[(done + j) % len(arrays)] for j in range(batch)])
-            done += batch
-            bar.update(batch)
-    elapsed = time.perf_counter() - start
-    return {"batch1_p50_ms": percentile(lat, 50), "batch1_p90_ms": percentile(lat, 90), "throughput_img_s": done / elapsed,
-            "throughput_batch": batch}
+        threads = spec.CPU.cpu_threads
+        self.pre = CpuPreprocessor(max_batch_size=spec.CPU.max_batch_size, num_threads=threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+        self.arrays = [np.frombuffer(b, np.uint8) for b in images]
+        self.batch = max(spec.CPU.resnet50.batching.preferred_batch_sizes)
+        self._run(self.arrays[:1])  # warm-up
 
+    def _run(self, batch):
+        return self.session.run(None, {spec.PIXELS("FP32").name: self.pre(batch)})[0]
 
-def served(url: str, images: list[bytes], n_latency: int, n_throughput: int, concurrency: int) -> dict:
-    with Classifier(url, timeout=600, max_in_flight=concurrency) as clf:
-        clf.classify(images[0])  # warm-up
-        lat = []
-        for i in tqdm(range(n_latency), desc="served batch 1", leave=False):
+    def latency(self, n: int) -> list[float]:
+        out = []
+        for i in tqdm(range(n), desc=f"{self.name}: batch 1", leave=False):
             t = time.perf_counter()
-            clf.classify(images[i % len(images)])
-            lat.append(time.perf_counter() - t)
-        work = [images[i % len(images)] for i in range(n_throughput)]
+            self._run([self.arrays[i % len(self.arrays)]])
+            out.append(time.perf_counter() - t)
+        return out
+
+    def throughput(self, n: int) -> float:
+        done, start = 0, time.perf_counter()
+        with tqdm(total=n, desc=f"{self.name}: batch {self.batch}", leave=False) as bar:
+            while done < n:
+                self._run([self.arrays[(done + j) % len(self.arrays)] for j in range(self.batch)])
+                done += self.batch
+                bar.update(self.batch)
+        return done / (time.perf_counter() - start)
+
+
+class Served:
+    """The same pipeline through Triton: the SDK over gRPC, one request per image."""
+
+    name = "Triton cpu profile via SDK"
+
+    def __init__(self, url: str, images: list[bytes], concurrency: int):
+        self.clf = Classifier(url, timeout=600, max_in_flight=concurrency)
+        self.images = images
+        self.clf.classify(images[0])  # warm-up
+
+    def latency(self, n: int) -> list[float]:
+        out = []
+        for i in tqdm(range(n), desc=f"{self.name}: batch 1", leave=False):
+            t = time.perf_counter()
+            self.clf.classify(self.images[i % len(self.images)])
+            out.append(time.perf_counter() - t)
+        return out
+
+    def throughput(self, n: int) -> float:
+        work = [self.images[i % len(self.images)] for i in range(n)]
         start = time.perf_counter()
-        clf.classify_batch(work)
-        elapsed = time.perf_counter() - start
-    return {"batch1_p50_ms": percentile(lat, 50), "batch1_p90_ms": percentile(lat, 90), "throughput_img_s": n_throughput / elapsed,
-            "concurrency": concurrency}
+        self.clf.classify_batch(work)
+        return n / (time.perf_counter() - start)
+
+
+def measure(pipelines, rounds: int, n_latency: int, n_throughput: int) -> dict:
+    """Alternate the pipelines round by round, so that drift in the machine's load hits both alike."""
+    lat = {p.name: [] for p in pipelines}
+    tput = {p.name: [] for p in pipelines}
+    for r in range(rounds):
+        log.info("round %d/%d", r + 1, rounds)
+        for p in pipelines:
+            lat[p.name] += p.latency(n_latency)
+        for p in pipelines:
+            tput[p.name].append(p.throughput(n_throughput))
+    return {
+        p.name: {
+            "batch1_p50_ms": percentile(lat[p.name], 50),
+            "batch1_p90_ms": percentile(lat[p.name], 90),
+            "throughput_img_s": float(statistics.median(tput[p.name])),
+            "throughput_rounds": tput[p.name],
+        }
+        for p in pipelines
+    }
 
 
 def batch_stats(url: str) -> dict:
@@ -103,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-requests", type=int, default=40)
     ap.add_argument("--throughput-images", type=int, default=160)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both pipelines")
     ap.add_argument("--weights", default="random:0", help="weights of the benchmarked model (speed does not depend on them)")
     ap.add_argument("--output", type=Path, default=ROOT / "results" / "bench_pipeline.json")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -113,12 +151,19 @@ def main(argv=None) -> int:
     repo = build_cpu_repository(build / "model_repository_cpu", build / "resnet50.onnx", args.weights)
     images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]
 
-    log.info("in-process baseline")
-    base = in_process(build / "resnet50.onnx", images, args.latency_requests, args.throughput_images)
-    log.info("through Triton")
+    baseline = InProcess(build / "resnet50.onnx", images)
     with TritonServer(repo) as server:
-        srv = served(server.grpc_url, images, args.latency_requests, args.throughput_images, args.concurrency)
-        srv["avg_batch"] = batch_stats(server.grpc_url)
+        served = Served(server.grpc_url, images, args.concurrency)
+        with served.clf.measure() as m:
+            served.latency(args.latency_requests)
+        figures = measure([baseline, served], args.rounds, args.latency_requests, args.throughput_images)
+        served.clf.close()
+        avg_batch = batch_stats(server.grpc_url)
+    base, srv = figures[InProcess.name], figures[Served.name]
+    srv["avg_batch"] = avg_batch
+    srv["concurrency"] = args.concurrency
+    base["throughput_batch"] = baseline.batch
+    srv["batch1_breakdown"] = m.breakdown.active().to_dict()
 
     import onnxruntime
     import tritonclient
@@ -145,6 +190,8 @@ def main(argv=None) -> int:
     for name, p50, p90, tput, how in rows:
         print(f"{name:<30} {p50:>10.1f} {p90:>10.1f} {tput:>8.1f}  {how}")
     r = result["ratios"]
+    print("\nwhere a served batch-1 request spends its time (Triton statistics):")
+    print(m.breakdown.active().table())
     print(f"\nthroughput served/in-process: {r['throughput_served_over_in_process']:.2f} (target >= 0.9); "
           f"batch-1 p50 overhead: {r['batch1_p50_overhead_ms']:+.1f} ms (target <= 3 ms); average batch {srv['avg_batch']}")
     args.output.parent.mkdir(parents=True, exist_ok=True)

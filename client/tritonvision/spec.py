@@ -200,9 +200,9 @@ CPU = Profile(
     pixels_dtype="FP32",
     max_batch_size=32,
     # Under load, requests queue while ResNet-50 runs (~40 ms per image on two cores) and leave together
-    # as one batch without any delay; a short delay only costs a lone request latency.
-    preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 200)),
-    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 200)),
+    # as one batch without any delay; a delay would only cost a lone request latency.
+    preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
+    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
 )
 
 GPU = Profile(

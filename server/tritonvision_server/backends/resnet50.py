@@ -20,6 +20,9 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
         options.inter_op_num_threads = 1
+        # The preprocess step decodes the next batch in another process on the same cores: idle ONNX
+        # Runtime threads must sleep, not spin.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
