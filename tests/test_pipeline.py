@@ -103,3 +103,17 @@ def test_serialised_pipeline_follows_the_engine_precision(tmp_path):
     serialize_gpu_pipeline(fp16, spec.GPU)
     serialize_gpu_pipeline(fp32, spec.GPU.with_engine_precision("fp32"))
     assert fp16.read_bytes() != fp32.read_bytes()
+
+
+def test_dali_command_bakes_the_hardware_decoder_share_into_the_pipeline(tmp_path):
+    from tritonvision_server.build import main
+
+    default, other = tmp_path / "default", tmp_path / "other"
+    assert main(["dali", "--output", str(default)]) == 0
+    assert main(["dali", "--output", str(other), "--hw-decoder-load", "0.25"]) == 0
+    default_bytes = (default / "preprocess" / "1" / "model.dali").read_bytes()
+    other_bytes = (other / "preprocess" / "1" / "model.dali").read_bytes()
+    assert default_bytes != other_bytes
+    # Reproducible: the default share gives the same file again.
+    assert main(["dali", "--output", str(other), "--hw-decoder-load", str(spec.GPU.hw_decoder_load)]) == 0
+    assert (other / "preprocess" / "1" / "model.dali").read_bytes() == default_bytes

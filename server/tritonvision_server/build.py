@@ -109,6 +109,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_dali_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hw-decoder-load", type=float, default=None, metavar="SHARE",
+                   help=f"share (0..1) of each batch for the hardware JPEG decoder of A100/H100/H200, the rest "
+                        f"to the CUDA decoder (default {spec.GPU.hw_decoder_load}; 0 on GPUs without one)")
+
+
+def _with_hw_decoder_load(profile: spec.Profile, share: float | None) -> spec.Profile:
+    from dataclasses import replace
+
+    return profile if share is None else replace(profile, hw_decoder_load=share)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="build_engines.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(ap)
@@ -131,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dali", help="serialise the GPU-decoder DALI pipeline into preprocess/1/model.dali")
     p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
                    help="engine precision the pixels must match (default from the spec)")
+    _add_dali_args(p)
     p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
 
     p = sub.add_parser("engine", help="build the TensorRT engine for this GPU (needs TensorRT)")
@@ -140,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
     for name in ("gpu", "all"):
         p = sub.add_parser(name, help="onnx + dali + engine + configs: the whole gpu profile")
         _add_engine_args(p)
+        _add_dali_args(p)
         p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH (default: imagenet)")
         p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
 
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "cpu":
             build_cpu_repository(args.output, args.onnx, args.weights, args.force)
         elif args.command == "dali":
-            build_dali(args.output, gpu_profile(args.precision))
+            build_dali(args.output, _with_hw_decoder_load(gpu_profile(args.precision), args.hw_decoder_load))
         elif args.command == "engine":
             build_engine(args.output, gpu_profile(args.precision), args)
         elif args.command in ("gpu", "all"):
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
             profile = gpu_profile(args.precision)
             export_onnx(args.onnx, args.weights)
-            build_dali(args.output, profile)
+            build_dali(args.output, _with_hw_decoder_load(profile, args.hw_decoder_load))
             build_engine(args.output, profile, args)
             configs.write_repository(profile, args.output)
             return check(args.output, profile, require_artifacts=True)
