@@ -57,7 +57,8 @@ class MalformedResponseError(ValueError):
 
 def infer_request(model: str, payload: Payload, top_k: int, request_id: str = "") -> service_pb2.ModelInferRequest:
     """The protobuf request of one image: the encoded bytes (or a shared-memory reference) as a [1, n] UINT8
-    tensor, asking for the top-k output."""
+    tensor, asking for the top-k output. On the stream, ``request_id`` finds the image again, also in a
+    failed response (tritonclient's stream wrapper drops the id of failed responses, so it is not used)."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     tensor = request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype)
     if isinstance(payload, ShmInput):
@@ -74,12 +75,6 @@ def infer_request(model: str, payload: Payload, top_k: int, request_id: str = ""
     # strings are a few hundred bytes, so the output always comes back in the response, never in shm.
     request.outputs.add(name=SCORES.name).parameters["classification"].int64_param = top_k
     return request
-
-
-def stream_request(model: str, request_id: str, payload: Payload, top_k: int) -> service_pb2.ModelInferRequest:
-    """The request of one image on the stream; its id finds the image again, also in a failed response (the
-    stream is driven without tritonclient's wrapper, which drops the request id of failed responses)."""
-    return infer_request(model, payload, top_k, request_id)
 
 
 def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
@@ -111,8 +106,6 @@ def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
         entries = output.contents.bytes_contents
     return [Prediction.parse(entry) for entry in entries]
 
-
-stream_predictions = predictions
 
 
 def _channel(url: str, ssl: bool, aio: bool = False):

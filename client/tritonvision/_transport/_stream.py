@@ -26,7 +26,7 @@ from .._images import ImageInput, encoded_bytes
 from .._types import Classification, Prediction
 from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
 from ._errors import map_error
-from ._grpc import GrpcTransport, stream_predictions, stream_request
+from ._grpc import GrpcTransport, infer_request, predictions
 from ._shm import Region, ShmPool
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class InferStream:
                     item = (None, response.error_message)
                 else:
                     try:
-                        item = (stream_predictions(response.infer_response), None)
+                        item = (predictions(response.infer_response), None)
                     except Exception as exc:  # noqa: BLE001 - a malformed response fails its own image
                         item = (None, str(exc))
                 self._give_back_region(i, None)
@@ -112,7 +112,7 @@ class InferStream:
         if self._pool is not None:
             region, payload = self._pool.acquire(data)
             self._regions[i] = region
-        self._requests.put(stream_request(self._transport.model, str(i), payload, self._top_k))
+        self._requests.put(infer_request(self._transport.model, payload, self._top_k, str(i)))
 
     def _outcome(self, i: int, data: bytes, item) -> Classification:
         preds, message = item
