@@ -129,20 +129,6 @@ def measure(pipelines, rounds: int, n_latency: int, n_throughput: int) -> dict:
     }
 
 
-def batch_stats(url: str) -> dict:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        out = {}
-        for model in (spec.PREPROCESS, spec.RESNET50):
-            s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-            out[model] = round(int(s["inference_count"]) / max(1, int(s["execution_count"])), 2)
-        return out
-    finally:
-        client.close()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-requests", type=int, default=40)
@@ -165,8 +151,9 @@ def main(argv=None) -> int:
         with served.clf.measure() as m:
             served.latency(args.latency_requests)
         figures = measure([baseline, served], args.rounds, args.latency_requests, args.throughput_images)
+        since_start = served.clf.settled_statistics().breakdown()
+        avg_batch = {model: round(since_start[model].avg_batch, 2) for model in (spec.PREPROCESS, spec.RESNET50)}
         served.clf.close()
-        avg_batch = batch_stats(server.grpc_url)
     base, srv = figures[InProcess.name], figures[Served.name]
     srv["avg_batch"] = avg_batch
     srv["concurrency"] = args.concurrency

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -32,24 +31,9 @@ def _check_against_reference(predictions, onnx_path, data, *, tol=1e-3):
         assert abs(p.score - float(ref[p.index])) <= tol, (p, float(ref[p.index]))
 
 
-def _statistics(url: str, model: str) -> dict:
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    finally:
-        client.close()
-    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
-    return {"executions": int(stats.get("execution_count", 0)), "inferences": int(stats.get("inference_count", 0)), "batches": batches}
-
-
-def _statistics_after(url: str, model: str, before: dict, inferences: int, timeout: float = 10.0) -> dict:
-    """Statistics once ``inferences`` more have been counted: Triton records an execution after its responses go out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = _statistics(url, model)
-        if stats["inferences"] - before["inferences"] >= inferences or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
+def _delta(classifier, before, model: str):
+    """What ``model`` did since the ``before`` snapshot, once Triton has recorded all of it."""
+    return classifier.settled_statistics().models[model] - before.models[model]
 
 
 def test_classify_returns_same_top5_as_reference_pipeline(classifier, photos, onnx_path):
@@ -108,15 +92,13 @@ def test_one_request_carrying_several_images_returns_one_result_each(grpc_url, c
         assert top_k(row) == [p.index for p in classifier.classify(blob)]
 
 
-def test_server_batches_concurrent_requests(grpc_url, classifier, photos):
-    before = _statistics(grpc_url, spec.RESNET50)
+def test_server_batches_concurrent_requests(classifier, photos):
+    before = classifier.statistics()
     classifier.classify_batch(list(photos.values()) * 4)
-    after = _statistics_after(grpc_url, spec.RESNET50, before, 16)
-    multi = {b: n - before["batches"].get(b, 0) for b, n in after["batches"].items() if b > 1}
-    assert sum(multi.values()) > 0, f"no execution with batch size > 1: {after['batches']}"
-    executions = after["executions"] - before["executions"]
-    inferences = after["inferences"] - before["inferences"]
-    assert inferences == 16 and executions < inferences
+    delta = _delta(classifier, before, spec.RESNET50)
+    multi = {b: c.count for b, c in delta.batches.items() if b > 1}
+    assert sum(multi.values()) > 0, f"no execution with batch size > 1: {delta.batches}"
+    assert delta.inference_count == 16 and delta.execution_count < delta.inference_count
 
 
 def _huge_header_jpeg(data: bytes, width: int, height: int) -> bytes:
@@ -163,13 +145,12 @@ def test_bad_input_cases_are_all_exercised(photos):
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_path, grpc_url):
+def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_path):
     bad, message = _bad_inputs(photos)[case]
     good = [photos["astronaut"], photos["coffee"], photos["rocket"]]
     images = [good[0], bad, good[1], good[2], bad, good[0]]
-    before = _statistics(grpc_url, spec.PREPROCESS)
+    before = classifier.statistics()
     results = classifier.classify_batch(images, return_exceptions=True)
-    after = _statistics_after(grpc_url, spec.PREPROCESS, before, len(images))
     for image, result in zip(images, results):
         if image is bad:
             assert isinstance(result, InvalidImageError), result
@@ -179,7 +160,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
             assert isinstance(result, list), result
             _check_against_reference(result, onnx_path, image)
     # Some of them shared a preprocess batch with the bad image's requests.
-    assert after["executions"] - before["executions"] < len(images)
+    assert _delta(classifier, before, spec.PREPROCESS).execution_count < len(images)
     assert classifier.is_ready()
 
 
