@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import perf_analyzer  # noqa: E402
 from light_repository import write_light_repository  # noqa: E402
+from machine import hardware  # noqa: E402
 
 log = logging.getLogger("bench_client")
 
@@ -64,17 +65,6 @@ def repositories(variants: list[str]) -> dict[str, Path]:
     if "light" in variants:
         repos["light"] = write_light_repository(BUILD / "model_repository_light")
     return repos
-
-
-def hardware() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import os
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "platform": platform.platform()}
 
 
 def versions() -> dict:
@@ -225,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     hw, v = result["hardware"], result["versions"]
-    print(f"\n{hw['cpu']} ({hw['cores']} cores, no GPU); tritonserver {v['tritonserver']}, tritonclient {v['tritonclient']}, "
+    print(f"\n{hw['cpu']} ({hw['cores']} cores, {hw['gpu'] or 'no GPU'}); tritonserver {v['tritonserver']}, tritonclient {v['tritonclient']}, "
           f"grpcio {v['grpcio']}, Python {v['python']}; baseline: perf_analyzer {v['perf_analyzer']}\n")
     print(table(rows))
     print(f"\nwritten to {args.out}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -161,14 +160,14 @@ def main(argv=None) -> int:
     base["batch1_step_mean_ms"] = {k: float(np.mean(v) * 1e3) for k, v in baseline.steps.items()}
     srv["batch1_breakdown"] = m.breakdown.active().to_dict()
 
-    import onnxruntime
-    import tritonclient
-    from nvidia import dali
+    from importlib.metadata import version
+
+    from machine import hardware
 
     result = {
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": None},
-        "versions": {"python": platform.python_version(), "dali": dali.__version__, "onnxruntime": onnxruntime.__version__,
-                     "tritonclient": tritonclient.__version__ if hasattr(tritonclient, "__version__") else "?", "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
+        "hardware": hardware(),
+        "versions": {"python": platform.python_version(), "dali": version("nvidia-dali-cuda130"), "onnxruntime": version("onnxruntime"),
+                     "tritonclient": version("tritonclient"), "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
         "images": [p.name for p in sorted((ROOT / "samples").glob("*.jpg"))],
         "in_process": base,
         "served": srv,

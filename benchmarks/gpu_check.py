@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 log = logging.getLogger("gpu_check")
-
-
-def gpu_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "none"
 
 
 def shm_checks(url: str, images: list[bytes], failures: list[str]) -> dict:
@@ -114,12 +105,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    import machine
     from light_repository import write_light_repository
     from tritonvision_server.launcher import TritonServer
 
     images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]
     failures: list[str] = []
-    result = {"device": gpu_name(), "python": platform.python_version()}
+    result = {"device": machine.gpu() or "none", "hardware": machine.hardware(), "python": platform.python_version()}
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_light_repository(Path(tmp) / "light")
         with TritonServer(repo) as server:
