@@ -59,18 +59,16 @@ class InProcess:
     def _run(self, batch):
         return self.session.run(None, {spec.PIXELS("FP32").name: self.pre(batch)})[0]
 
-    def latency(self, n: int) -> list[float]:
-        out = []
-        for i in tqdm(range(n), desc=f"{self.name}: batch 1", leave=False):
-            t = time.perf_counter()
-            pixels = self.pre([self.arrays[i % len(self.arrays)]])
-            t1 = time.perf_counter()
-            self.session.run(None, {spec.PIXELS("FP32").name: pixels})
-            t2 = time.perf_counter()
-            out.append(t2 - t)
-            self.steps[spec.PREPROCESS].append(t1 - t)
-            self.steps[spec.RESNET50].append(t2 - t1)
-        return out
+    def one(self, i: int) -> float:
+        """Seconds for image ``i`` alone (batch 1)."""
+        t = time.perf_counter()
+        pixels = self.pre([self.arrays[i % len(self.arrays)]])
+        t1 = time.perf_counter()
+        self.session.run(None, {spec.PIXELS("FP32").name: pixels})
+        t2 = time.perf_counter()
+        self.steps[spec.PREPROCESS].append(t1 - t)
+        self.steps[spec.RESNET50].append(t2 - t1)
+        return t2 - t
 
     def throughput(self, n: int) -> float:
         done, start = 0, time.perf_counter()
@@ -92,13 +90,10 @@ class Served:
         self.images = images
         self.clf.classify(images[0])  # warm-up
 
-    def latency(self, n: int) -> list[float]:
-        out = []
-        for i in tqdm(range(n), desc=f"{self.name}: batch 1", leave=False):
-            t = time.perf_counter()
-            self.clf.classify(self.images[i % len(self.images)])
-            out.append(time.perf_counter() - t)
-        return out
+    def one(self, i: int) -> float:
+        t = time.perf_counter()
+        self.clf.classify(self.images[i % len(self.images)])
+        return time.perf_counter() - t
 
     def throughput(self, n: int) -> float:
         work = [self.images[i % len(self.images)] for i in range(n)]
@@ -108,13 +103,17 @@ class Served:
 
 
 def measure(pipelines, rounds: int, n_latency: int, n_throughput: int) -> dict:
-    """Alternate the pipelines round by round, so that drift in the machine's load hits both alike."""
+    """Alternate the pipelines round by round, so that drift in the machine's load hits both alike.
+
+    Not request by request: ONNX Runtime's idle threads in one pipeline would then spin on the cores the
+    other pipeline's next request needs, and both would measure each other.
+    """
     lat = {p.name: [] for p in pipelines}
     tput = {p.name: [] for p in pipelines}
     for r in range(rounds):
         log.info("round %d/%d", r + 1, rounds)
         for p in pipelines:
-            lat[p.name] += p.latency(n_latency)
+            lat[p.name] += [p.one(i) for i in tqdm(range(n_latency), desc=f"{p.name}: batch 1", leave=False)]
         for p in pipelines:
             tput[p.name].append(p.throughput(n_throughput))
     return {
@@ -148,7 +147,8 @@ def main(argv=None) -> int:
     with TritonServer(repo) as server:
         served = Served(server.grpc_url, images, args.concurrency)
         with served.clf.measure() as m:
-            served.latency(args.latency_requests)
+            for i in tqdm(range(args.latency_requests), desc="served batch 1, per-step breakdown", leave=False):
+                served.one(i)
         figures = measure([baseline, served], args.rounds, args.latency_requests, args.throughput_images)
         since_start = served.clf.settled_statistics().breakdown()
         avg_batch = {model: round(since_start[model].avg_batch, 2) for model in (spec.PREPROCESS, spec.RESNET50)}

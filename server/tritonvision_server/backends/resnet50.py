@@ -20,9 +20,10 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "2"))
         options.inter_op_num_threads = 1
-        # The preprocess step decodes the next batch in another process on the same cores: idle ONNX
-        # Runtime threads must sleep, not spin.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning between the parallel sections of one run saves a thread wake-up each; once the run ends,
+        # the threads must stop spinning, or they steal the cores the server and the preprocess step need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
