@@ -55,7 +55,7 @@ def test_region_registered_before_a_silent_restart_is_registered_again(server, p
 def test_regions_are_cleaned_up_after_the_server_goes_away(server, photos):
     clf = tv.Classifier(server.grpc_url, timeout=30, shm="system", retry=tv.RetryPolicy(attempts=2, initial=0.05))
     clf.classify(photos["chelsea"], top_k=1)
-    prefix = clf._pool.prefix
+    prefix = clf.shm_prefix
     assert leftover_files(prefix)
     server.stop()
     with pytest.raises(tv.ServerUnavailableError):

@@ -33,16 +33,16 @@ def test_regions_are_reused_and_released_on_close(grpc_url, photos):
     with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
         for _ in range(3):
             clf.classify(photos["chelsea"], top_k=1)
-        prefix = clf._pool.prefix
-        assert len(clf._pool.region_names) == 1  # sequential calls share one region
-        assert clf._pool.region_names[0] in registered(grpc_url)
+        prefix = clf.shm_prefix
+        assert len(clf.shm_regions) == 1  # sequential calls share one region
+        assert clf.shm_regions[0] in registered(grpc_url)
     assert_no_regions(prefix, registered(grpc_url))
 
 
 def test_no_region_leaks_after_an_exception_in_the_with_block(grpc_url, photos):
     with pytest.raises(RuntimeError, match="user code failed"):
         with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
-            prefix = clf._pool.prefix
+            prefix = clf.shm_prefix
             clf.classify_batch([photos["chelsea"], photos["coffee"]], top_k=1)
             raise RuntimeError("user code failed")
     assert_no_regions(prefix, registered(grpc_url))
@@ -50,7 +50,7 @@ def test_no_region_leaks_after_an_exception_in_the_with_block(grpc_url, photos):
 
 def test_refused_image_through_shm_fails_alone_and_leaks_nothing(grpc_url, photos):
     with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
-        prefix = clf._pool.prefix
+        prefix = clf.shm_prefix
         with pytest.raises(tv.InvalidImageError):
             clf.classify(NOT_AN_IMAGE)
         results = list(clf.classify_stream([NOT_AN_IMAGE, photos["chelsea"]]))
@@ -63,7 +63,7 @@ def test_pool_is_released_at_garbage_collection_without_close(grpc_url, photos):
 
     clf = tv.Classifier(grpc_url, timeout=120, shm="system")
     clf.classify(photos["chelsea"], top_k=1)
-    prefix = clf._pool.prefix
+    prefix = clf.shm_prefix
     clf._transport.close()  # even with its transport already gone, the finalizer frees the local files
     del clf
     gc.collect()
@@ -86,7 +86,7 @@ def test_cuda_shm_round_trip_equals_plain_grpc(grpc_url, photos):
     with tv.Classifier(grpc_url, timeout=120) as plain, tv.Classifier(grpc_url, timeout=120, shm="cuda") as cuda:
         for data in photos.values():
             assert top(plain.classify(data)) == top(cuda.classify(data))
-        prefix = cuda._pool.prefix
+        prefix = cuda.shm_prefix
     from tritonvision._transport._grpc import GrpcTransport
 
     t = GrpcTransport(grpc_url)

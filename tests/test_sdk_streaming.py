@@ -60,5 +60,5 @@ def test_leaving_a_stream_early_closes_it_and_the_client_keeps_working(classifie
     stream = classifier.classify_stream([photos["chelsea"]] * 50, max_in_flight=2)
     first = next(stream)
     assert first.ok
-    stream.close()  # cancels what is in flight
+    stream.close()  # the images in flight are answered, then the stream ends
     assert classifier.classify(photos["coffee"], top_k=1)

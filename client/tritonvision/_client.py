@@ -194,13 +194,20 @@ class Classifier:
         return results
 
     def classify_stream(
-        self, images: Iterable[ImageInput], top_k: int = 5, *, max_in_flight: int = 16, timeout: float | None = None
+        self,
+        images: Iterable[ImageInput],
+        top_k: int = 5,
+        *,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        drain_timeout: float = 10.0,
     ) -> Iterator[Classification]:
         """Classify an iterable (possibly endless) over one gRPC stream; one :class:`Classification` per
         image, in input order. At most ``max_in_flight`` images are outstanding, so ``images`` is consumed
         only as fast as results are. A bad image yields a failed ``Classification`` and the stream goes on;
         a lost server raises. ``timeout`` bounds each image's wait. Close the generator (or exhaust it) to
-        end the stream."""
+        end the stream: images already sent are answered first (their results dropped), for up to
+        ``drain_timeout`` seconds, after which the stream is cancelled."""
         budget = timeout if timeout is not None else self.timeout
         stream = InferStream(
             self._transport,
@@ -209,8 +216,21 @@ class Classifier:
             timeout=budget,
             pool=self._pool,
             recheck=lambda data: self._infer(data, top_k, budget),
+            drain_timeout=drain_timeout,
         )
         return stream.classify(images)
+
+    # -- shared memory --------------------------------------------------------------------------------------
+    @property
+    def shm_prefix(self) -> str | None:
+        """The prefix of this client's shared-memory region names (``/dev/shm`` keys and the server's
+        registrations alike); None without shared memory."""
+        return self._pool.prefix if self._pool is not None else None
+
+    @property
+    def shm_regions(self) -> list[str]:
+        """The shared-memory regions this client holds now (each registered on the server while in use)."""
+        return self._pool.region_names if self._pool is not None else []
 
     # -- server state ---------------------------------------------------------------------------------------
     def is_ready(self) -> bool:

@@ -214,6 +214,14 @@ class ShmPool:
         if owned:  # the pool was closed while this request was in flight
             _destroy(self._state, region)
 
+    def retire(self, region: Region) -> None:
+        """Never hand out ``region`` again, but keep it until the pool closes: a cancelled request's region
+        may still be read by the server, which also refuses to unregister a region in use."""
+        with self._state.lock:
+            owned = region.name in self._state.regions
+        if owned and not self._finalizer.alive:
+            _destroy(self._state, region)
+
     def forget_registrations(self) -> None:
         """Mark every region as unknown to the server (re-registered on next use)."""
         for region in list(self._state.regions.values()):

@@ -46,10 +46,13 @@ class InferStream:
         timeout: float | None = None,
         pool: ShmPool | None = None,
         recheck: Callable[[bytes], list[Prediction]] | None = None,
+        drain_timeout: float = 10.0,
     ):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.max_in_flight = max_in_flight
+        #: Seconds :meth:`close` waits for the answers to images already sent before it cancels.
+        self.drain_timeout = drain_timeout
         self._transport = transport
         self._top_k = top_k
         self._timeout = timeout
@@ -172,22 +175,42 @@ class InferStream:
                     ready = Classification(i, error=item) if isinstance(item, TritonVisionError) else self._outcome(i, data, item)
                 yield ready
         finally:
-            self.close(cancel=bool(pending) or not exhausted)
+            self.close()
 
-    def close(self, cancel: bool = True) -> None:
-        """End the stream; with ``cancel``, drop what is still in flight. Frees every region it holds."""
+    def close(self, drain_timeout: float | None = None) -> None:
+        """End the stream and free every region it holds.
+
+        Images already sent are drained, not cancelled: the request side is half-closed, and the server
+        answers them (the answers are dropped) and ends the stream. Cancelling a stream with requests in
+        flight leaves Triton (2.51) holding the ensemble, and its shutdown then hangs; and a cancelled
+        request's shared-memory region may still be read by the server after the client gets it back.
+        Only when the drain takes longer than ``drain_timeout`` (default: the class's) is the stream
+        cancelled, and the regions of what was still in flight are retired (kept until the pool closes,
+        never reused).
+        """
         if self._call is None or self._closing:
             return
         with self._cond:
             self._closing = True
         self._requests.put(_END)  # half-close: the server answers what it has, then ends the stream
-        if cancel:
-            self._call.cancel()
+        limit = self.drain_timeout if drain_timeout is None else drain_timeout
         if self._reader is not None:
-            self._reader.join(timeout=30)
+            self._reader.join(timeout=limit)
+            if self._reader.is_alive():
+                log.warning("the stream's %d images in flight were not answered within %g s; cancelling it",
+                            len(self._regions), limit)
+                self._call.cancel()
+                self._reader.join(timeout=30)
         error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
         for i in list(self._regions):
-            self._give_back_region(i, error or ServerUnavailableError("stream closed"))
+            region = self._regions.pop(i)
+            if self._pool is None:
+                continue
+            if error is None:
+                # Unanswered: the server may still read it, so it must never hold another image.
+                self._pool.retire(region)
+            else:  # the server is gone and read nothing more
+                self._pool.release(region, error)
 
     def __enter__(self) -> "InferStream":
         return self
