@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tritonvision._cli import EXIT_OK, EXIT_SOME_FAILED, expand, main
 
 
@@ -41,6 +43,19 @@ def test_bench_reports_throughput_and_percentiles(grpc_url, photos, tmp_path, ca
     assert code == EXIT_OK
     (r,) = json.loads(capsys.readouterr().out)["results"]
     assert r["concurrency"] == 2 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])  # 1: blocking calls on one thread; more: callbacks
+def test_bench_counts_failed_requests_apart(grpc_url, photos, tmp_path, capsys, concurrency):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    code = main(["bench", "--url", grpc_url, "--concurrency", str(concurrency), "--seconds", "1.5", "--warmup", "0.3",
+                 "--no-progress", "--json", str(tmp_path / "cat.jpg"), str(tmp_path / "bad.jpg")])
+    assert code == EXIT_SOME_FAILED
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    # The two files alternate, so about as many requests fail as succeed.
+    assert r["concurrency"] == concurrency and r["requests"] > 0 and r["errors"] > 0
+    assert abs(r["requests"] - r["errors"]) <= concurrency
 
 
 def test_unreachable_server_exits_2(tmp_path, photos):

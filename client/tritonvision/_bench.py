@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._client import Classifier
-from ._retry import Deadline, NO_RETRY
+from ._retry import NO_RETRY, Deadline
+from .exceptions import TritonVisionError
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def run(
     Like perf_analyzer, every request that completes inside the measured window counts (also one sent
     before it: excluding those would undercount by about one latency's worth of the window at high
     concurrency). No retries: a failure is a failure."""
+    if concurrency == 1:
+        return _sequential(clf, images, seconds=seconds, warmup=warmup, top_k=top_k, timeout=timeout, progress=progress)
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -92,6 +95,37 @@ def run(
     for _ in range(concurrency):
         send()
     done_all.wait()
+    return _result(concurrency, latencies, errors, seconds)
+
+
+def _sequential(clf: Classifier, images, *, seconds, warmup, top_k, timeout, progress) -> BenchResult:
+    """Concurrency 1 as a user's loop of ``classify`` calls makes it: blocking calls on this thread. The
+    callback path would add a hand-off to gRPC's thread to every request, which nothing overlaps here."""
+    latencies: list[float] = []
+    errors = 0
+    now = start = time.perf_counter()
+    window_start, window_end = start + warmup, start + warmup + seconds
+    i = 0
+    while now < window_end:
+        sent = now
+        try:
+            clf._infer(images[i % len(images)], top_k, timeout)
+            ok = True
+        except TritonVisionError:
+            ok = False
+        now = time.perf_counter()
+        i += 1
+        if window_start <= now <= window_end:
+            if ok:
+                latencies.append(now - sent)
+            else:
+                errors += 1
+            if progress is not None:
+                progress(1)
+    return _result(1, latencies, errors, seconds)
+
+
+def _result(concurrency: int, latencies: list[float], errors: int, seconds: float) -> BenchResult:
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
     pct = np.percentile(lat, [50, 90, 95, 99])
     return BenchResult(

@@ -134,7 +134,7 @@ def _bench(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r.concurrency:>11}  {r.throughput:>9.1f}  {r.p50_ms:>8.2f}  {r.p90_ms:>8.2f}  {r.p95_ms:>8.2f}"
                   f"  {r.p99_ms:>8.2f}  {r.errors:>6}")
-    return EXIT_ERROR if any(r.errors for r in results) else EXIT_OK
+    return EXIT_SOME_FAILED if any(r.errors for r in results) else EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
