@@ -111,8 +111,9 @@ def measure_variant(name: str, repo: Path, args, image: bytes, pa_binary: Path, 
 
 
 def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, warmup: float, top_k: int = 5) -> dict:
-    """A bare grpcio closed loop (``ModelInfer.future`` + done callback, resubmitting from the callback) with
-    one request built once and responses left unparsed: the client cost no Python SDK on grpcio goes under."""
+    """A bare grpcio closed loop with one request built once and responses left unparsed: the client cost no
+    Python SDK on grpcio goes under. Like the SDK's bench: blocking calls at concurrency 1, otherwise
+    ``ModelInfer.future`` with a done callback that resubmits."""
     import threading
 
     import grpc
@@ -130,6 +131,15 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
     with grpc.insecure_channel(url, options=CHANNEL_ARGS) as channel:
         model_infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         model_infer(request)
+        if concurrency == 1:
+            now = time.perf_counter()
+            while now < window_end:
+                sent = now
+                model_infer(request)
+                now = time.perf_counter()
+                if window_start <= now <= window_end:
+                    latencies.append(now - sent)
+            finished.set()
 
         def send() -> None:
             sent = time.perf_counter()
@@ -150,7 +160,7 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
 
             model_infer.future(request).add_done_callback(done)
 
-        for _ in range(concurrency):
+        for _ in range(concurrency if concurrency > 1 else 0):
             send()
         finished.wait()
     lat = np.array(latencies or [0.0]) * 1e3
