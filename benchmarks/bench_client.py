@@ -20,7 +20,6 @@ memory, while the SDK sends only the image through it (the top-k strings come ba
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import platform
@@ -42,12 +41,8 @@ SERVER_VERSION = "2.51.0"
 
 
 def photo() -> bytes:
-    import skimage.data
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(skimage.data.chelsea()).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
+    """The image every request sends: the repository's sample photo (no image libraries needed on a GPU host)."""
+    return (ROOT / "samples" / "chelsea.jpg").read_bytes()
 
 
 def repositories(variants: list[str]) -> dict[str, Path]:
