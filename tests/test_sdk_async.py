@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 import tritonvision as tv
-from sdk_helpers import NOT_AN_IMAGE, top
+from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, top
+from test_sdk_shm import registered
 from tritonvision_server.launcher import free_port
 
 
@@ -38,3 +39,65 @@ def test_async_errors_are_the_sdk_errors(grpc_url):
                 await clf.classify(b"\xff\xd8\xff", timeout=10)
 
     asyncio.run(main())
+
+
+def test_async_stream_keeps_order_and_bound_and_fails_bad_images_alone(grpc_url, photos, classifier):
+    names = ["chelsea", "coffee", "astronaut"] * 3
+    expected = [top(classifier.classify(photos[n])) for n in names]
+    images = [photos[n] for n in names]
+    images.insert(4, NOT_AN_IMAGE)
+
+    async def frames():  # an async source, consumed only as fast as results come back
+        for image in images:
+            await asyncio.sleep(0)
+            yield image
+
+    async def main():
+        async with tv.AsyncClassifier(grpc_url, timeout=120) as clf:
+            return [c async for c in clf.classify_stream(frames(), max_in_flight=3)]
+
+    results = asyncio.run(main())
+    assert [c.index for c in results] == list(range(len(images)))
+    assert isinstance(results[4].error, tv.InvalidImageError)
+    assert [top(c.unwrap()) for c in results[:4] + results[5:]] == expected
+
+
+def test_async_stream_left_early_is_drained_and_the_client_keeps_working(grpc_url, photos):
+    async def main():
+        async with tv.AsyncClassifier(grpc_url, timeout=120, shm="system") as clf:
+            prefix = clf.shm_prefix
+            stream = clf.classify_stream([photos["chelsea"]] * 30, max_in_flight=4)
+            first = await stream.__anext__()
+            await stream.aclose()
+            held = clf.shm_regions
+            again = await clf.classify(photos["coffee"], top_k=1)
+            # Drained, not cancelled: the stream's regions came back whole and serve the next call.
+            assert set(clf.shm_regions) == set(held)
+            return first, again, prefix
+
+    first, again, prefix = asyncio.run(main())
+    assert first.ok and again
+    assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_async_shared_memory_equals_plain_grpc_and_leaks_nothing(grpc_url, photos, classifier):
+    expected = {n: top(classifier.classify(d)) for n, d in photos.items()}
+
+    async def main():
+        async with tv.AsyncClassifier(grpc_url, timeout=120, shm="system", max_in_flight=4) as clf:
+            prefix = clf.shm_prefix
+            got = await clf.classify_batch(list(photos.values()) + [NOT_AN_IMAGE], return_exceptions=True)
+            regions = clf.shm_regions
+            assert 1 <= len(regions) <= 4 and set(regions) <= set(registered(grpc_url))
+            # A task cancelled mid-request retires its region (the server may still read it).
+            task = asyncio.create_task(clf.classify(photos["chelsea"]))
+            await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return got, prefix
+
+    got, prefix = asyncio.run(main())
+    assert [top(p) for p in got[:-1]] == list(expected.values())
+    assert isinstance(got[-1], tv.InvalidImageError)
+    assert_no_regions(prefix, registered(grpc_url))

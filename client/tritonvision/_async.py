@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
-from ._client import DEFAULT_URL
+from ._client import DEFAULT_URL, ShmMode, resolve_shm
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
-from ._transport._grpc import AsyncGrpcTransport
-from ._types import Prediction
-from .exceptions import DeadlineExceededError, TritonVisionError
+from ._transport._astream import AsyncInferStream
+from ._transport._grpc import AsyncGrpcTransport, GrpcTransport
+from ._transport._shm import ShmPool
+from ._types import Classification, Prediction
+from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
 
 
 class AsyncClassifier:
-    """:class:`Classifier` for asyncio code (no shared memory or streaming yet).
+    """:class:`Classifier` for asyncio code: the same calls, shared memory and streaming, awaited.
 
     >>> async with AsyncClassifier("127.0.0.1:8001") as clf:
     ...     top5 = await clf.classify("cat.jpg")
@@ -33,12 +35,69 @@ class AsyncClassifier:
         timeout: float | None = None,
         retry: RetryPolicy | None = None,
         max_in_flight: int = 64,
+        shm: ShmMode = None,
+        cuda_device: int = 0,
     ):
         self.url = url
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
         self._transport = AsyncGrpcTransport(url, model=model)
+        self.shm = resolve_shm(shm, url)
+        self._pool: ShmPool | None = None
+        self._registrar: GrpcTransport | None = None
+        if self.shm:
+            # Region registration is rare (a new region, a restarted server) and goes through the blocking
+            # client, in a worker thread; inference stays on the aio channel.
+            self._registrar = GrpcTransport(url, model=model)
+            try:
+                self._pool = ShmPool(self._registrar, self.shm, device_id=cuda_device)
+            except BaseException:
+                self._registrar.close()
+                raise
+
+    @property
+    def shm_prefix(self) -> str | None:
+        """See :attr:`Classifier.shm_prefix`."""
+        return self._pool.prefix if self._pool is not None else None
+
+    @property
+    def shm_regions(self) -> list[str]:
+        """See :attr:`Classifier.shm_regions`."""
+        return self._pool.region_names if self._pool is not None else []
+
+    async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        if self._pool is None:
+            return await self._transport.infer(data, top_k, timeout)
+        try:
+            return await self._infer_shm(data, top_k, timeout)
+        except (InvalidImageError, ModelNotReadyError):
+            # As in Classifier._infer: a restarted server forgot our regions; register again, once.
+            if not await asyncio.to_thread(self._lost_registrations):
+                raise
+            log.info("the server lost its shared-memory registrations; registering again")
+        return await self._infer_shm(data, top_k, timeout)
+
+    def _lost_registrations(self) -> bool:
+        known = set(self._registrar.registered_shm(self.shm))
+        if all(name in known for name in self._pool.region_names):
+            return False
+        self._pool.forget_registrations()
+        return True
+
+    async def _infer_shm(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        region, ref = await asyncio.to_thread(self._pool.acquire, data)
+        try:
+            result = await self._transport.infer(ref, top_k, timeout)
+        except asyncio.CancelledError:
+            # The request may still be in the server, reading the region: never hand it out again.
+            self._pool.retire(region)
+            raise
+        except BaseException as exc:
+            self._pool.release(region, exc)
+            raise
+        self._pool.release(region)
+        return result
 
     async def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first; retried while the server is unavailable."""
@@ -47,7 +106,7 @@ class AsyncClassifier:
         delays = self.retry.delays()
         while True:
             try:
-                return await self._transport.infer(data, top_k, deadline.check())
+                return await self._infer(data, top_k, deadline.check())
             except TritonVisionError as exc:
                 wait = backoff_or_raise(exc, delays, deadline)
                 log.info("%s; retrying in %.2f s", exc.message, wait)
@@ -70,6 +129,29 @@ class AsyncClassifier:
 
         return list(await asyncio.gather(*(one(image) for image in images)))
 
+    def classify_stream(
+        self,
+        images: Iterable[ImageInput] | AsyncIterable[ImageInput],
+        top_k: int = 5,
+        *,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        drain_timeout: float = 10.0,
+    ) -> AsyncIterator[Classification]:
+        """:meth:`Classifier.classify_stream` for asyncio: ``async for c in clf.classify_stream(frames)``.
+        ``images`` may be an async iterable. Close the generator (``await gen.aclose()``) to end early."""
+        budget = timeout if timeout is not None else self.timeout
+        stream = AsyncInferStream(
+            self._transport,
+            top_k=top_k,
+            max_in_flight=max_in_flight,
+            timeout=budget,
+            pool=self._pool,
+            recheck=lambda data: self._infer(data, top_k, budget),
+            drain_timeout=drain_timeout,
+        )
+        return stream.classify(images)
+
     async def is_ready(self) -> bool:
         return await self._transport.is_ready()
 
@@ -85,7 +167,12 @@ class AsyncClassifier:
         return Statistics.parse(await self._transport.statistics(self.timeout))
 
     async def close(self) -> None:
-        await self._transport.close()
+        try:
+            await self._transport.close()
+        finally:
+            if self._pool is not None:
+                await asyncio.to_thread(self._pool.close)
+                self._registrar.close()
 
     async def __aenter__(self) -> "AsyncClassifier":
         return self

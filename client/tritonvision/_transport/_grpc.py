@@ -223,13 +223,19 @@ class AsyncGrpcTransport:
         self.model = model
         self._client = aioclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
         self._channel = _channel(url, ssl, aio=True)
-        self._model_infer = service_pb2_grpc.GRPCInferenceServiceStub(self._channel).ModelInfer
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._model_infer = self._stub.ModelInfer
 
     async def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
         try:
             return predictions(await self._model_infer(infer_request(self.model, payload, top_k), timeout=timeout))
         except Exception as exc:
             raise map_error(exc) from exc
+
+    def open_stream(self, timeout: float | None = None):
+        """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,
+        ``await call.done_writing()`` to half-close, ``call.cancel()`` to end."""
+        return self._stub.ModelStreamInfer(timeout=timeout)
 
     async def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -106,12 +107,31 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _destroy(state: _State, region: Region, *, unregister: bool = True) -> None:
-    if unregister and region.registered:
+# How long closing waits for the server to finish with a region a cancelled request still reads.
+IN_USE_WAIT = 10.0
+
+
+def _unregister(state: _State, region: Region) -> None:
+    waited, pause = 0.0, 0.02
+    while True:
         try:
             state.transport.unregister_shm(state.backend.kind, region.name)
-        except TritonVisionError as exc:  # the server is gone: its registrations went with it
-            log.debug("could not unregister %s: %s", region.name, exc)
+            return
+        except TritonVisionError as exc:
+            # Triton refuses to unregister a region a request is reading ("... it is currently in use"):
+            # a cancelled request may still be in the server. Triton has no status code of its own for
+            # this, hence the message. Anything else means the server is gone, and its registrations too.
+            if "in use" not in exc.message or waited >= IN_USE_WAIT:
+                log.debug("could not unregister %s: %s", region.name, exc)
+                return
+        time.sleep(pause)
+        waited += pause
+        pause = min(pause * 2, 0.5)
+
+
+def _destroy(state: _State, region: Region, *, unregister: bool = True) -> None:
+    if unregister and region.registered:
+        _unregister(state, region)
         region.registered = False
     try:
         state.backend.destroy(region.handle)

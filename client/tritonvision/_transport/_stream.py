@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
 
 import grpc
 
@@ -32,6 +33,28 @@ from ._shm import Region, ShmPool
 log = logging.getLogger(__name__)
 
 _END = object()
+
+# What the stream answered for one image: its predictions, or Triton's error message.
+Item = tuple[Optional[list[Prediction]], Optional[str]]
+
+
+def stream_item(response) -> tuple[int, Item]:
+    """The image index (the request id) and outcome of one ``ModelStreamInferResponse``."""
+    i = int(response.infer_response.id)
+    if response.error_message:
+        return i, (None, response.error_message)
+    try:
+        return i, (predictions(response.infer_response), None)
+    except Exception as exc:  # noqa: BLE001 - a malformed response fails its own image
+        return i, (None, str(exc))
+
+
+def source_image(image: ImageInput) -> bytes:
+    """The bytes to send, or :class:`InvalidImageError` raised on the client (the image is never sent)."""
+    data = encoded_bytes(image)
+    if not data:
+        raise InvalidImageError("empty image: 0 bytes")
+    return data
 
 
 class InferStream:
@@ -74,14 +97,7 @@ class InferStream:
     def _read(self) -> None:
         try:
             for response in self._call:
-                i = int(response.infer_response.id)
-                if response.error_message:
-                    item = (None, response.error_message)
-                else:
-                    try:
-                        item = (predictions(response.infer_response), None)
-                    except Exception as exc:  # noqa: BLE001 - a malformed response fails its own image
-                        item = (None, str(exc))
+                i, item = stream_item(response)
                 self._give_back_region(i, None)
                 with self._cond:
                     if i in self._abandoned:
@@ -158,9 +174,7 @@ class InferStream:
                         exhausted = True
                         break
                     try:
-                        data = encoded_bytes(image)
-                        if not data:
-                            raise InvalidImageError("empty image: 0 bytes")
+                        data = source_image(image)
                     except InvalidImageError as exc:  # refused on the client: never sent
                         pending.append((i, None, 0.0, Classification(i, error=exc)))
                         continue

@@ -1,0 +1,181 @@
+"""The asyncio twin of :mod:`._stream`: classify an iterable over one ``grpc.aio`` bidirectional stream.
+
+Same contract: results in input order, at most ``max_in_flight`` images outstanding, a failed image does
+not end the stream (it is asked again as a unary request for its status code), and closing drains what
+was sent before it cancels. One task writes requests as the consumer pulls results; one reads responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+
+import grpc
+
+from .._images import ImageInput
+from .._types import Classification, Prediction
+from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
+from ._errors import map_error
+from ._grpc import AsyncGrpcTransport, infer_request
+from ._shm import Region, ShmPool
+from ._stream import source_image, stream_item
+
+log = logging.getLogger(__name__)
+
+
+async def _images(source: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator[ImageInput]:
+    if isinstance(source, AsyncIterable):
+        async for image in source:
+            yield image
+    else:
+        for image in source:
+            yield image
+
+
+class AsyncInferStream:
+    """One stream; :meth:`classify` may run once."""
+
+    def __init__(
+        self,
+        transport: AsyncGrpcTransport,
+        *,
+        top_k: int,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        pool: ShmPool | None = None,
+        recheck: Callable[[bytes], Awaitable[list[Prediction]]] | None = None,
+        drain_timeout: float = 10.0,
+    ):
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        self.max_in_flight = max_in_flight
+        self.drain_timeout = drain_timeout
+        self._transport = transport
+        self._top_k = top_k
+        self._timeout = timeout
+        self._pool = pool
+        self._recheck = recheck or (lambda data: transport.infer(data, top_k, timeout))
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._regions: dict[int, Region] = {}
+        self._failure: TritonVisionError | None = None
+        self._closing = False
+        self._call = None
+        #: Most images outstanding at once during the run (for tests of the backpressure bound).
+        self.peak_in_flight = 0
+
+    async def _read(self) -> None:
+        try:
+            async for response in self._call:
+                i, item = stream_item(response)
+                self._give_back_region(i, None)
+                future = self._waiting.pop(i, None)
+                if future is not None and not future.done():
+                    future.set_result(item)
+        except grpc.aio.AioRpcError as exc:
+            if not (self._closing and exc.code() == grpc.StatusCode.CANCELLED):
+                self._failure = map_error(exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if self._failure is None and not self._closing:
+                self._failure = ServerUnavailableError("the server closed the stream")
+            for future in self._waiting.values():
+                if not future.done():
+                    if self._failure is not None:
+                        future.set_exception(self._failure)
+                    else:
+                        future.cancel()
+
+    def _give_back_region(self, i: int, error: BaseException | None) -> None:
+        region = self._regions.pop(i, None)
+        if region is not None and self._pool is not None:
+            self._pool.release(region, error)
+
+    async def _send(self, i: int, data: bytes) -> asyncio.Future:
+        payload: object = data
+        if self._pool is not None:
+            # Creating or registering a region is a blocking RPC: off the event loop.
+            region, payload = await asyncio.to_thread(self._pool.acquire, data)
+            self._regions[i] = region
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[i] = future
+        await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i)))
+        return future
+
+    async def _outcome(self, i: int, data: bytes, future: asyncio.Future) -> Classification:
+        if self._failure is not None and not future.done():
+            raise self._failure
+        try:
+            preds, message = await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except asyncio.TimeoutError:
+            # Its response may still come; the reader then drops it (and frees its region).
+            self._waiting.pop(i, None)
+            return Classification(i, error=DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED"))
+        if message is None:
+            return Classification(i, predictions=preds)
+        log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
+        try:
+            return Classification(i, predictions=await self._recheck(data))
+        except TritonVisionError as exc:
+            return Classification(i, error=exc)
+
+    async def classify(self, images: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator[Classification]:
+        """Results in input order, one per image."""
+        if self._call is not None:
+            raise RuntimeError("an AsyncInferStream runs once")
+        self._call = self._transport.open_stream()
+        reader = asyncio.create_task(self._read())
+        pending: deque[tuple[int, bytes | None, asyncio.Future | None, Classification | None]] = deque()
+        source = _images(images).__aiter__()
+        exhausted, i = False, 0
+        try:
+            while True:
+                while not exhausted and len(pending) < self.max_in_flight:
+                    try:
+                        image = await source.__anext__()
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                    try:
+                        data = source_image(image)
+                    except InvalidImageError as exc:  # refused on the client: never sent
+                        pending.append((i, None, None, Classification(i, error=exc)))
+                    else:
+                        if self._failure is not None:
+                            raise self._failure
+                        pending.append((i, data, await self._send(i, data), None))
+                        self.peak_in_flight = max(self.peak_in_flight, len(pending))
+                    i += 1
+                if not pending:
+                    return
+                index, data, future, ready = pending.popleft()
+                yield ready if ready is not None else await self._outcome(index, data, future)
+        finally:
+            await self._close(reader)
+
+    async def _close(self, reader: asyncio.Task) -> None:
+        """Half-close, let the server answer what was sent (for up to ``drain_timeout`` s), then cancel;
+        the same reasons as :meth:`._stream.InferStream.close`."""
+        self._closing = True
+        try:
+            await self._call.done_writing()
+        except Exception as exc:  # noqa: BLE001 - the stream already ended
+            log.debug("half-closing the stream: %s", exc)
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), self.drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("the stream's %d images in flight were not answered within %g s; cancelling it",
+                        len(self._regions), self.drain_timeout)
+            self._call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
+        for i in list(self._regions):
+            region = self._regions.pop(i)
+            if self._pool is None:
+                continue
+            if error is None:
+                self._pool.retire(region)  # unanswered: the server may still read it
+            else:
+                self._pool.release(region, error)
