@@ -65,3 +65,21 @@ def test_cpu_repository_has_model_code_and_onnx(cpu_repository):
         assert f"tritonvision_server.backends.{step}" in stub
     assert (cpu_repository / spec.RESNET50 / "1" / configs.ONNX_FILE).stat().st_size > 50_000_000
     assert configs.parse((cpu_repository / spec.PREPROCESS / "config.pbtxt").read_text()).backend == "python"
+
+
+def test_cpu_resnet50_runs_small_batches_spinning_and_large_ones_sleeping(cpu_repository, onnx_path):
+    import numpy as np
+
+    from tritonvision_server.ort import OnnxRunner
+
+    cfg = configs.parse((cpu_repository / spec.RESNET50 / "config.pbtxt").read_text())
+    limit = int(cfg.parameters["spin_max_batch"].string_value)
+    assert limit == spec.CPU.ort_spin_max_batch >= 1
+    run = OnnxRunner(onnx_path, intra_op_threads=spec.CPU.cpu_threads, spin_max_batch=limit)
+    assert run.session_for(1) is run.spinning and run.session_for(limit) is run.spinning
+    assert run.session_for(limit + 1) is run.sleeping
+    # The two sessions are the same network: a batch gives the same scores through either.
+    x = np.random.default_rng(0).standard_normal((limit + 1, 3, 224, 224), dtype=np.float32)
+    assert np.allclose(run(x)[:1], run(x[:1]), atol=1e-5)
+    sleeping_only = OnnxRunner(onnx_path, intra_op_threads=1, spin_max_batch=0)
+    assert sleeping_only.spinning is None and sleeping_only.session_for(1) is sleeping_only.sleeping

@@ -164,10 +164,11 @@ class Profile:
     resnet50: StepServing
     # Threads each CPU step may use (DALI worker threads, ONNX Runtime intra-op threads).
     cpu_threads: int = 2
-    # Whether ONNX Runtime's idle intra-op threads spin before sleeping (cpu profile). Spinning keeps the
-    # ~70 parallel sections of a batch-1 ResNet-50 from paying a thread wake-up each: 1.3 ms of a 42 ms
-    # run on 2 cores, measured with the benchmark's model.
-    ort_spinning: bool = True
+    # cpu profile: batches up to this size run in an ONNX Runtime session whose threads spin between the
+    # parallel sections of a run (a batch-1 ResNet-50 has ~70; a wake-up each cost 1.3 ms of 42 on 2 cores).
+    # Larger batches, which come under load, run in one whose threads sleep: spinning there takes the
+    # cores from the preprocess step decoding the next batch (saturation throughput fell ~10%).
+    ort_spin_max_batch: int = 2
     # Batch sizes the TensorRT backend captures as CUDA graphs (gpu only).
     cuda_graph_batch_sizes: tuple[int, ...] = field(default=())
     # gpu only: the TensorRT engine build, the header-check step ahead of DALI, and the share of each batch

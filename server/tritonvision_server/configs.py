@@ -100,7 +100,7 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
     _serving(config, profile.resnet50)
     if profile.name == "cpu":
         config.backend = "python"
-        _parameters(config, onnx_file=ONNX_FILE, intra_op_threads=profile.cpu_threads, allow_spinning=int(profile.ort_spinning))
+        _parameters(config, onnx_file=ONNX_FILE, intra_op_threads=profile.cpu_threads, spin_max_batch=profile.ort_spin_max_batch)
     else:
         config.platform = "tensorrt_plan"
         config.default_model_filename = PLAN_FILE

@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
 from .._images import ImageInput
-from .._types import Classification, Prediction
-from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
+from .._types import Classification
+from ..exceptions import InvalidImageError, ServerUnavailableError, TritonVisionError
 from ._errors import map_error
 from ._grpc import AsyncGrpcTransport, infer_request
-from ._shm import Region, ShmPool
-from ._stream import source_image, stream_item
+from ._stream import StreamBase, source_image, stream_item
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +33,12 @@ async def _images(source: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> A
             yield image
 
 
-class AsyncInferStream:
-    """One stream; :meth:`classify` may run once."""
+class AsyncInferStream(StreamBase):
+    """One stream; :meth:`classify` may run once. ``recheck`` is a coroutine function here."""
 
-    def __init__(
-        self,
-        transport: AsyncGrpcTransport,
-        *,
-        top_k: int,
-        max_in_flight: int = 16,
-        timeout: float | None = None,
-        pool: ShmPool | None = None,
-        recheck: Callable[[bytes], Awaitable[list[Prediction]]] | None = None,
-        drain_timeout: float = 10.0,
-    ):
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.max_in_flight = max_in_flight
-        self.drain_timeout = drain_timeout
-        self._transport = transport
-        self._top_k = top_k
-        self._timeout = timeout
-        self._pool = pool
-        self._recheck = recheck or (lambda data: transport.infer(data, top_k, timeout))
+    def __init__(self, transport: AsyncGrpcTransport, **settings):
+        super().__init__(transport, **settings)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._regions: dict[int, Region] = {}
-        self._failure: TritonVisionError | None = None
-        self._closing = False
-        self._call = None
-        #: Most images outstanding at once during the run (for tests of the backpressure bound).
-        self.peak_in_flight = 0
 
     async def _read(self) -> None:
         try:
@@ -88,11 +63,6 @@ class AsyncInferStream:
                     else:
                         future.cancel()
 
-    def _give_back_region(self, i: int, error: BaseException | None) -> None:
-        region = self._regions.pop(i, None)
-        if region is not None and self._pool is not None:
-            self._pool.release(region, error)
-
     async def _send(self, i: int, data: bytes) -> asyncio.Future:
         payload: object = data
         if self._pool is not None:
@@ -112,7 +82,7 @@ class AsyncInferStream:
         except asyncio.TimeoutError:
             # Its response may still come; the reader then drops it (and frees its region).
             self._waiting.pop(i, None)
-            return Classification(i, error=DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED"))
+            return Classification(i, error=self._deadline_error())
         if message is None:
             return Classification(i, predictions=preds)
         log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
@@ -170,12 +140,4 @@ class AsyncInferStream:
                         len(self._regions), self.drain_timeout)
             self._call.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
-        for i in list(self._regions):
-            region = self._regions.pop(i)
-            if self._pool is None:
-                continue
-            if error is None:
-                self._pool.retire(region)  # unanswered: the server may still read it
-            else:
-                self._pool.release(region, error)
+        self._settle_regions()

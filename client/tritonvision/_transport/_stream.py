@@ -57,41 +57,70 @@ def source_image(image: ImageInput) -> bytes:
     return data
 
 
-class InferStream:
-    """One stream; use as a context manager, or call :meth:`close`. :meth:`classify` may run once."""
+class StreamBase:
+    """What the blocking and the asyncio streams share: settings, the regions of images in flight, and
+    what becomes of those regions when the stream ends."""
 
     def __init__(
         self,
-        transport: GrpcTransport,
+        transport,
         *,
         top_k: int,
         max_in_flight: int = 16,
         timeout: float | None = None,
         pool: ShmPool | None = None,
-        recheck: Callable[[bytes], list[Prediction]] | None = None,
+        recheck: Callable | None = None,
         drain_timeout: float = 10.0,
     ):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.max_in_flight = max_in_flight
-        #: Seconds :meth:`close` waits for the answers to images already sent before it cancels.
+        #: Seconds closing waits for the answers to images already sent before it cancels.
         self.drain_timeout = drain_timeout
         self._transport = transport
         self._top_k = top_k
         self._timeout = timeout
         self._pool = pool
         self._recheck = recheck or (lambda data: transport.infer(data, top_k, timeout))
-        self._requests: queue.Queue = queue.Queue()
-        self._cond = threading.Condition()
-        self._responses: dict[int, tuple[list[Prediction] | None, str | None]] = {}
         self._regions: dict[int, Region] = {}
-        self._abandoned: set[int] = set()
         self._failure: TritonVisionError | None = None
         self._closing = False
         self._call = None
-        self._reader: threading.Thread | None = None
         #: Most images outstanding at once during the run (for tests of the backpressure bound).
         self.peak_in_flight = 0
+
+    def _give_back_region(self, i: int, error: BaseException | None) -> None:
+        region = self._regions.pop(i, None)
+        if region is not None and self._pool is not None:
+            self._pool.release(region, error)
+
+    def _settle_regions(self) -> None:
+        """After the stream ended: regions of unanswered images are retired (the server may still read
+        them), unless the server is gone, which reads nothing more."""
+        error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
+        for i in list(self._regions):
+            region = self._regions.pop(i)
+            if self._pool is None:
+                continue
+            if error is None:
+                self._pool.retire(region)
+            else:
+                self._pool.release(region, error)
+
+    def _deadline_error(self) -> DeadlineExceededError:
+        return DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED")
+
+
+class InferStream(StreamBase):
+    """One stream; use as a context manager, or call :meth:`close`. :meth:`classify` may run once."""
+
+    def __init__(self, transport: GrpcTransport, **settings):
+        super().__init__(transport, **settings)
+        self._requests: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._responses: dict[int, Item] = {}
+        self._abandoned: set[int] = set()
+        self._reader: threading.Thread | None = None
 
     # -- the reader thread -------------------------------------------------------------------------------
     def _read(self) -> None:
@@ -114,11 +143,6 @@ class InferStream:
                 if self._failure is None and not self._closing:
                     self._failure = ServerUnavailableError("the server closed the stream")
                 self._cond.notify_all()
-
-    def _give_back_region(self, i: int, error: BaseException | None) -> None:
-        region = self._regions.pop(i, None)
-        if region is not None and self._pool is not None:
-            self._pool.release(region, error)
 
     # -- the caller's side -------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -153,7 +177,7 @@ class InferStream:
                 if left is not None and left <= 0:
                     # Its response may still come; the reader drops it then (and frees its region).
                     self._abandoned.add(i)
-                    return DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED")
+                    return self._deadline_error()
                 self._cond.wait(left)
             return self._responses.pop(i)
 
@@ -215,16 +239,7 @@ class InferStream:
                             len(self._regions), limit)
                 self._call.cancel()
                 self._reader.join(timeout=30)
-        error = self._failure if isinstance(self._failure, ServerUnavailableError) else None
-        for i in list(self._regions):
-            region = self._regions.pop(i)
-            if self._pool is None:
-                continue
-            if error is None:
-                # Unanswered: the server may still read it, so it must never hold another image.
-                self._pool.retire(region)
-            else:  # the server is gone and read nothing more
-                self._pool.release(region, error)
+        self._settle_regions()
 
     def __enter__(self) -> "InferStream":
         return self
