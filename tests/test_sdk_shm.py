@@ -92,3 +92,22 @@ def test_cuda_shm_round_trip_equals_plain_grpc(grpc_url, photos):
     t = GrpcTransport(grpc_url)
     assert [r for r in t.registered_shm("cuda") if r.startswith(prefix)] == []
     t.close()
+
+
+def test_a_call_interrupted_by_ctrl_c_never_reuses_its_region(grpc_url, photos):
+    import os
+    import signal
+    import threading
+
+    with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
+        prefix = clf.shm_prefix
+        clf.classify(photos["chelsea"], top_k=1)
+        (first,) = clf.shm_regions
+        # Ctrl-C while the request is in the server (a ResNet-50 run on the CPU takes ~40 ms).
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            clf.classify(photos["coffee"], top_k=1)
+        # The server may still be reading that region: the next call gets a new one.
+        assert top(clf.classify(photos["coffee"], top_k=1))
+        assert first in clf.shm_regions and len(clf.shm_regions) == 2
+    assert_no_regions(prefix, registered(grpc_url))

@@ -250,14 +250,16 @@ class ShmPool:
     @contextmanager
     def lease(self, data: bytes) -> Iterator[ShmInput]:
         region, ref = self.acquire(data)
-        error: BaseException | None = None
         try:
             yield ref
-        except BaseException as exc:
-            error = exc
+        except Exception as exc:
+            self.release(region, exc)
             raise
-        finally:
-            self.release(region, error)
+        except BaseException:
+            # Interrupted (Ctrl-C) while the request may still be in the server, reading the region.
+            self.retire(region)
+            raise
+        self.release(region)
 
     def close(self) -> None:
         """Unregister and destroy every region (idempotent)."""
