@@ -55,13 +55,19 @@ def _shm_check(tv, GrpcTransport, url, kind, images, expected) -> dict:  # noqa:
         except tv.InvalidImageError:
             refused = True
         after_error = [[(p.index, round(p.score, 5)) for p in clf.classify(img)] for img in images[:1]]
-        prefix = clf._pool.prefix
+        # A stream left early over this kind of memory: drained, its regions reused, nothing left behind.
+        stream = clf.classify_stream(images * 8, max_in_flight=8)
+        streamed_ok = next(stream).ok
+        stream.close()
+        stream_regions = len(clf.shm_regions)
+        prefix = clf.shm_prefix
     transport = GrpcTransport(url)
     leaked = [r for r in transport.registered_shm(kind) if r.startswith(prefix)]
     transport.close()
     leaked_files = [p.name for p in Path("/dev/shm").glob(prefix + "*")]
-    ok = got == expected and refused and after_error == expected[:1] and not leaked and not leaked_files
+    ok = got == expected and refused and after_error == expected[:1] and streamed_ok and not leaked and not leaked_files
     return {"equal_to_plain": got == expected, "bad_image_refused": refused, "serves_after_error": after_error == expected[:1],
+            "stream_left_early_ok": streamed_ok, "regions_after_stream": stream_regions,
             "leaked_regions": leaked, "leaked_files": leaked_files, "ok": ok}
 
 
