@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= server,build,test,images,cli
+EXTRAS ?= server,build,test,images,cli,loadtest
 WEIGHTS ?= imagenet
 
-.PHONY: serve test install build gpu-configs bench clean
+.PHONY: serve test install build gpu-configs bench loadtest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ gpu-configs: $(STAMP)
 ## In-process pipeline vs. through-Triton benchmark (table + results/bench_pipeline.json).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
+
+## Locust sweep over concurrency (table, results/loadtest_sweep.{json,csv,png}); LOADTEST_ARGS for more.
+loadtest: $(STAMP)
+	$(PY) loadtest/sweep.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf build results

@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import perf_analyzer  # noqa: E402
-from light_repository import write_light_repository  # noqa: E402
 from machine import hardware  # noqa: E402
 
 log = logging.getLogger("bench_client")
@@ -47,7 +46,7 @@ def photo() -> bytes:
 
 def repositories(variants: list[str]) -> dict[str, Path]:
     from tritonvision import spec
-    from tritonvision_server.configs import write_repository
+    from tritonvision_server.configs import write_light_repository, write_repository
 
     repos = {}
     if "real" in variants:

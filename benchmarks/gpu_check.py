@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import machine
-    from light_repository import write_light_repository
+    from tritonvision_server.configs import write_light_repository
     from tritonvision_server.launcher import TritonServer
 
     images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]

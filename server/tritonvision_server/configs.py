@@ -223,3 +223,21 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         shutil.copyfile(_warmup_source(), warmup)
     log.info("wrote the %s model repository to %s", profile.name, dest)
     return dest
+
+
+_LIGHT_STUB = """# The light variant (configs.write_light_repository): trivial compute, the same interface.
+from tritonvision_server.backends.light import {cls} as TritonPythonModel  # noqa: F401
+"""
+
+
+def write_light_repository(dest: Path, profile: Profile | None = None) -> Path:
+    """The cpu-profile repository with both steps swapped for :mod:`.backends.light` (trivial compute,
+    same configs and interface): the server answers about as fast as a GPU would make the model look, so
+    client and transport costs show in benchmarks and load tests. Labels are placeholders."""
+    from tritonvision import spec
+
+    profile = profile or spec.CPU
+    dest = write_repository(profile, Path(dest), onnx_path=None, label_names=[f"class_{i}" for i in range(spec.NUM_CLASSES)])
+    (dest / PREPROCESS / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightPreprocess"))
+    (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
+    return dest

@@ -6,8 +6,7 @@ pixels; ``LightResNet50`` returns fixed scores. On the CPU the real ResNet-50 st
 hides every client-side cost; with this variant the server answers about as fast as a GPU would make the
 model look, so the client's and the transport's overhead show.
 
-A repository uses it by replacing the steps' ``1/model.py`` files with
-``from tritonvision_server.backends.light import LightPreprocess as TritonPythonModel`` (and ``LightResNet50``).
+:func:`tritonvision_server.configs.write_light_repository` writes a repository that uses it.
 """
 
 from __future__ import annotations
