@@ -101,3 +101,16 @@ def test_async_shared_memory_equals_plain_grpc_and_leaks_nothing(grpc_url, photo
     assert [top(p) for p in got[:-1]] == list(expected.values())
     assert isinstance(got[-1], tv.InvalidImageError)
     assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_async_measure_breaks_the_block_down_per_step(grpc_url, photos):
+    async def main():
+        async with tv.AsyncClassifier(grpc_url, timeout=120) as clf:
+            async with clf.measure() as m:
+                await clf.classify_batch([photos["chelsea"]] * 3 + [NOT_AN_IMAGE], return_exceptions=True)
+            return m.breakdown
+
+    b = asyncio.run(main())
+    # Triton 2.51 counts a failed ensemble request twice in its failure counter.
+    assert b[tv.spec.ENSEMBLE].requests == 3 and b[tv.spec.ENSEMBLE].failures >= 1
+    assert b[tv.spec.RESNET50].inferences == 3 and b[tv.spec.RESNET50].infer_ms > 0

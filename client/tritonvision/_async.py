@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
-from ._client import DEFAULT_URL, ShmMode, resolve_shm
+from ._client import DEFAULT_URL, Measurement, ShmMode, resolve_shm
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
@@ -14,7 +15,12 @@ from ._transport._astream import AsyncInferStream
 from ._transport._grpc import AsyncGrpcTransport, GrpcTransport
 from ._transport._shm import ShmPool
 from ._types import Classification, Prediction
-from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, TritonVisionError
+from .exceptions import (
+    DeadlineExceededError,
+    InvalidImageError,
+    ModelNotReadyError,
+    TritonVisionError,
+)
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
@@ -165,6 +171,26 @@ class AsyncClassifier:
 
     async def statistics(self) -> Statistics:
         return Statistics.parse(await self._transport.statistics(self.timeout))
+
+    async def settled_statistics(self, patience: float = 2.0, interval: float = 0.05) -> Statistics:
+        """See :meth:`Classifier.settled_statistics`."""
+        snapshot = await self.statistics()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + patience
+        while loop.time() < end:
+            await asyncio.sleep(interval)
+            again = await self.statistics()
+            if again.models == snapshot.models:
+                return again
+            snapshot = again
+        return snapshot
+
+    @asynccontextmanager
+    async def measure(self) -> AsyncIterator[Measurement]:
+        """``async with clf.measure() as m: ...`` then ``m.breakdown``: the per-stage figures of the block."""
+        m = Measurement(await self.settled_statistics())
+        yield m
+        m.breakdown = await self.settled_statistics() - m.before
 
     async def close(self) -> None:
         try:
