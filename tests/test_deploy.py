@@ -1,0 +1,149 @@
+"""The Helm chart, rendered by the real Helm SDK (no cluster) and validated against Kubernetes' schemas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+helm = pytest.importorskip("helm_python", reason="the [deploy] extra (helm-python-sdk) is not installed")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the [deploy] extra is not installed")
+yaml = pytest.importorskip("yaml")
+
+CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "tritonvision"
+KUBERNETES = "1.30"
+
+
+def render(values: dict | None = None, name: str = "tv") -> dict[str, dict]:
+    """Rendered manifests by kind (the chart makes at most one of each)."""
+    manifests = helm.Chart.load(CHART).render(values, name=name, namespace="ml", is_install=True)
+    out = {}
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                assert doc["kind"] not in out, f"two {doc['kind']} manifests"
+                out[doc["kind"]] = doc
+    return out
+
+
+def pod(manifests: dict) -> dict:
+    return manifests["Deployment"]["spec"]["template"]["spec"]
+
+
+def server(manifests: dict) -> dict:
+    (container,) = pod(manifests)["containers"]
+    return container
+
+
+def test_chart_lints_clean_in_strict_mode():
+    report = helm.lint(CHART, strict=True, kube_version=f"v{KUBERNETES}.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [
+    None,
+    {"autoscaling": {"enabled": False}, "engineBuild": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
+    {"engineBuild": {"cacheClaim": "engines-h100"}, "service": {"type": "LoadBalancer"}, "podAnnotations": {"a": "b"}},
+])
+def test_every_manifest_is_valid_kubernetes(values):
+    manifests = render(values)
+    assert {"Deployment", "Service", "ServiceAccount", "Pod"} <= set(manifests)
+    for doc in manifests.values():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_server_pod_serves_on_named_ports_with_health_probes():
+    m = render()
+    c = server(m)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading with warm-up takes minutes"
+    assert "--model-repository=/models" in c["args"] and "--strict-readiness=true" in c["args"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    service_ports = {p["name"]: p["targetPort"] for p in m["Service"]["spec"]["ports"]}
+    assert service_ports == {"http": "http", "grpc": "grpc", "metrics": "metrics"}
+
+
+def test_pods_run_unprivileged_on_a_read_only_root():
+    m = render()
+    spec = pod(m)
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    for c in spec["initContainers"] + spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+    # What a read-only root still needs writable: /tmp, and a large /dev/shm for the python backend and DALI.
+    mounts = {v["mountPath"]: v["name"] for v in server(m)["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_each_pod_builds_the_engine_for_its_gpu_before_serving():
+    m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100"}})
+    (init,) = pod(m)["initContainers"]
+    script = init["args"][0]
+    assert "build_engines.py engine --precision int8 --engine-dir /engine-cache --output /models" in script
+    assert "check --profile gpu --require-artifacts /models" in script
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 1, "building an engine needs the GPU it is for"
+    volumes = {v["name"]: v for v in pod(m)["volumes"]}
+    assert volumes["engine-cache"]["persistentVolumeClaim"]["claimName"] == "engines-h100"
+    (copy_only,) = pod(render({"engineBuild": {"enabled": False}}))["initContainers"]
+    assert "build_engines.py" not in " ".join(copy_only["command"] + copy_only.get("args", []))
+
+
+def test_autoscaling_on_queue_time_owns_the_replica_count():
+    m = render({"autoscaling": {"maxReplicas": 12, "targetQueueTimeMicroseconds": 1500}})
+    hpa = m["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["maxReplicas"] == 12
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "tritonvision_queue_time_us"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "1500"}
+    assert "replicas" not in m["Deployment"]["spec"]
+    fixed = render({"autoscaling": {"enabled": False}, "replicaCount": 3})
+    assert "HorizontalPodAutoscaler" not in fixed and fixed["Deployment"]["spec"]["replicas"] == 3
+
+
+def test_extra_server_arguments_and_the_drain_time_reach_the_server():
+    m = render({"server": {"args": ["--log-verbose=1"], "extraArgs": ["--allow-client-shm=true"], "exitTimeoutSeconds": 60}})
+    args = server(m)["args"]
+    assert args[-2:] == ["--log-verbose=1", "--allow-client-shm=true"]
+    assert "--exit-timeout-secs=60" in args
+    assert pod(m)["terminationGracePeriodSeconds"] > 60
+
+
+def test_names_fit_dns_labels_for_long_release_names():
+    m = render(name="a-release-name-long-enough-to-push-every-generated-name-past-sixty-three")
+    for doc in m.values():
+        assert len(doc["metadata"]["name"]) <= 63 and not doc["metadata"]["name"].endswith("-")
+    assert m["Pod"]["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+
+@pytest.mark.parametrize("values", [
+    {"ports": {"grpc": "8001"}},
+    {"engineBuild": {"precision": "int4"}},
+    {"autoscaling": {"minReplicas": 0}},
+    {"server": {"extraArgs": ["allow-client-shm=true"]}},
+    {"replicas": 2},
+])
+def test_schema_refuses_bad_values(values):
+    with pytest.raises(helm.HelmValuesError):
+        helm.Chart.load(CHART).render(values, name="tv")
+
+
+def test_the_metrics_adapter_rule_serves_the_metric_the_hpa_scales_on():
+    rules = yaml.safe_load((CHART.parent / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    (rule,) = rules
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert rule["name"]["as"] == values["autoscaling"]["metricName"]
+    # Queue time of every step the ensemble runs, per classifier request.
+    from tritonvision import spec
+
+    for step in (spec.VALIDATE, spec.PREPROCESS, spec.RESNET50):
+        assert step in rule["metricsQuery"]
+    assert f'model="{spec.ENSEMBLE}"' in rule["metricsQuery"]
