@@ -85,10 +85,12 @@ def test_pods_run_unprivileged_on_a_read_only_root():
 
 
 def test_each_pod_builds_the_engine_for_its_gpu_before_serving():
-    m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100"}})
+    m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100",
+                                "extraArgs": ["--calibration-cache", "/opt/tritonvision/int8.cache"]}})
     (init,) = pod(m)["initContainers"]
     script = init["args"][0]
-    assert "build_engines.py engine --precision int8 --engine-dir /engine-cache --output /models" in script
+    assert ("build_engines.py engine --precision int8 --engine-dir /engine-cache --output /models "
+            '"--calibration-cache" "/opt/tritonvision/int8.cache" &&') in script
     assert "check --profile gpu --require-artifacts /models" in script
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1, "building an engine needs the GPU it is for"
     volumes = {v["name"]: v for v in pod(m)["volumes"]}
