@@ -67,3 +67,30 @@ def test_regions_are_cleaned_up_after_the_server_goes_away(server, photos):
     server.start()
     with tv.Classifier(server.grpc_url) as probe:
         assert_no_regions(prefix, probe._transport.registered_shm("system"))
+
+
+def test_async_stream_and_calls_fail_cleanly_when_the_server_goes_away(server, photos):
+    import asyncio
+
+    def frames():
+        while True:
+            yield photos["chelsea"]
+
+    async def main():
+        clf = tv.AsyncClassifier(server.grpc_url, timeout=30, shm="system", retry=tv.RetryPolicy(attempts=2, initial=0.05))
+        prefix = clf.shm_prefix
+        stream = clf.classify_stream(frames(), max_in_flight=2)
+        assert (await stream.__anext__()).ok
+        # Triton waits out its exit timeout while a client holds a stream open: do not wait that long.
+        server.stop(timeout=5)
+        with pytest.raises(tv.ServerUnavailableError):
+            async for _ in stream:
+                pass
+        with pytest.raises(tv.ServerUnavailableError):
+            await clf.classify(photos["chelsea"])
+        await clf.close()
+        return prefix
+
+    prefix = asyncio.run(main())
+    assert leftover_files(prefix) == []
+    server.start()

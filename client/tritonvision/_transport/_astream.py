@@ -71,7 +71,14 @@ class AsyncInferStream(StreamBase):
             self._regions[i] = region
         future = asyncio.get_running_loop().create_future()
         self._waiting[i] = future
-        await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i)))
+        try:
+            await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i)))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:  # the stream already ended
+            self._waiting.pop(i, None)
+            if self._failure is None:
+                self._failure = (map_error(exc) if isinstance(exc, grpc.aio.AioRpcError)
+                                 else ServerUnavailableError("the server closed the stream"))
+            raise self._failure from exc
         return future
 
     async def _outcome(self, i: int, data: bytes, future: asyncio.Future) -> Classification:
