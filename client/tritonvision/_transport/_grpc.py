@@ -115,6 +115,10 @@ def _channel(url: str, ssl: bool, aio: bool = False):
     return module.insecure_channel(url, options=CHANNEL_ARGS)
 
 
+def _closed() -> None:
+    """The close of a client that is already closed."""
+
+
 class GrpcTransport:
     """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
     health, statistics and shared-memory registration."""
@@ -209,7 +213,10 @@ class GrpcTransport:
         try:
             self._channel.close()
         finally:
+            # tritonclient closes its channel once more in __del__. Under gevent (Locust) grpc counts open
+            # channels, and that second close miscounts and can hang the interpreter at exit: close once.
             self._client.close()
+            self._client.close = _closed
 
 
 class AsyncGrpcTransport:
