@@ -16,7 +16,7 @@ import grpc
 
 from .._images import ImageInput
 from .._types import Classification
-from ..exceptions import InvalidImageError, ServerUnavailableError, TritonVisionError
+from ..exceptions import InternalServerError, InvalidImageError, ServerUnavailableError, TritonVisionError
 from ._errors import map_error
 from ._grpc import AsyncGrpcTransport, infer_request
 from ._stream import StreamBase, source_image, stream_item
@@ -39,6 +39,7 @@ class AsyncInferStream(StreamBase):
     def __init__(self, transport: AsyncGrpcTransport, **settings):
         super().__init__(transport, **settings)
         self._waiting: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
 
     async def _read(self) -> None:
         try:
@@ -73,17 +74,27 @@ class AsyncInferStream(StreamBase):
         self._waiting[i] = future
         try:
             await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i)))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:  # the stream already ended
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # The stream has ended. A failed write only says "Internal error from Core"; the reader gets the
+            # call's real status (UNAVAILABLE when the server went away), so wait for it to say.
             self._waiting.pop(i, None)
+            await asyncio.wait([self._reader], timeout=5)
             if self._failure is None:
-                self._failure = (map_error(exc) if isinstance(exc, grpc.aio.AioRpcError)
-                                 else ServerUnavailableError("the server closed the stream"))
-            raise self._failure from exc
+                self._failure = ServerUnavailableError(f"the stream ended while sending ({exc})")
+            raise await self._settled_failure() from exc
         return future
+
+    async def _settled_failure(self) -> TritonVisionError:
+        """The stream's failure. A connection lost mid-write ends a grpc.aio call with INTERNAL ("Internal
+        error from Core"), not UNAVAILABLE: when the server does not answer a health check either, it is
+        reported as the lost server it is."""
+        if isinstance(self._failure, InternalServerError) and not await self._transport.is_ready(timeout=1.0):
+            self._failure = ServerUnavailableError(f"the server went away ({self._failure.message})", status="UNAVAILABLE")
+        return self._failure
 
     async def _outcome(self, i: int, data: bytes, future: asyncio.Future) -> Classification:
         if self._failure is not None and not future.done():
-            raise self._failure
+            raise await self._settled_failure()
         try:
             preds, message = await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
@@ -103,7 +114,7 @@ class AsyncInferStream(StreamBase):
         if self._call is not None:
             raise RuntimeError("an AsyncInferStream runs once")
         self._call = self._transport.open_stream()
-        reader = asyncio.create_task(self._read())
+        reader = self._reader = asyncio.create_task(self._read())
         pending: deque[tuple[int, bytes | None, asyncio.Future | None, Classification | None]] = deque()
         source = _images(images).__aiter__()
         exhausted, i = False, 0
@@ -121,7 +132,7 @@ class AsyncInferStream(StreamBase):
                         pending.append((i, None, None, Classification(i, error=exc)))
                     else:
                         if self._failure is not None:
-                            raise self._failure
+                            raise await self._settled_failure()
                         pending.append((i, data, await self._send(i, data), None))
                         self.peak_in_flight = max(self.peak_in_flight, len(pending))
                     i += 1
