@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from ._client import DEFAULT_URL, Measurement, ShmMode, resolve_shm
+from ._client import DEFAULT_URL, Measurement, ShmMode, _ClassifierBase
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
@@ -26,7 +26,7 @@ from .spec import ENSEMBLE
 log = logging.getLogger("tritonvision")
 
 
-class AsyncClassifier:
+class AsyncClassifier(_ClassifierBase):
     """:class:`Classifier` for asyncio code: the same calls, shared memory and streaming, awaited.
 
     >>> async with AsyncClassifier("127.0.0.1:8001") as clf:
@@ -44,13 +44,8 @@ class AsyncClassifier:
         shm: ShmMode = None,
         cuda_device: int = 0,
     ):
-        self.url = url
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self.max_in_flight = max_in_flight
+        self._configure(url, timeout, retry, max_in_flight, shm)
         self._transport = AsyncGrpcTransport(url, model=model)
-        self.shm = resolve_shm(shm, url)
-        self._pool: ShmPool | None = None
         self._registrar: GrpcTransport | None = None
         if self.shm:
             # Region registration is rare (a new region, a restarted server) and goes through the blocking
@@ -62,16 +57,6 @@ class AsyncClassifier:
                 self._registrar.close()
                 raise
 
-    @property
-    def shm_prefix(self) -> str | None:
-        """See :attr:`Classifier.shm_prefix`."""
-        return self._pool.prefix if self._pool is not None else None
-
-    @property
-    def shm_regions(self) -> list[str]:
-        """See :attr:`Classifier.shm_regions`."""
-        return self._pool.region_names if self._pool is not None else []
-
     async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
         if self._pool is None:
             return await self._transport.infer(data, top_k, timeout)
@@ -79,17 +64,10 @@ class AsyncClassifier:
             return await self._infer_shm(data, top_k, timeout)
         except (InvalidImageError, ModelNotReadyError):
             # As in Classifier._infer: a restarted server forgot our regions; register again, once.
-            if not await asyncio.to_thread(self._lost_registrations):
+            if not await asyncio.to_thread(self._pool.forgotten_by_server):
                 raise
             log.info("the server lost its shared-memory registrations; registering again")
         return await self._infer_shm(data, top_k, timeout)
-
-    def _lost_registrations(self) -> bool:
-        known = set(self._registrar.registered_shm(self.shm))
-        if all(name in known for name in self._pool.region_names):
-            return False
-        self._pool.forget_registrations()
-        return True
 
     async def _infer_shm(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
         region, ref = await asyncio.to_thread(self._pool.acquire, data)

@@ -57,7 +57,32 @@ def resolve_shm(shm: ShmMode, url: str) -> str | None:
     raise ValueError(f"shm must be None, 'system', 'cuda' or 'auto', not {shm!r}")
 
 
-class Classifier:
+class _ClassifierBase:
+    """Settings and shared-memory state common to :class:`Classifier` and :class:`AsyncClassifier`."""
+
+    _pool: ShmPool | None = None
+
+    def _configure(self, url: str, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
+                   shm: ShmMode) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_in_flight = max_in_flight
+        self.shm = resolve_shm(shm, url)
+
+    @property
+    def shm_prefix(self) -> str | None:
+        """The prefix of this client's shared-memory region names (``/dev/shm`` keys and the server's
+        registrations alike); None without shared memory."""
+        return self._pool.prefix if self._pool is not None else None
+
+    @property
+    def shm_regions(self) -> list[str]:
+        """The shared-memory regions this client holds now (each registered on the server while in use)."""
+        return self._pool.region_names if self._pool is not None else []
+
+
+class Classifier(_ClassifierBase):
     """Classify images with the ``classifier`` ensemble over gRPC.
 
     >>> with Classifier("127.0.0.1:8001") as clf:
@@ -81,12 +106,8 @@ class Classifier:
         shm: ShmMode = None,
         cuda_device: int = 0,
     ):
-        self.url = url
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self.max_in_flight = max_in_flight
+        self._configure(url, timeout, retry, max_in_flight, shm)
         self._transport = GrpcTransport(url, model=model)
-        self.shm = resolve_shm(shm, url)
         try:
             self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
         except BaseException:
@@ -101,12 +122,10 @@ class Classifier:
             try:
                 return self._transport.infer(ref, top_k, timeout)
             except (InvalidImageError, ModelNotReadyError):
-                # A server restarted between two calls has forgotten our regions and answers NOT_FOUND
-                # (unknown region); if our region is indeed unknown, register again and retry once.
-                if ref.region in self._transport.registered_shm(self.shm):
+                # A restarted server answers NOT_FOUND for our regions: register again and retry once.
+                if not self._pool.forgotten_by_server():
                     raise
                 log.info("the server lost its shared-memory registrations; registering again")
-                self._pool.forget_registrations()
         with self._pool.lease(data) as ref:
             return self._transport.infer(ref, top_k, timeout)
 
@@ -219,18 +238,6 @@ class Classifier:
             drain_timeout=drain_timeout,
         )
         return stream.classify(images)
-
-    # -- shared memory --------------------------------------------------------------------------------------
-    @property
-    def shm_prefix(self) -> str | None:
-        """The prefix of this client's shared-memory region names (``/dev/shm`` keys and the server's
-        registrations alike); None without shared memory."""
-        return self._pool.prefix if self._pool is not None else None
-
-    @property
-    def shm_regions(self) -> list[str]:
-        """The shared-memory regions this client holds now (each registered on the server while in use)."""
-        return self._pool.region_names if self._pool is not None else []
 
     # -- server state ---------------------------------------------------------------------------------------
     def is_ready(self) -> bool:

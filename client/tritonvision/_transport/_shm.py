@@ -247,6 +247,17 @@ class ShmPool:
         for region in list(self._state.regions.values()):
             region.registered = False
 
+    def forgotten_by_server(self) -> bool:
+        """Whether the server no longer knows regions this pool registered (it restarted between two
+        calls, which then fail with NOT_FOUND for an unknown region). If so, every region is marked
+        unknown, to be registered again on next use."""
+        known = set(self._state.transport.registered_shm(self._state.backend.kind))
+        with self._state.lock:
+            lost = [r for r in self._state.regions.values() if r.registered and r.name not in known]
+        if lost:
+            self.forget_registrations()
+        return bool(lost)
+
     @contextmanager
     def lease(self, data: bytes) -> Iterator[ShmInput]:
         region, ref = self.acquire(data)
