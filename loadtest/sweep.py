@@ -32,6 +32,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+# perf_analyzer.py (the binary from the tritonclient wheel) and machine.py (the hardware record) are the
+# benchmarks' helpers.
+sys.path.insert(0, str(ROOT / "benchmarks"))
 log = logging.getLogger("loadtest.sweep")
 
 
@@ -103,7 +106,6 @@ def measure_point(url: str, users: int, args, out: Path) -> dict:
 
 
 def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import perf_analyzer
 
     binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
@@ -204,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
 
     print(table(rows))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import hardware
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ class AsyncInferStream(StreamBase):
         if self._call is not None:
             raise RuntimeError("an AsyncInferStream runs once")
         self._call = self._transport.open_stream()
-        reader = self._reader = asyncio.create_task(self._read())
+        self._reader = asyncio.create_task(self._read())
         pending: deque[tuple[int, bytes | None, asyncio.Future | None, Classification | None]] = deque()
         source = _images(images).__aiter__()
         exhausted, i = False, 0
@@ -141,9 +141,9 @@ class AsyncInferStream(StreamBase):
                 index, data, future, ready = pending.popleft()
                 yield ready if ready is not None else await self._outcome(index, data, future)
         finally:
-            await self._close(reader)
+            await self._close()
 
-    async def _close(self, reader: asyncio.Task) -> None:
+    async def _close(self) -> None:
         """Half-close, let the server answer what was sent (for up to ``drain_timeout`` s), then cancel;
         the same reasons as :meth:`._stream.InferStream.close`."""
         self._closing = True
@@ -152,10 +152,10 @@ class AsyncInferStream(StreamBase):
         except Exception as exc:  # noqa: BLE001 - the stream already ended
             log.debug("half-closing the stream: %s", exc)
         try:
-            await asyncio.wait_for(asyncio.shield(reader), self.drain_timeout)
+            await asyncio.wait_for(asyncio.shield(self._reader), self.drain_timeout)
         except asyncio.TimeoutError:
             log.warning("the stream's %d images in flight were not answered within %g s; cancelling it",
                         len(self._regions), self.drain_timeout)
             self._call.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.gather(self._reader, return_exceptions=True)
         self._settle_regions()
