@@ -8,7 +8,9 @@ must be on this host), ``StreamUser`` holds one gRPC stream with ``--stream-in-f
 Options also come from environment variables (``TRITONVISION_IMAGES`` and so on), for ``locust.conf``-less
 runs in containers. A request fails in Locust's statistics when the SDK raises; with
 ``--bad-image-every N`` every Nth image is corrupt and is reported under its own name ("bad image"), so
-that the failure path is exercised under load without mixing into the good requests' figures.
+that the failure path is exercised under load without mixing into the good requests' figures. Requests
+the server sheds (``OverloadedError``: a full queue or a queue timeout) are reported as "overloaded", so
+that goodput and the latency of accepted requests stay apart from fast refusals.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class TritonUser(User):
 
     def report(self, name: str, started: float, error: BaseException | None) -> None:
         """The one place requests reach Locust's statistics."""
+        if isinstance(error, tv.OverloadedError):
+            name = "overloaded"
         self.environment.events.request.fire(
             request_type="grpc",
             name=name,

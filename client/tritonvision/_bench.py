@@ -11,14 +11,14 @@ import numpy as np
 
 from ._client import Classifier
 from ._retry import NO_RETRY, Deadline
-from .exceptions import TritonVisionError
+from .exceptions import OverloadedError, TritonVisionError
 
 
 @dataclass(frozen=True)
 class BenchResult:
     concurrency: int
     requests: int
-    errors: int
+    errors: int  # failed requests other than those the server shed
     seconds: float
     throughput: float  # successful images per second
     p50_ms: float
@@ -26,6 +26,7 @@ class BenchResult:
     p95_ms: float
     p99_ms: float
     mean_ms: float
+    overloaded: int = 0  # requests the server refused for lack of capacity (OverloadedError)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +51,7 @@ def run(
         return _sequential(clf, images, seconds=seconds, warmup=warmup, top_k=top_k, timeout=timeout, progress=progress)
     latencies: list[float] = []
     errors = 0
+    shed = 0
     lock = threading.Lock()
     done_all = threading.Event()
     state = {"next": 0, "active": concurrency}
@@ -65,7 +67,7 @@ def run(
         sent = time.perf_counter()
 
         def done(preds, error):
-            nonlocal errors
+            nonlocal errors, shed
             now = time.perf_counter()
             # A request that failed before it left (no server, a missing extra) would fail again at once:
             # end this slot rather than spin.
@@ -74,6 +76,8 @@ def run(
                 if window_start <= now <= window_end:
                     if error is None:
                         latencies.append(now - sent)
+                    elif isinstance(error, OverloadedError):
+                        shed += 1
                     else:
                         errors += 1
                     if progress is not None:
@@ -95,37 +99,39 @@ def run(
     for _ in range(concurrency):
         send()
     done_all.wait()
-    return _result(concurrency, latencies, errors, seconds)
+    return _result(concurrency, latencies, errors, seconds, shed)
 
 
 def _sequential(clf: Classifier, images, *, seconds, warmup, top_k, timeout, progress) -> BenchResult:
     """Concurrency 1 as a user's loop of ``classify`` calls makes it: blocking calls on this thread. The
     callback path would add a hand-off to gRPC's thread to every request, which nothing overlaps here."""
     latencies: list[float] = []
-    errors = 0
+    errors = shed = 0
     now = start = time.perf_counter()
     window_start, window_end = start + warmup, start + warmup + seconds
     i = 0
     while now < window_end:
         sent = now
+        failure: TritonVisionError | None = None
         try:
             clf._infer(images[i % len(images)], top_k, timeout)
-            ok = True
-        except TritonVisionError:
-            ok = False
+        except TritonVisionError as exc:
+            failure = exc
         now = time.perf_counter()
         i += 1
         if window_start <= now <= window_end:
-            if ok:
+            if failure is None:
                 latencies.append(now - sent)
+            elif isinstance(failure, OverloadedError):
+                shed += 1
             else:
                 errors += 1
             if progress is not None:
                 progress(1)
-    return _result(1, latencies, errors, seconds)
+    return _result(1, latencies, errors, seconds, shed)
 
 
-def _result(concurrency: int, latencies: list[float], errors: int, seconds: float) -> BenchResult:
+def _result(concurrency: int, latencies: list[float], errors: int, seconds: float, shed: int = 0) -> BenchResult:
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
     pct = np.percentile(lat, [50, 90, 95, 99])
     return BenchResult(
@@ -139,4 +145,5 @@ def _result(concurrency: int, latencies: list[float], errors: int, seconds: floa
         p95_ms=float(pct[2]),
         p99_ms=float(pct[3]),
         mean_ms=float(lat.mean()),
+        overloaded=shed,
     )

@@ -19,12 +19,13 @@ from pathlib import Path
 from . import __version__
 from ._client import DEFAULT_URL, Classifier
 from ._extras import require
-from .exceptions import InvalidImageError, TritonVisionError
+from .exceptions import InvalidImageError, OverloadedError, TritonVisionError
 
 log = logging.getLogger("tritonvision")
 
-# Exit codes: 0 all classified, 1 some images refused, 2 usage/server errors, 130 interrupted.
-EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+# Exit codes: 0 all classified, 1 some images refused (bench: some requests failed or were shed),
+# 2 usage/server errors, 3 the server shed the request (overloaded: try again later), 130 interrupted.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_OVERLOADED = 0, 1, 2, 3
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -130,11 +131,15 @@ def _bench(args: argparse.Namespace) -> int:
         json.dump({"url": args.url, "shm": clf.shm, "results": [r.to_dict() for r in results]}, sys.stdout, indent=2)
         print()
     else:
-        print(f"{'concurrency':>11}  {'img/s':>9}  {'p50 ms':>8}  {'p90 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}  {'errors':>6}")
+        print(f"{'concurrency':>11}  {'img/s':>9}  {'p50 ms':>8}  {'p90 ms':>8}  {'p95 ms':>8}  {'p99 ms':>8}  {'errors':>6}"
+              f"  {'shed':>6}")
         for r in results:
             print(f"{r.concurrency:>11}  {r.throughput:>9.1f}  {r.p50_ms:>8.2f}  {r.p90_ms:>8.2f}  {r.p95_ms:>8.2f}"
-                  f"  {r.p99_ms:>8.2f}  {r.errors:>6}")
-    return EXIT_SOME_FAILED if any(r.errors for r in results) else EXIT_OK
+                  f"  {r.p99_ms:>8.2f}  {r.errors:>6}  {r.overloaded:>6}")
+    if any(r.overloaded for r in results):
+        log.warning("the server shed %d requests (overloaded): the concurrency is past its capacity",
+                    sum(r.overloaded for r in results))
+    return EXIT_SOME_FAILED if any(r.errors or r.overloaded for r in results) else EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -214,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         args.shm = None
     try:
         return args.func(args)
+    except OverloadedError as exc:
+        log.error("the server is overloaded and shed the request; try again later (%s)", exc)
+        return EXIT_OVERLOADED
     except TritonVisionError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return EXIT_ERROR

@@ -5,14 +5,15 @@
     ├── ServerError              the server could not serve the request
     │   ├── ServerUnavailableError   not reachable (down, restarting, wrong address); retried by the client
     │   ├── ModelNotReadyError       the classifier is not loaded or not ready
-    │   ├── OverloadedError          the server shed load (queue full, resource exhausted)
+    │   ├── OverloadedError          the server shed load (queue full or queue timeout); not retried
     │   └── InternalServerError      anything else the server reported
     ├── DeadlineExceededError    the call's deadline passed before a response came
     ├── SharedMemoryError        a client-side shared-memory region could not be created or written
     └── MissingExtraError        an optional feature's package is missing (also an ImportError)
 
-Errors from the server are mapped from their gRPC status code in :func:`tritonvision._transport._errors.map_error`,
-never from message text.
+Errors from the server are mapped from their gRPC status code in :func:`tritonvision._transport._errors.map_error`.
+The one exception: Triton sheds load with UNAVAILABLE, the code of an unreachable server too, and says
+which it is only in its message; that mapping module alone matches those fixed messages.
 """
 
 from __future__ import annotations

@@ -114,10 +114,18 @@ class Batching:
     max_batch_size: int
     preferred_batch_sizes: tuple[int, ...]
     max_queue_delay_us: int
+    # Load shedding (Triton's default_queue_policy, REJECT): a request that finds max_queue_size requests
+    # waiting is refused at once (UNAVAILABLE "Exceeds maximum queue size", the SDK's OverloadedError), and
+    # one still waiting after queue_timeout_us is rejected; a request carrying a shorter timeout (the SDK
+    # sends its remaining deadline) is rejected at that instead. 0 means unbounded / no timeout.
+    max_queue_size: int = 0
+    queue_timeout_us: int = 0
 
     def __post_init__(self) -> None:
         if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
             raise ValueError(f"preferred batch sizes {self.preferred_batch_sizes} outside 1..{self.max_batch_size}")
+        if self.max_queue_size < 0 or self.queue_timeout_us < 0:
+            raise ValueError("max_queue_size and queue_timeout_us must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -206,23 +214,28 @@ CPU = Profile(
     max_batch_size=32,
     # Under load, requests queue while ResNet-50 runs (~40 ms per image on two cores) and leave together
     # as one batch without any delay; a delay would only cost a lone request latency.
-    preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
-    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
+    # Load shedding: the backlog builds in front of resnet50 (preprocess is ~10x faster). Each queue holds
+    # 64, the SDK's default requests in flight, so one client never sees its own batch refused; past that
+    # new requests are refused at once (~3 s of resnet50 work at 20 img/s) rather than queued for longer.
+    # The 5 s queue timeouts catch what the bound does not (a slower machine, a stalled step).
+    preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0, max_queue_size=64, queue_timeout_us=5_000_000)),
+    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0, max_queue_size=64, queue_timeout_us=5_000_000)),
 )
 
 GPU = Profile(
     name="gpu",
     pixels_dtype="FP16",
     max_batch_size=128,
-    preprocess=StepServing(1, "KIND_GPU", Batching(128, (32, 64, 128), 500)),
+    # Queues hold four full batches (~100 ms of work at ~5k img/s); requests beyond that are refused.
+    preprocess=StepServing(1, "KIND_GPU", Batching(128, (32, 64, 128), 500, max_queue_size=512, queue_timeout_us=1_000_000)),
     # Two engine instances overlap one batch's compute with the next one's copies.
-    resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100)),
+    resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000)),
     cpu_threads=4,
     cuda_graph_batch_sizes=(1, 8, 32, 64, 128),
     engine=EngineBuild(precision="fp16"),
     # The header check costs ~6 us for a 68 KB JPEG (measured on 2 cores); the python-backend hop around it
     # is the real cost, so four CPU instances batch requests and keep it ahead of the GPU steps.
-    validate=StepServing(4, "KIND_CPU", Batching(128, (), 0)),
+    validate=StepServing(4, "KIND_CPU", Batching(128, (), 0, max_queue_size=512, queue_timeout_us=1_000_000)),
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (CPU, GPU)}

@@ -56,6 +56,12 @@ def _serving(config: mc.ModelConfig, serving: spec.StepServing) -> None:
     config.instance_group.append(mc.ModelInstanceGroup(count=serving.instances, kind=_KINDS[serving.kind]))
     config.dynamic_batching.preferred_batch_size.extend(b.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = b.max_queue_delay_us
+    if b.max_queue_size or b.queue_timeout_us:
+        # allow_timeout_override: Triton 2.51 then uses a request's own timeout when it is shorter.
+        config.dynamic_batching.default_queue_policy.CopyFrom(mc.ModelQueuePolicy(
+            timeout_action=mc.ModelQueuePolicy.REJECT, default_timeout_microseconds=b.queue_timeout_us,
+            allow_timeout_override=True, max_queue_size=b.max_queue_size,
+        ))
 
 
 def _parameters(config: mc.ModelConfig, **params) -> None:

@@ -17,7 +17,7 @@ import grpc
 from .._images import ImageInput
 from .._types import Classification
 from ..exceptions import InternalServerError, InvalidImageError, ServerUnavailableError, TritonVisionError
-from ._errors import map_error
+from ._errors import map_error, stream_error
 from ._grpc import AsyncGrpcTransport, infer_request
 from ._stream import StreamBase, source_image, stream_item
 
@@ -73,7 +73,7 @@ class AsyncInferStream(StreamBase):
         future = asyncio.get_running_loop().create_future()
         self._waiting[i] = future
         try:
-            await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i)))
+            await self._call.write(infer_request(self._transport.model, payload, self._top_k, str(i), timeout=self._timeout))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             # The stream has ended. A failed write only says "Internal error from Core"; the reader gets the
             # call's real status (UNAVAILABLE when the server went away), so wait for it to say.
@@ -103,6 +103,9 @@ class AsyncInferStream(StreamBase):
             return Classification(i, error=self._deadline_error())
         if message is None:
             return Classification(i, predictions=preds)
+        shed = stream_error(message)
+        if shed is not None:
+            return Classification(i, error=shed)
         log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
         try:
             return Classification(i, predictions=await self._recheck(data))

@@ -6,7 +6,7 @@ import grpc
 
 from .. import exceptions as exc
 
-# Decided by status code only. Triton reports a model that is not loaded as UNAVAILABLE on infer and
+# Decided by status code (see QUEUE_REJECTIONS below for the one exception). Triton reports a model that is not loaded as UNAVAILABLE on infer and
 # NOT_FOUND on metadata calls; both mean "the classifier cannot serve".
 STATUS_TO_ERROR: dict[grpc.StatusCode, type[exc.TritonVisionError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: exc.InvalidImageError,
@@ -26,6 +26,21 @@ STATUS_TO_ERROR: dict[grpc.StatusCode, type[exc.TritonVisionError]] = {
     grpc.StatusCode.UNAUTHENTICATED: exc.ServerError,
     grpc.StatusCode.DATA_LOSS: exc.InternalServerError,
 }
+
+
+# Triton answers a request its queue policy refuses with UNAVAILABLE, the code it also uses for a model that
+# is not loaded, and that grpc uses for a server it cannot reach. The status code alone cannot tell load
+# shedding (do not retry: it adds to the load) from an outage (retry), and Triton sets no other field
+# (no error details, no trailing metadata) on these errors, so the scheduler's two fixed messages are the
+# only discriminator. They are matched here and nowhere else, as substrings of an UNAVAILABLE status only.
+# Checked against triton-inference-server/core r24.10 (Triton 2.51): src/scheduler_utils.cc (queue full,
+# "<request id> Exceeds maximum queue size") and src/dynamic_batch_scheduler.cc ("Request timeout expired").
+QUEUE_REJECTIONS = ("Exceeds maximum queue size", "Request timeout expired")
+
+
+def is_queue_rejection(message: str) -> bool:
+    """Whether an UNAVAILABLE error's message is Triton's queue policy shedding the request."""
+    return any(text in message for text in QUEUE_REJECTIONS)
 
 
 def status_code(error) -> grpc.StatusCode | None:
@@ -59,4 +74,15 @@ def map_error(error: BaseException) -> exc.TritonVisionError:
     message = _message(error)
     if code is None:
         return exc.TritonVisionError(message)
+    if code is grpc.StatusCode.UNAVAILABLE and is_queue_rejection(message):
+        return exc.OverloadedError(message, status=code.name)
     return STATUS_TO_ERROR.get(code, exc.InternalServerError)(message, status=code.name)
+
+
+def stream_error(message: str) -> exc.TritonVisionError | None:
+    """The error of a failed response on a stream, where Triton sends only a message: an overload when it
+    is a queue rejection, else None (the caller asks again by unary call for the status code). Asking
+    again would send the image a second time to a server that has just shed it."""
+    if is_queue_rejection(message):
+        return exc.OverloadedError(message, status=grpc.StatusCode.UNAVAILABLE.name)
+    return None

@@ -55,11 +55,20 @@ class MalformedResponseError(ValueError):
     """A response without the top-k output the request asked for."""
 
 
-def infer_request(model: str, payload: Payload, top_k: int, request_id: str = "") -> service_pb2.ModelInferRequest:
+def infer_request(
+    model: str, payload: Payload, top_k: int, request_id: str = "", timeout: float | None = None
+) -> service_pb2.ModelInferRequest:
     """The protobuf request of one image: the encoded bytes (or a shared-memory reference) as a [1, n] UINT8
     tensor, asking for the top-k output. On the stream, ``request_id`` finds the image again, also in a
-    failed response (tritonclient's stream wrapper drops the id of failed responses, so it is not used)."""
+    failed response (tritonclient's stream wrapper drops the id of failed responses, so it is not used).
+
+    ``timeout`` (seconds left of the caller's deadline) also goes to the server as the request parameter
+    ``timeout`` (int64, microseconds; Triton 2.51 ``infer_handler.cc``), which the ensemble hands to each
+    step: a step whose queue policy allows the override rejects the request once it has waited that long,
+    so work whose caller has given up is dropped instead of computed."""
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    if timeout is not None:
+        request.parameters["timeout"].int64_param = max(1, int(timeout * 1e6))
     tensor = request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype)
     if isinstance(payload, ShmInput):
         tensor.shape.extend((1, payload.byte_size))
@@ -134,7 +143,7 @@ class GrpcTransport:
     # -- inference --------------------------------------------------------------------------------------
     def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
         try:
-            return predictions(self._model_infer(infer_request(self.model, payload, top_k), timeout=timeout))
+            return predictions(self._model_infer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout))
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -142,7 +151,7 @@ class GrpcTransport:
         """``callback(predictions, error)`` runs on a gRPC thread when the response arrives (or on this
         thread, if it already has)."""
         try:
-            future = self._model_infer.future(infer_request(self.model, payload, top_k), timeout=timeout)
+            future = self._model_infer.future(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -235,7 +244,9 @@ class AsyncGrpcTransport:
 
     async def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
         try:
-            return predictions(await self._model_infer(infer_request(self.model, payload, top_k), timeout=timeout))
+            return predictions(
+                await self._model_infer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
+            )
         except Exception as exc:
             raise map_error(exc) from exc
 

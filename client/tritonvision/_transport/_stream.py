@@ -26,7 +26,7 @@ import grpc
 from .._images import ImageInput, encoded_bytes
 from .._types import Classification, Prediction
 from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
-from ._errors import map_error
+from ._errors import map_error, stream_error
 from ._grpc import GrpcTransport, infer_request, predictions
 from ._shm import Region, ShmPool
 
@@ -155,12 +155,15 @@ class InferStream(StreamBase):
         if self._pool is not None:
             region, payload = self._pool.acquire(data)
             self._regions[i] = region
-        self._requests.put(infer_request(self._transport.model, payload, self._top_k, str(i)))
+        self._requests.put(infer_request(self._transport.model, payload, self._top_k, str(i), timeout=self._timeout))
 
     def _outcome(self, i: int, data: bytes, item) -> Classification:
         preds, message = item
         if message is None:
             return Classification(i, predictions=preds)
+        shed = stream_error(message)
+        if shed is not None:
+            return Classification(i, error=shed)
         log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
         try:
             return Classification(i, predictions=self._recheck(data))

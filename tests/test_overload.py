@@ -1,0 +1,138 @@
+"""Overload: every step's queue is bounded with a queue timeout, the SDK sends its remaining deadline as the
+server-side timeout, and a full queue reaches the caller as OverloadedError, fast and without retries.
+
+The full 60 s run at three times capacity is ``benchmarks/overload.py``; this is its short version."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException
+
+import tritonvision as tv
+from tritonvision import spec
+from tritonvision._transport._errors import map_error
+from tritonvision._transport._grpc import infer_request
+from tritonvision_server import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _steps(profile):
+    steps = {spec.PREPROCESS: profile.preprocess, spec.RESNET50: profile.resnet50}
+    if profile.validate is not None:
+        steps[spec.VALIDATE] = profile.validate
+    return steps
+
+
+@pytest.mark.parametrize("profile", list(spec.PROFILES.values()), ids=list(spec.PROFILES))
+def test_every_step_has_a_bounded_queue_that_rejects_after_a_timeout(profile):
+    generated = configs.configs(profile)
+    for name, serving in _steps(profile).items():
+        policy = generated[name].dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == serving.batching.max_queue_size > 0, name
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT, name
+        assert policy.default_timeout_microseconds == serving.batching.queue_timeout_us > 0, name
+        # Only with the override does a request's own (shorter) deadline replace the default timeout.
+        assert policy.allow_timeout_override, name
+
+
+def test_request_carries_its_remaining_deadline_as_the_server_timeout():
+    request = infer_request(spec.ENSEMBLE, b"\xff\xd8\xff", 5, timeout=2.5)
+    assert request.parameters["timeout"].int64_param == 2_500_000
+    assert "timeout" not in infer_request(spec.ENSEMBLE, b"\xff\xd8\xff", 5).parameters
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[request id: <id_unknown>] Exceeds maximum queue size",  # scheduler_utils.cc, queue full on enqueue
+        "Request timeout expired",  # dynamic_batch_scheduler.cc, rejected by the queue policy
+    ],
+)
+def test_tritons_queue_rejections_map_to_overloaded(message):
+    error = map_error(InferenceServerException(message, status="StatusCode.UNAVAILABLE"))
+    assert type(error) is tv.OverloadedError and error.status == "UNAVAILABLE"
+    assert not tv.RetryPolicy.retryable(error)
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(onnx_path, tmp_path_factory):
+    """The cpu profile with short queues, so that a burst of a few dozen requests overloads it."""
+    from tritonvision_server.configs import write_repository
+    from tritonvision_server.launcher import TritonServer
+
+    def shrink(step):
+        return dataclasses.replace(step, batching=dataclasses.replace(step.batching, max_queue_size=4))
+
+    profile = dataclasses.replace(spec.CPU, preprocess=shrink(spec.CPU.preprocess), resnet50=shrink(spec.CPU.resnet50))
+    repository = write_repository(profile, tmp_path_factory.mktemp("small_queue"), onnx_path=onnx_path)
+    with TritonServer(repository) as server:
+        yield server
+
+
+def test_full_queue_is_refused_as_overload_without_retries(small_queue_server, photos):
+    burst = 48
+    with tv.Classifier(small_queue_server.grpc_url, timeout=60, max_in_flight=burst) as clf:
+        sent = []
+        send = clf._transport.async_infer
+        clf._transport.async_infer = lambda *args, **kw: (sent.append(1), send(*args, **kw))[1]
+        started = time.monotonic()
+        results = clf.classify_batch([photos["chelsea"]] * burst, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        overloaded = [r for r in results if isinstance(r, tv.OverloadedError)]
+        others = [r for r in results if isinstance(r, tv.TritonVisionError) and not isinstance(r, tv.OverloadedError)]
+        ok = [r for r in results if not isinstance(r, tv.TritonVisionError)]
+        assert not others, others[:3]
+        assert overloaded, f"{burst} concurrent requests, none refused in {elapsed:.1f} s: the queue is unbounded"
+        assert ok, "every request was refused"
+        # Overload is not retried: one request sent per image.
+        assert len(sent) == burst
+        # And the server still serves once the burst is over.
+        assert clf.classify(photos["chelsea"])[0].label
+
+
+def test_bench_reports_shed_requests_apart_from_errors(small_queue_server, photos, tmp_path, capsys):
+    from tritonvision._cli import EXIT_SOME_FAILED, main
+
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    code = main(["bench", "--url", small_queue_server.grpc_url, "--concurrency", "48", "--seconds", "2",
+                 "--warmup", "0.5", "--no-progress", "--json", str(tmp_path / "cat.jpg")])
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert code == EXIT_SOME_FAILED
+    assert r["overloaded"] > 0 and r["errors"] == 0 and r["requests"] > 0
+
+
+@pytest.mark.slow
+def test_locust_reports_overload_under_its_own_name(small_queue_server, tmp_path):
+    prefix = tmp_path / "overload"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "--host", small_queue_server.grpc_url, "-u", "40", "-r", "40", "-t", "4s", "--csv", str(prefix),
+           "--only-summary", "UnaryUser"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    stats = prefix.with_name(prefix.name + "_stats.csv")
+    assert stats.exists(), proc.stderr[-2000:]
+    rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
+    assert int(rows["classify"]["Request Count"]) > 0 and int(rows["classify"]["Failure Count"]) == 0
+    shed = rows["overloaded"]
+    assert int(shed["Request Count"]) > 0 and shed["Failure Count"] == shed["Request Count"]
+
+
+def test_stream_reports_shed_images_as_overload_without_sending_them_again(small_queue_server, photos):
+    with tv.Classifier(small_queue_server.grpc_url, timeout=60) as clf:
+        resent = []
+        infer = clf._transport.infer
+        clf._transport.infer = lambda *args, **kw: (resent.append(1), infer(*args, **kw))[1]
+        results = list(clf.classify_stream([photos["coffee"]] * 64, max_in_flight=48))
+    errors = [r.error for r in results if not r.ok]
+    assert errors and all(isinstance(e, tv.OverloadedError) for e in errors), errors[:3]
+    assert any(r.ok for r in results)
+    assert not resent
