@@ -208,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
+                        "server (0: never)")
     p.set_defaults(func=_serve)
     return ap
 

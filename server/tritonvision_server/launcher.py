@@ -3,6 +3,13 @@
 :class:`TritonServer` is a context manager: it prepares the python backend directory, gives the server a
 unique shared-memory prefix, starts it on loopback, waits for readiness and, on exit, stops it and removes
 whatever the python backend left in ``/dev/shm``.
+
+Nothing outlives it: the server runs in its own process group, which is killed whenever the server ends
+(however it ends: python-backend stubs otherwise outlive a killed server, deadlocked), and it receives
+SIGTERM when the process that started it dies (Linux's parent-death signal). Ports already in use are
+refused before start, so a leftover server answering the readiness probe is never taken for ours.
+:meth:`TritonServer.heal` restarts a server whose python-backend stub died (Triton 2.51 does not restart
+stubs: every request then fails while Triton still reports itself and the model ready).
 """
 
 from __future__ import annotations
@@ -33,6 +40,56 @@ SHM_DIR = Path("/dev/shm")
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the tail of its log."""
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STUB_COMM = "triton_python_"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 chars)
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: SIGTERM to the server when the thread that started it ends (so start it from a
+    thread that lives as long as the server: the main thread, in ``tritonvision serve``)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def process_group(pgid: int) -> dict[int, str]:
+    """``{pid: comm}`` of the live (not zombie) processes of process group ``pgid``, from ``/proc``."""
+    members = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members[int(entry)] = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return members
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process left in group ``pgid`` (a server's stubs after the server ended)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` (SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +143,9 @@ class TritonServer:
     startup_timeout: float = 120.0
     log_verbose: int = 0
     log_file: Path | None = None
+    # Seconds Triton may spend draining in-flight requests on a stop (its --exit-timeout-secs, unless
+    # extra_args set it); the stop kills the process group 5 s after that.
+    exit_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -97,6 +157,9 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_tail: deque[str] = deque(maxlen=60)
         self._reader: threading.Thread | None = None
+        self._log_fh = None
+        self._stubs: dict[int, str] = {}
+        self.restarts = 0
 
     @property
     def grpc_url(self) -> str:
@@ -124,6 +187,8 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={self.log_verbose}",
         ]
+        if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
+            cmd.append(f"--exit-timeout-secs={int(self.exit_timeout)}")
         if backend_dir is not None:
             # CPU-only hosts: no pinned host memory to ask the (absent) CUDA driver for.
             cmd += [f"--backend-directory={backend_dir}", "--pinned-memory-pool-byte-size=0"]
@@ -139,37 +204,103 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self._proc is not None:
             raise RuntimeError("server already started")
+        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        if busy:
+            raise ServerStartError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
+                                   "(another server, or one left behind?); not starting")
         backend_dir = None
         if self.tritonserver is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tritonvision-backends-")
             backend_dir = _python_backend_dir(bundled_server_root(), Path(self._tmp.name))
-        cmd = self.command(backend_dir)
-        log.info("starting %s", " ".join(cmd))
-        log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed by the reader
-        self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env(), text=True, errors="replace",
-            start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
-        )
-        self._reader = threading.Thread(target=self._pump, args=(log_fh,), daemon=True)
-        self._reader.start()
+        self._cmd = self.command(backend_dir)
+        log.info("starting %s", " ".join(self._cmd))
+        self._log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed in stop()
         try:
-            self.wait_ready(self.startup_timeout)
+            self._spawn()
         except BaseException:
             self.stop()
             raise
         log.info("Triton is ready: gRPC %s, HTTP %s, metrics %s", self.grpc_url, self.http_url, self.metrics_url)
         return self
 
-    def _pump(self, log_fh) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
+    def _spawn(self) -> None:
+        """Start the server process and wait until it is ready."""
+        proc = subprocess.Popen(
+            self._cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env(), text=True, errors="replace",
+            start_new_session=True,  # its own process group (killed as a whole), and Ctrl-C reaches only us
+            preexec_fn=_die_with_parent,
+        )
+        self._proc = proc
+        self._reader = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self._reader.start()
+        # The stubs inherit the server's stdout, so the reader sees no end of file while one lives on:
+        # a watcher kills the group as soon as the server process ends, however it ends.
+        threading.Thread(target=self._reap, args=(proc,), daemon=True).start()
+        self.wait_ready(self.startup_timeout)
+        self._stubs = self.stub_processes()
+
+    def _reap(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        kill_group(proc.pid)
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             self._log_tail.append(line.rstrip("\n"))
-            if log_fh:
-                log_fh.write(line)
-                log_fh.flush()
+            if self._log_fh:
+                self._log_fh.write(line)
+                self._log_fh.flush()
             log.debug("tritonserver: %s", line.rstrip())
-        if log_fh:
-            log_fh.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def stub_processes(self) -> dict[int, str]:
+        """``{pid: command line}`` of the server's python-backend stubs (one per model instance)."""
+        if self._proc is None:
+            return {}
+        stubs = {}
+        for pid, comm in process_group(self._proc.pid).items():
+            if comm.startswith(STUB_COMM):
+                try:
+                    stubs[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+        return stubs
+
+    def unhealthy(self) -> str | None:
+        """Why the server cannot serve (it exited, or a stub it started died), or None."""
+        if not self.running:
+            return "tritonserver is not running"
+        alive = self.stub_processes()
+        dead = [pid for pid in self._stubs if pid not in alive]
+        if dead:
+            return f"python-backend stub process(es) {', '.join(map(str, dead))} died"
+        return None
+
+    def heal(self) -> bool:
+        """Restart the server (same ports) if a stub of it died; True if it did. Call from the thread that
+        started the server (the parent-death signal follows that thread)."""
+        reason = self.unhealthy()
+        if reason is None or not self.running:
+            return False
+        log.error("%s; restarting tritonserver", reason)
+        self._kill()
+        self.cleanup_shm()
+        self._spawn()
+        self.restarts += 1
+        log.info("tritonserver restarted and ready")
+        return True
+
+    def _kill(self) -> None:
+        """SIGKILL the server's whole process group and wait for the server."""
+        if self._proc is None:
+            return
+        kill_group(self._proc.pid)
+        self._proc.wait()
+        if self._reader:
+            self._reader.join(timeout=5)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(list(self._log_tail)[-lines:])
@@ -199,22 +330,25 @@ class TritonServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), SIGKILL after ``timeout``; then clean /dev/shm."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests for up to ``exit_timeout``), then SIGKILL of the whole
+        process group after ``timeout`` (default ``exit_timeout`` + 5 s), or at once when a stub has died
+        (Triton's shutdown would wait out its exit timeout on it); then clean /dev/shm."""
         code = None
         if self._proc is not None:
-            if self._proc.poll() is None:
+            limit = self.exit_timeout + 5.0 if timeout is None else timeout
+            if self._proc.poll() is None and self.unhealthy() is None:
                 self._proc.send_signal(signal.SIGTERM)
                 try:
-                    self._proc.wait(timeout)
+                    self._proc.wait(limit)
                 except subprocess.TimeoutExpired:
-                    log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                    self._proc.wait()
+                    log.warning("tritonserver did not stop in %.0f s; killing it", limit)
+            self._kill()
             code = self._proc.returncode
-            if self._reader:
-                self._reader.join(timeout=5)
             self._proc = None
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
         self.cleanup_shm()
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -236,15 +370,22 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def serve_forever(self) -> int:
-        """Block until SIGINT/SIGTERM or until the server dies; then stop it. Returns an exit code."""
+    def serve_forever(self, health_interval: float = 1.0) -> int:
+        """Block until SIGINT/SIGTERM or until the server dies; then stop it. Returns an exit code.
+        Every ``health_interval`` seconds a server whose stub died is restarted (0: never)."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while not stop.wait(0.5):
+            while not stop.wait(health_interval or 0.5):
                 if not self.running:
                     log.error("tritonserver exited unexpectedly; last log lines:\n%s", self.log_tail())
                     return 1
+                if health_interval:
+                    try:
+                        self.heal()
+                    except ServerStartError as exc:
+                        log.error("%s", exc)
+                        return 1
             log.info("shutting down")
             return 0
         finally:

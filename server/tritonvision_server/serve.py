@@ -59,4 +59,4 @@ def serve(args: argparse.Namespace) -> int:
     if args.demo is not None:
         _demo(server.grpc_url, args.demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    return server.serve_forever()
+    return server.serve_forever(health_interval=args.health_interval)

@@ -1,0 +1,153 @@
+"""Faults of the server's processes, each on its own real server: a dead python-backend stub heals, nothing
+outlives the server or the wrapper, ports in use are refused, and a stop is bounded."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import tritonvision as tv
+from tritonvision_server.launcher import ServerStartError, TritonServer, free_port, process_group
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _stub_of(server: TritonServer, model: str) -> int:
+    for pid, cmdline in server.stub_processes().items():
+        if model in cmdline:
+            return pid
+    raise AssertionError(f"no stub of {model} among {server.stub_processes()}")
+
+
+def _classifies(url: str, photo: bytes) -> bool:
+    try:
+        with tv.Classifier(url, timeout=5, retry=tv.RetryPolicy(attempts=1)) as clf:
+            return bool(clf.classify(photo))
+    except tv.TritonVisionError:
+        return False
+
+
+def test_killed_stub_is_detected_and_the_service_heals_within_15_s(cpu_repository, photos):
+    with TritonServer(cpu_repository) as server:
+        assert server.unhealthy() is None
+        os.kill(_stub_of(server, "resnet50"), signal.SIGKILL)
+        killed = time.monotonic()
+        assert _wait(lambda: server.unhealthy() is not None, 5), "the dead stub went unnoticed"
+
+        def healed() -> bool:
+            server.heal()  # what `tritonvision serve` does every second
+            return _classifies(server.grpc_url, photos["chelsea"])
+
+        assert _wait(healed, 20, interval=0.5), f"not serving again:\n{server.log_tail()}"
+        assert time.monotonic() - killed < 15
+        assert server.unhealthy() is None
+
+
+def _tritonserver_of(wrapper_pid: int) -> int | None:
+    """The tritonserver that ``wrapper_pid`` started (its child)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if comm == "tritonserver" and int(stat.rsplit(")", 1)[1].split()[1]) == wrapper_pid:
+                return int(entry)
+    return None
+
+
+def test_serve_heals_a_killed_stub_and_its_server_dies_with_it(cpu_repository, photos):
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    wrapper = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"127.0.0.1:{ports[1]}"
+    try:
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 120, interval=1), "serve did not come up"
+        stubs = [pid for pid, comm in process_group(_tritonserver_of(wrapper.pid)).items() if pid != _tritonserver_of(wrapper.pid)]
+        assert stubs
+        os.kill(stubs[-1], signal.SIGKILL)
+        killed = time.monotonic()
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 20, interval=0.5), "serve did not heal the stub"
+        assert time.monotonic() - killed < 15
+        # SIGKILL of the wrapper: the server and its stubs follow it, and the ports come free.
+        server_pid = _tritonserver_of(wrapper.pid)
+        everything = {server_pid, *process_group(server_pid)}
+        wrapper.kill()
+        wrapper.wait()
+        assert _wait(lambda: not any(_alive(p) for p in everything), 20), "processes outlived `tritonvision serve`"
+        for port in ports:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+
+
+def test_sigkill_of_tritonserver_leaves_no_stub_behind(cpu_repository):
+    with TritonServer(cpu_repository) as server:
+        stubs = list(server.stub_processes())
+        assert stubs
+        os.kill(server.pid, signal.SIGKILL)
+        assert _wait(lambda: not any(_alive(p) for p in stubs), 10), "stubs outlived a killed tritonserver"
+
+
+def test_refuses_to_start_on_a_port_in_use_even_if_something_answers_ready(cpu_repository):
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - an orphaned server answering the readiness probe
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    orphan = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=orphan.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServerStartError, match="in use"):
+            TritonServer(cpu_repository, http_port=orphan.server_address[1]).start()
+        assert time.monotonic() - started < 5
+    finally:
+        orphan.shutdown()
+
+
+def test_stop_after_a_stub_died_is_bounded_and_complete(cpu_repository):
+    server = TritonServer(cpu_repository).start()
+    group = dict(server.stub_processes())
+    os.kill(next(iter(group)), signal.SIGKILL)
+    pid = server.pid
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 15
+    assert not any(_alive(p) for p in [pid, *group])
+    assert not server.leftover_shm()
