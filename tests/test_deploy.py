@@ -60,7 +60,13 @@ def test_server_pod_serves_on_named_ports_with_health_probes():
     c = server(m)
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # Liveness runs a real inference: /v2/health/live stays true while a dead stub fails every request.
+    command = c["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["tritonvision", "probe"] and "--url=127.0.0.1:8001" in command
+    assert "--image=/models/preprocess/warmup/photo.jpg" in command
+    assert c["livenessProbe"]["timeoutSeconds"] > 10
+    plain = server(render({"probes": {"liveness": {"inference": False}}}))
+    assert plain["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "model loading with warm-up takes minutes"
     assert "--model-repository=/models" in c["args"] and "--strict-readiness=true" in c["args"]

@@ -141,10 +141,18 @@ def test_refuses_to_start_on_a_port_in_use_even_if_something_answers_ready(cpu_r
         orphan.shutdown()
 
 
-def test_stop_after_a_stub_died_is_bounded_and_complete(cpu_repository):
+def test_stop_after_a_stub_died_is_bounded_and_complete(cpu_repository, photos, tmp_path):
+    from tritonvision._cli import EXIT_OK, main
+
     server = TritonServer(cpu_repository).start()
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    probe = ["probe", "--url", server.grpc_url, "--image", str(tmp_path / "cat.jpg"), "--timeout", "5"]
+    assert main(probe) == EXIT_OK
     group = dict(server.stub_processes())
-    os.kill(next(iter(group)), signal.SIGKILL)
+    os.kill(_stub_of(server, "resnet50"), signal.SIGKILL)
+    # Triton still says ready; the chart's liveness probe (an inference) does not.
+    assert server.is_ready()
+    assert main(probe) != EXIT_OK
     pid = server.pid
     started = time.monotonic()
     server.stop()

@@ -63,3 +63,12 @@ def test_unreachable_server_exits_2(tmp_path, photos):
 
     (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
     assert main(["classify", "--url", f"127.0.0.1:{free_port()}", "--timeout", "1", str(tmp_path / "cat.jpg")]) == 2
+
+
+def test_probe_exits_0_when_the_ensemble_answers_and_1_when_nothing_does(grpc_url, photos, tmp_path):
+    from tritonvision_server.launcher import free_port
+
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    assert main(["probe", "--url", grpc_url, "--image", str(tmp_path / "cat.jpg")]) == EXIT_OK
+    unreachable = f"127.0.0.1:{free_port()}"
+    assert main(["probe", "--url", unreachable, "--image", str(tmp_path / "cat.jpg"), "--timeout", "2"]) == EXIT_SOME_FAILED

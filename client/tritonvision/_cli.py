@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from ._client import DEFAULT_URL, Classifier
 from ._extras import require
+from ._retry import RetryPolicy
 from .exceptions import InvalidImageError, OverloadedError, TritonVisionError
 
 log = logging.getLogger("tritonvision")
@@ -151,6 +152,22 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    """A liveness check that runs the whole ensemble: Triton's own health endpoints stay true while a
+    step cannot serve (a dead python-backend stub). A server that sheds the probe is busy, not dead."""
+    data = Path(args.image).read_bytes()
+    with Classifier(args.url, timeout=args.timeout, retry=RetryPolicy(attempts=1)) as clf:
+        try:
+            clf.classify(data, top_k=1)
+        except OverloadedError:
+            log.info("alive (overloaded)")
+            return EXIT_OK
+        except TritonVisionError as exc:
+            log.error("not serving: %s: %s", type(exc).__name__, exc)
+            return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
 def _url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
 
@@ -194,6 +211,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _shm(p, "off")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("probe", help="liveness check: classify one image end to end (exit 0 if served or shed, 1 if not)")
+    _url(p)
+    p.add_argument("--image", required=True, help="a valid image to send (e.g. the repository's warm-up photo)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before the probe fails")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("serve", help="run tritonserver with the classifier (cpu profile by default)")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
