@@ -46,14 +46,20 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STUB_COMM = "triton_python_"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 chars)
 
 
-def _die_with_parent() -> None:
-    """``preexec_fn``: SIGTERM to the server when the thread that started it ends (so start it from a
-    thread that lives as long as the server: the main thread, in ``tritonvision serve``)."""
+def _parent_death_signal():
+    """A ``preexec_fn`` that makes the kernel send SIGTERM to the server when the thread that started it
+    ends (start it from a thread that lives as long as the server: the main thread, in ``tritonvision
+    serve``). libc is loaded here, in the parent: the child between fork and exec must not import or
+    allocate (other threads may hold the locks), only call prctl."""
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            raise OSError("prctl(PR_SET_PDEATHSIG) failed")
+
+    return preexec
 
 
 def process_group(pgid: int) -> dict[int, str]:
@@ -228,7 +234,7 @@ class TritonServer:
         proc = subprocess.Popen(
             self._cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env(), text=True, errors="replace",
             start_new_session=True,  # its own process group (killed as a whole), and Ctrl-C reaches only us
-            preexec_fn=_die_with_parent,
+            preexec_fn=_parent_death_signal(),
         )
         self._proc = proc
         self._reader = threading.Thread(target=self._pump, args=(proc,), daemon=True)
