@@ -160,10 +160,9 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
             fmt, size = "webp", _webp_size
         else:
-            raise InvalidImage(
-                f"not a supported image: accepted formats are {', '.join(limits.formats)} "
-                f"(first bytes {head[:8].hex()})"
-            )
+            # Never echo request bytes in an error: a message that quotes them turns any path that feeds
+            # foreign memory into a request (client shared memory) into a way to read it.
+            raise InvalidImage(f"not a supported image: accepted formats are {', '.join(limits.formats)}")
     if fmt not in limits.formats:
         raise InvalidImage(f"{fmt} images are not accepted: accepted formats are {', '.join(limits.formats)}")
     width, height = size(data if fmt == "tiff" else head)
@@ -173,6 +172,10 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
         raise InvalidImage(
             f"image of {width}x{height} pixels exceeds the limit of {limits.max_side} pixels a side "
             f"and {limits.max_pixels // 1_000_000} megapixels"
+        )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise InvalidImage(
+            f"image of {width}x{height} pixels exceeds the limit of {limits.max_aspect_ratio:g}:1 aspect ratio"
         )
     complete = _COMPLETENESS.get(fmt)
     if complete is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..ort import OnnxRunner
-from ._common import parameters
+from ._common import error_response, parameters
 
 
 class TritonPythonModel:
@@ -21,11 +21,23 @@ class TritonPythonModel:
                               spin_max_batch=int(params.get("spin_max_batch", "0")))
 
     def execute(self, requests):
-        inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        responses: list = [None] * len(requests)
+        inputs, slots = [], []
+        for i, request in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            # The model is reachable directly, not only through the ensemble: NaN/inf pixels would come
+            # back as NaN scores with 200 OK. ~20 us a batch item next to ~40 ms of ResNet-50.
+            if not np.isfinite(x).all():
+                responses[i] = error_response(f"{self.input_name} holds NaN or infinite values")
+                continue
+            inputs.append(x)
+            slots.append(i)
+        if not inputs:
+            return responses
         batch = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         scores = self.run(batch.astype(np.float32, copy=False))
-        responses, offset = [], 0
-        for x in inputs:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, scores[offset : offset + len(x)])]))
+        offset = 0
+        for i, x in zip(slots, inputs):
+            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, scores[offset : offset + len(x)])])
             offset += len(x)
         return responses

@@ -1,0 +1,66 @@
+"""Hostile input: images that are cheap to send and costly to decode, probes that fish for bytes, and
+pixels a client sends straight to the inner model."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+import tritonvision as tv
+from tritonvision import spec
+from tritonvision_server.imagecheck import InvalidImage, inspect
+
+from conftest import encode
+
+
+def _png(width: int, height: int) -> bytes:
+    return encode(np.zeros((height, width), np.uint8), "PNG")
+
+
+@pytest.mark.parametrize("size", [(16384, 1), (16384, 8), (1, 16384), (4000, 10)])
+def test_extreme_aspect_ratios_are_refused_by_the_header_check(size):
+    # 16384x1 is 133 bytes; resizing its short side to 256 pixels made a 4-gigapixel image.
+    with pytest.raises(InvalidImage, match="aspect ratio"):
+        inspect(_png(*size))
+
+
+def test_panoramas_within_the_aspect_ratio_limit_pass():
+    ratio = int(spec.IMAGE_LIMITS.max_aspect_ratio)
+    assert inspect(_png(ratio * 16, 16)).width == ratio * 16
+
+
+def test_extreme_aspect_ratio_fails_only_its_own_request_and_fast(classifier, photos):
+    sliver = _png(16384, 1)
+    started = time.monotonic()
+    results = classifier.classify_batch([photos["coffee"], sliver, _png(16384, 8)], return_exceptions=True)
+    assert time.monotonic() - started < 10
+    assert isinstance(results[0], list)
+    for refused in results[1:]:
+        assert isinstance(refused, tv.InvalidImageError) and "aspect ratio" in refused.message
+
+
+def test_refusals_do_not_echo_the_request_bytes(classifier):
+    secret = b"SECRET-TOKEN-0123456789" * 4
+    with pytest.raises(tv.InvalidImageError) as info:
+        classifier.classify(secret)
+    message = info.value.message
+    assert "SECRET" not in message and secret[:8].hex() not in message and "first bytes" not in message
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_resnet50_called_directly_refuses_non_finite_pixels(grpc_url, bad):
+    pixels = np.zeros((1, *spec.CPU.pixels.dims), np.float32)
+    pixels[0, 1, 100, 100] = bad
+    tensor = grpcclient.InferInput(spec.CPU.pixels.name, list(pixels.shape), "FP32")
+    tensor.set_data_from_numpy(pixels)
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(spec.RESNET50, [tensor])
+        assert "StatusCode.INVALID_ARGUMENT" in str(info.value.status())
+        # Finite pixels still go through, and the model keeps serving.
+        tensor.set_data_from_numpy(np.zeros_like(pixels))
+        assert client.infer(spec.RESNET50, [tensor]).as_numpy(spec.SCORES.name).shape == (1, spec.NUM_CLASSES)
