@@ -117,3 +117,26 @@ def test_dali_command_bakes_the_hardware_decoder_share_into_the_pipeline(tmp_pat
     # Reproducible: the default share gives the same file again.
     assert main(["dali", "--output", str(other), "--hw-decoder-load", str(spec.GPU.hw_decoder_load)]) == 0
     assert (other / "preprocess" / "1" / "model.dali").read_bytes() == default_bytes
+
+
+def test_a_bad_image_costs_one_rebuild_and_one_rerun_of_its_batch(photos):
+    import struct
+
+    from tritonvision_server.pipeline import CpuPreprocessor, DecodeError
+
+    good = photos["chelsea"]
+    i = 2
+    while good[i + 1] != 0xDA:
+        i += 2 + struct.unpack(">H", good[i + 2 : i + 4])[0]
+    bad = bytearray(good)
+    bad[i + 6] = 0x77  # the scan names Huffman tables that do not exist: only decoding finds it
+    as_array = lambda b: np.frombuffer(bytes(b), np.uint8)  # noqa: E731
+    pre = CpuPreprocessor(max_batch_size=32, num_threads=2)
+    requests = [[as_array(good)], [as_array(bad)], [as_array(photos["coffee"])], [as_array(good), as_array(good)]]
+    results = pre.run_requests(requests)
+    assert isinstance(results[1], DecodeError) and results[1].sample is not None
+    assert pre.rebuilds == 1, "a bad image must not cost a rebuild per request"
+    alone = CpuPreprocessor(max_batch_size=32, num_threads=2)
+    for request, result in zip(requests, results):
+        if request is not requests[1]:
+            np.testing.assert_array_equal(result, alone(request))

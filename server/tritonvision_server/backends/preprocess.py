@@ -1,8 +1,9 @@
 """cpu profile ``preprocess``: header checks, then the DALI pipeline on the CPU over the whole dynamic batch.
 
 DALI fails a whole batch when one image fails to decode. Requests are therefore checked one by one first
-(:mod:`..imagecheck`), and if decoding the batch still fails (damage only decoding finds, such as a
-truncated scan), the batch is decoded again request by request so only the broken ones get an error.
+(:mod:`..imagecheck`), and if decoding the batch still fails (damage only decoding finds), the request
+whose image DALI names is refused and the rest of the batch decoded again
+(:meth:`..pipeline.CpuPreprocessor.run_requests`), so only the broken ones get an error.
 """
 
 from __future__ import annotations
@@ -55,18 +56,15 @@ class TritonPythonModel:
             work.append((i, samples, formats))
         if work:
             try:
-                pixels = self.pre([s for _, samples, _ in work for s in samples])
-                offset = 0
-                for i, samples, _ in work:
-                    responses[i] = self._response(pixels[offset : offset + len(samples)])
-                    offset += len(samples)
-            except Exception:
-                # One undecodable image failed the batch: decode each request alone.
-                for i, samples, formats in work:
-                    try:
-                        responses[i] = self._response(self.pre(samples))
-                    except Exception:  # noqa: BLE001 - DALI raises RuntimeError for any decode failure
-                        responses[i] = error_response(decode_error_message(formats[0]))
+                outcomes = self.pre.run_requests([samples for _, samples, _ in work])
+            except Exception as exc:  # noqa: BLE001 - anything but a decode failure: fail this batch only
+                log.exception("preprocessing failed")
+                outcomes = [exc] * len(work)
+            for (i, _, formats), outcome in zip(work, outcomes):
+                if isinstance(outcome, Exception):
+                    responses[i] = error_response(decode_error_message(formats[0]))
+                else:
+                    responses[i] = self._response(outcome)
         return responses
 
     def _response(self, pixels):
