@@ -155,3 +155,23 @@ def test_the_metrics_adapter_rule_serves_the_metric_the_hpa_scales_on():
     for step in (spec.VALIDATE, spec.PREPROCESS, spec.RESNET50):
         assert step in rule["metricsQuery"]
     assert f'model="{spec.ENSEMBLE}"' in rule["metricsQuery"]
+
+
+def test_administrative_protocols_need_the_access_key_from_a_secret_by_default():
+    m = render()
+    c = server(m)
+    restricted = [a for a in c["args"] if a.startswith(("--grpc-restricted-protocol=", "--http-restricted-api="))]
+    assert len(restricted) == 2
+    for arg in restricted:
+        protocols, key = arg.split("=", 1)[1].split(":", 1)
+        assert set(protocols.split(",")) == {"shared-memory", "model-repository", "statistics"}
+        assert key == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY)"
+    (env,) = [e for e in c["env"] if e["name"] == "TRITONVISION_ACCESS_KEY"]
+    secret = m["Secret"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "accessKey"}
+    assert len(secret["data"]["accessKey"]) >= 32
+    own = render({"accessKey": {"existingSecret": "mine"}})
+    assert "Secret" not in own
+    assert server(own)["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    off = server(render({"accessKey": {"enabled": False}}))
+    assert not any("restricted" in a for a in off["args"]) and "env" not in off

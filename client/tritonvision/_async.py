@@ -43,14 +43,16 @@ class AsyncClassifier(_ClassifierBase):
         max_in_flight: int = 64,
         shm: ShmMode = None,
         cuda_device: int = 0,
+        access_key: tuple[str, str] | None = None,
+        allow_remote_shm: bool = False,
     ):
-        self._configure(url, timeout, retry, max_in_flight, shm)
-        self._transport = AsyncGrpcTransport(url, model=model)
+        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
+        self._transport = AsyncGrpcTransport(url, model=model, access_key=access_key)
         self._registrar: GrpcTransport | None = None
         if self.shm:
             # Region registration is rare (a new region, a restarted server) and goes through the blocking
             # client, in a worker thread; inference stays on the aio channel.
-            self._registrar = GrpcTransport(url, model=model)
+            self._registrar = GrpcTransport(url, model=model, access_key=access_key)
             try:
                 self._pool = ShmPool(self._registrar, self.shm, device_id=cuda_device)
             except BaseException:

@@ -12,6 +12,7 @@ import argparse
 import glob
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def _classify(args: argparse.Namespace) -> int:
     failed = 0
     out = []
     bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
-    with Classifier(args.url, timeout=args.timeout, shm=args.shm) as clf:
+    with Classifier(args.url, timeout=args.timeout, shm=args.shm, access_key=_key(args)) as clf:
         log.debug("shared memory: %s", clf.shm or "off")
         for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
             if bar is not None:
@@ -90,7 +91,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with Classifier(args.url, timeout=args.timeout or 10) as clf:
+    with Classifier(args.url, timeout=args.timeout or 10, access_key=_key(args)) as clf:
         before = clf.statistics()
         if args.interval:
             log.info("measuring for %g s", args.interval)
@@ -118,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
     images = [Path(f).read_bytes() for f in files]
     levels = [int(c) for c in str(args.concurrency).split(",")]
     results = []
-    with Classifier(args.url, shm=args.shm) as clf:
+    with Classifier(args.url, shm=args.shm, access_key=_key(args)) as clf:
         clf.wait_until_ready(timeout=30)
         for c in levels:
             bar = _progress(None, not args.no_progress, f"concurrency {c}")
@@ -168,8 +169,15 @@ def _probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _key(args: argparse.Namespace) -> tuple[str, str] | None:
+    name, sep, value = (getattr(args, "access_key", None) or "").partition("=")
+    return (name, value) if sep else None
+
+
 def _url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
+                   help="the server's access key, for shared memory and statistics (env TRITONVISION_ACCESS_KEY)")
 
 
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
@@ -231,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
+                   help="require the header NAME: VALUE for shared-memory registration, the model-repository API and "
+                        "statistics (env TRITONVISION_ACCESS_KEY); clients pass it as access_key=(NAME, VALUE)")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
                         "server (0: never)")

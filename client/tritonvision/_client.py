@@ -19,7 +19,7 @@ from ._transport._grpc import GrpcTransport
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
 from ._types import Classification, Prediction
-from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, TritonVisionError
+from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, SharedMemoryError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
@@ -46,13 +46,20 @@ def is_local(url: str) -> bool:
     return all(ipaddress.ip_address(a.split("%")[0]).is_loopback or a in own for a in addresses)
 
 
-def resolve_shm(shm: ShmMode, url: str) -> str | None:
-    """The shared-memory kind to use: ``auto`` means system shared memory when the server is on this host."""
+def resolve_shm(shm: ShmMode, url: str, allow_remote: bool = False) -> str | None:
+    """The shared-memory kind to use: ``auto`` means system shared memory when the server is on this host.
+    ``system``/``cuda`` for a server that is not on this host is refused unless ``allow_remote``: the
+    region would name a /dev/shm key (or GPU memory) on the server's host, not ours."""
     if shm in (None, "none", "off", False):
         return None
     if shm == "auto":
         return "system" if os.path.isdir("/dev/shm") and is_local(url) else None
     if shm in ("system", "cuda"):
+        if not allow_remote and not is_local(url):
+            raise SharedMemoryError(
+                f"shm={shm!r}: the server {url} is not on this host; shared memory only works with a local "
+                "server (pass allow_remote_shm=True if that address is this host after all)"
+            )
         return shm
     raise ValueError(f"shm must be None, 'system', 'cuda' or 'auto', not {shm!r}")
 
@@ -63,12 +70,12 @@ class _ClassifierBase:
     _pool: ShmPool | None = None
 
     def _configure(self, url: str, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
-                   shm: ShmMode) -> None:
+                   shm: ShmMode, allow_remote_shm: bool = False) -> None:
         self.url = url
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
-        self.shm = resolve_shm(shm, url)
+        self.shm = resolve_shm(shm, url, allow_remote_shm)
 
     @property
     def shm_prefix(self) -> str | None:
@@ -92,7 +99,10 @@ class Classifier(_ClassifierBase):
     ``timeout`` is each call's deadline in seconds, over all its retries. Only an unreachable server
     (:class:`ServerUnavailableError`) is retried, following ``retry``. ``shm`` sends images through shared
     memory: ``"system"`` (server on this host), ``"cuda"`` (on this host's GPU; ``tritonvision[cuda]``) or
-    ``"auto"`` (system shared memory when the server is local).
+    ``"auto"`` (system shared memory when the server is local); ``system``/``cuda`` for a server on
+    another host raise :class:`SharedMemoryError` unless ``allow_remote_shm``. ``access_key=(name, value)``
+    is sent with shared-memory registration and statistics calls, for a server that restricts them
+    (``tritonvision serve --access-key``, Triton's ``--grpc-restricted-protocol``).
     """
 
     def __init__(
@@ -105,9 +115,11 @@ class Classifier(_ClassifierBase):
         max_in_flight: int = 64,
         shm: ShmMode = None,
         cuda_device: int = 0,
+        access_key: tuple[str, str] | None = None,
+        allow_remote_shm: bool = False,
     ):
-        self._configure(url, timeout, retry, max_in_flight, shm)
-        self._transport = GrpcTransport(url, model=model)
+        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
+        self._transport = GrpcTransport(url, model=model, access_key=access_key)
         try:
             self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
         except BaseException:

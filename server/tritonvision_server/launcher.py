@@ -43,6 +43,9 @@ class ServerStartError(RuntimeError):
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# What an access key guards (Triton 2.51 names): registering shared memory (any /dev/shm key the server's
+# user can open), loading and unloading models, and statistics.
+RESTRICTED = ("shared-memory", "model-repository", "statistics")
 STUB_COMM = "triton_python_"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 chars)
 
 
@@ -58,6 +61,9 @@ def _parent_death_signal():
     def preexec() -> None:
         if prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             raise OSError("prctl(PR_SET_PDEATHSIG) failed")
+        # Files the server creates stay private to its user. (Not the python backend's /dev/shm regions:
+        # boost.interprocess sets their 0644 explicitly; _spawn narrows those once they exist.)
+        os.umask(0o077)
 
     return preexec
 
@@ -152,6 +158,10 @@ class TritonServer:
     # Seconds Triton may spend draining in-flight requests on a stop (its --exit-timeout-secs, unless
     # extra_args set it); the stop kills the process group 5 s after that.
     exit_timeout: float = 10.0
+    # (name, value): shared-memory registration, the model-repository API and statistics then need this
+    # header (gRPC metadata ``triton-grpc-protocol-<name>``, HTTP header ``<name>``); inference and health
+    # stay open. Triton 2.51's --grpc-restricted-protocol / --http-restricted-api.
+    access_key: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -193,6 +203,11 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.access_key is not None:
+            name, value = self.access_key
+            name = name.lower()  # gRPC lowercases metadata keys; Triton compares them as given
+            restricted = f"{','.join(RESTRICTED)}:{name}={value}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
             cmd.append(f"--exit-timeout-secs={int(self.exit_timeout)}")
         if backend_dir is not None:
@@ -244,6 +259,12 @@ class TritonServer:
         threading.Thread(target=self._reap, args=(proc,), daemon=True).start()
         self.wait_ready(self.startup_timeout)
         self._stubs = self.stub_processes()
+        # The python backend's regions carry every request's bytes between server and stubs and are
+        # created 0644 (readable by every user of the host); they are created at model load, before any
+        # request, so narrowing them once the server is ready closes that window. Same user: the server
+        # and its stubs keep their access.
+        for path in self.leftover_shm():
+            path.chmod(0o600)
 
     def _reap(self, proc: subprocess.Popen) -> None:
         proc.wait()

@@ -38,6 +38,15 @@ def _demo(url: str, images: list[str]) -> None:
                 log.info("demo: %s -> %s", Path(path).name, ", ".join(f"{p.label} ({p.score:.3f})" for p in result))
 
 
+def _access_key(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit("--access-key takes NAME=VALUE")
+    return name, value
+
+
 def serve(args: argparse.Namespace) -> int:
     repository = _repository(args)
     server = TritonServer(
@@ -50,6 +59,7 @@ def serve(args: argparse.Namespace) -> int:
         extra_args=args.server_arg,
         startup_timeout=args.startup_timeout,
         log_verbose=1 if args.verbose else 0,
+        access_key=_access_key(args.access_key),
     )
     try:
         server.start()

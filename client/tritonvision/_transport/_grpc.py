@@ -124,6 +124,19 @@ def _channel(url: str, ssl: bool, aio: bool = False):
     return module.insecure_channel(url, options=CHANNEL_ARGS)
 
 
+# Triton 2.51 checks a restricted gRPC protocol's key as metadata named with this prefix (grpc_server.h).
+RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+def access_headers(access_key: tuple[str, str] | None) -> dict[str, str] | None:
+    """The metadata that opens a server's restricted protocols (shared memory, model repository,
+    statistics) started with ``--grpc-restricted-protocol=...:<name>=<value>``."""
+    if access_key is None:
+        return None
+    name, value = access_key
+    return {RESTRICTED_HEADER_PREFIX + name.lower(): value}
+
+
 def _closed() -> None:
     """The close of a client that is already closed."""
 
@@ -132,9 +145,10 @@ class GrpcTransport:
     """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
     health, statistics and shared-memory registration."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False):
+    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False, access_key: tuple[str, str] | None = None):
         self.url = url
         self.model = model
+        self._headers = access_headers(access_key)
         self._client = grpcclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
         self._channel = _channel(url, ssl)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -182,20 +196,20 @@ class GrpcTransport:
     def statistics(self, timeout: float | None = None) -> dict:
         """Triton's statistics of every model (``ModelStatisticsResponse`` as JSON)."""
         try:
-            return self._client.get_inference_statistics("", as_json=True, client_timeout=timeout)
+            return self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 
     # -- shared memory ---------------------------------------------------------------------------------
     def register_system_shm(self, name: str, key: str, byte_size: int) -> None:
         try:
-            self._client.register_system_shared_memory(name, key, byte_size)
+            self._client.register_system_shared_memory(name, key, byte_size, headers=self._headers)
         except Exception as exc:
             raise map_error(exc) from exc
 
     def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         try:
-            self._client.register_cuda_shared_memory(name, raw_handle, device_id, byte_size)
+            self._client.register_cuda_shared_memory(name, raw_handle, device_id, byte_size, headers=self._headers)
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -204,7 +218,7 @@ class GrpcTransport:
             self._client.unregister_cuda_shared_memory if kind == "cuda" else self._client.unregister_system_shared_memory
         )
         try:
-            unregister(name, client_timeout=timeout)
+            unregister(name, headers=self._headers, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -214,7 +228,7 @@ class GrpcTransport:
             self._client.get_cuda_shared_memory_status if kind == "cuda" else self._client.get_system_shared_memory_status
         )
         try:
-            return sorted(status(as_json=True).get("regions", {}))
+            return sorted(status(headers=self._headers, as_json=True).get("regions", {}))
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -232,11 +246,12 @@ class AsyncGrpcTransport:
     """The asyncio twin of :class:`GrpcTransport`: a ``grpc.aio`` channel for inference and a
     ``tritonclient.grpc.aio.InferenceServerClient`` for the rest."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False):
+    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False, access_key: tuple[str, str] | None = None):
         import tritonclient.grpc.aio as aioclient
 
         self.url = url
         self.model = model
+        self._headers = access_headers(access_key)
         self._client = aioclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
         self._channel = _channel(url, ssl, aio=True)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -265,7 +280,7 @@ class AsyncGrpcTransport:
 
     async def statistics(self, timeout: float | None = None) -> dict:
         try:
-            return await self._client.get_inference_statistics("", as_json=True, client_timeout=timeout)
+            return await self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 

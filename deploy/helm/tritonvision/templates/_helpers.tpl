@@ -39,3 +39,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/*
+The Secret with the access key of the administrative protocols: the user's, or the one the chart creates.
+*/}}
+{{- define "tritonvision.accessKeySecret" -}}
+{{- .Values.accessKey.existingSecret | default (printf "%s-access-key" (include "tritonvision.fullname" . | trunc 52 | trimSuffix "-")) }}
+{{- end }}
