@@ -14,7 +14,7 @@ from ._stats import Statistics
 from ._transport._astream import AsyncInferStream
 from ._transport._grpc import AsyncGrpcTransport, GrpcTransport
 from ._transport._shm import ShmPool
-from ._types import Classification, Prediction
+from ._types import TLS, Classification, Prediction
 from .exceptions import (
     DeadlineExceededError,
     InvalidImageError,
@@ -45,14 +45,15 @@ class AsyncClassifier(_ClassifierBase):
         cuda_device: int = 0,
         access_key: tuple[str, str] | None = None,
         allow_remote_shm: bool = False,
+        tls: TLS | None = None,
     ):
         self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
-        self._transport = AsyncGrpcTransport(url, model=model, access_key=access_key)
+        self._transport = AsyncGrpcTransport(url, model=model, access_key=access_key, ssl=tls)
         self._registrar: GrpcTransport | None = None
         if self.shm:
             # Region registration is rare (a new region, a restarted server) and goes through the blocking
             # client, in a worker thread; inference stays on the aio channel.
-            self._registrar = GrpcTransport(url, model=model, access_key=access_key)
+            self._registrar = GrpcTransport(url, model=model, access_key=access_key, ssl=tls)
             try:
                 self._pool = ShmPool(self._registrar, self.shm, device_id=cuda_device)
             except BaseException:

@@ -21,6 +21,7 @@ from . import __version__
 from ._client import DEFAULT_URL, Classifier
 from ._extras import require
 from ._retry import RetryPolicy
+from ._types import TLS
 from .exceptions import InvalidImageError, OverloadedError, TritonVisionError
 
 log = logging.getLogger("tritonvision")
@@ -64,7 +65,7 @@ def _classify(args: argparse.Namespace) -> int:
     failed = 0
     out = []
     bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
-    with Classifier(args.url, timeout=args.timeout, shm=args.shm, access_key=_key(args)) as clf:
+    with Classifier(args.url, timeout=args.timeout, shm=args.shm, access_key=_key(args), tls=_tls(args)) as clf:
         log.debug("shared memory: %s", clf.shm or "off")
         for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
             if bar is not None:
@@ -91,7 +92,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with Classifier(args.url, timeout=args.timeout or 10, access_key=_key(args)) as clf:
+    with Classifier(args.url, timeout=args.timeout or 10, access_key=_key(args), tls=_tls(args)) as clf:
         before = clf.statistics()
         if args.interval:
             log.info("measuring for %g s", args.interval)
@@ -119,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
     images = [Path(f).read_bytes() for f in files]
     levels = [int(c) for c in str(args.concurrency).split(",")]
     results = []
-    with Classifier(args.url, shm=args.shm, access_key=_key(args)) as clf:
+    with Classifier(args.url, shm=args.shm, access_key=_key(args), tls=_tls(args)) as clf:
         clf.wait_until_ready(timeout=30)
         for c in levels:
             bar = _progress(None, not args.no_progress, f"concurrency {c}")
@@ -157,7 +158,7 @@ def _probe(args: argparse.Namespace) -> int:
     """A liveness check that runs the whole ensemble: Triton's own health endpoints stay true while a
     step cannot serve (a dead python-backend stub). A server that sheds the probe is busy, not dead."""
     data = Path(args.image).read_bytes()
-    with Classifier(args.url, timeout=args.timeout, retry=RetryPolicy(attempts=1)) as clf:
+    with Classifier(args.url, timeout=args.timeout, retry=RetryPolicy(attempts=1), tls=_tls(args)) as clf:
         try:
             clf.classify(data, top_k=1)
         except OverloadedError:
@@ -169,6 +170,12 @@ def _probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tls(args: argparse.Namespace) -> TLS | None:
+    if not (args.tls or args.tls_root_cert or args.tls_cert):
+        return None
+    return TLS(root_cert=args.tls_root_cert, cert=args.tls_cert, key=args.tls_key)
+
+
 def _key(args: argparse.Namespace) -> tuple[str, str] | None:
     name, sep, value = (getattr(args, "access_key", None) or "").partition("=")
     return (name, value) if sep else None
@@ -178,6 +185,12 @@ def _url(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
                    help="the server's access key, for shared memory and statistics (env TRITONVISION_ACCESS_KEY)")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS (with the system's roots unless --tls-root-cert)")
+    p.add_argument("--tls-root-cert", default=os.environ.get("TRITONVISION_TLS_ROOT_CERT"),
+                   help="PEM file of the CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", default=os.environ.get("TRITONVISION_TLS_CERT"),
+                   help="client certificate (PEM) for a server that requires mutual TLS; with --tls-key")
+    p.add_argument("--tls-key", default=os.environ.get("TRITONVISION_TLS_KEY"), help="the client certificate's key (PEM)")
 
 
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
@@ -242,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
                    help="require the header NAME: VALUE for shared-memory registration, the model-repository API and "
                         "statistics (env TRITONVISION_ACCESS_KEY); clients pass it as access_key=(NAME, VALUE)")
+    p.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM); with --tls-key")
+    p.add_argument("--tls-key", default=None, help="the server certificate's key (PEM)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="mutual TLS: accept only clients with a certificate signed by this CA (PEM)")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
                         "server (0: never)")

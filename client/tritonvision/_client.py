@@ -18,7 +18,7 @@ from ._stats import Breakdown, Statistics
 from ._transport._grpc import GrpcTransport
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
-from ._types import Classification, Prediction
+from ._types import TLS, Classification, Prediction
 from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, SharedMemoryError, TritonVisionError
 from .spec import ENSEMBLE
 
@@ -102,7 +102,8 @@ class Classifier(_ClassifierBase):
     ``"auto"`` (system shared memory when the server is local); ``system``/``cuda`` for a server on
     another host raise :class:`SharedMemoryError` unless ``allow_remote_shm``. ``access_key=(name, value)``
     is sent with shared-memory registration and statistics calls, for a server that restricts them
-    (``tritonvision serve --access-key``, Triton's ``--grpc-restricted-protocol``).
+    (``tritonvision serve --access-key``, Triton's ``--grpc-restricted-protocol``). ``tls``
+    (:class:`TLS`) speaks gRPC over TLS, with a client certificate for mutual TLS.
     """
 
     def __init__(
@@ -117,9 +118,10 @@ class Classifier(_ClassifierBase):
         cuda_device: int = 0,
         access_key: tuple[str, str] | None = None,
         allow_remote_shm: bool = False,
+        tls: TLS | None = None,
     ):
         self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
-        self._transport = GrpcTransport(url, model=model, access_key=access_key)
+        self._transport = GrpcTransport(url, model=model, access_key=access_key, ssl=tls)
         try:
             self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
         except BaseException:

@@ -138,6 +138,23 @@ def _python_backend_dir(root: Path, dest: Path) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS on the gRPC port (Triton 2.51 ``--grpc-use-ssl``): the server's certificate and key (PEM files),
+    and with ``client_ca`` mutual TLS (``--grpc-use-ssl-mutual``: clients need a certificate it signed).
+    Triton's HTTP port has no TLS."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.client_ca is not None:
+            args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={self.client_ca}"]
+        return args
+
+
 @dataclass
 class TritonServer:
     """A ``tritonserver`` process serving ``model_repository``.
@@ -162,6 +179,7 @@ class TritonServer:
     # header (gRPC metadata ``triton-grpc-protocol-<name>``, HTTP header ``<name>``); inference and health
     # stay open. Triton 2.51's --grpc-restricted-protocol / --http-restricted-api.
     access_key: tuple[str, str] | None = None
+    tls: ServerTLS | None = None
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -208,6 +226,8 @@ class TritonServer:
             name = name.lower()  # gRPC lowercases metadata keys; Triton compares them as given
             restricted = f"{','.join(RESTRICTED)}:{name}={value}"
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        if self.tls is not None:
+            cmd += self.tls.args()
         if not any(a.startswith("--exit-timeout-secs") for a in self.extra_args):
             cmd.append(f"--exit-timeout-secs={int(self.exit_timeout)}")
         if backend_dir is not None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .launcher import ServerStartError, TritonServer, which_tritonserver
+from .launcher import ServerStartError, ServerTLS, TritonServer, which_tritonserver
 
 log = logging.getLogger("tritonvision.serve")
 
@@ -47,6 +47,16 @@ def _access_key(text: str | None) -> tuple[str, str] | None:
     return name, value
 
 
+def _tls(args: argparse.Namespace) -> ServerTLS | None:
+    if not (args.tls_cert or args.tls_key):
+        if args.tls_client_ca:
+            raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    return ServerTLS(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None)
+
+
 def serve(args: argparse.Namespace) -> int:
     repository = _repository(args)
     server = TritonServer(
@@ -60,13 +70,16 @@ def serve(args: argparse.Namespace) -> int:
         startup_timeout=args.startup_timeout,
         log_verbose=1 if args.verbose else 0,
         access_key=_access_key(args.access_key),
+        tls=_tls(args),
     )
     try:
         server.start()
     except ServerStartError as exc:
         log.error("%s", exc)
         return 1
-    if args.demo is not None:
+    if args.demo is not None and server.tls is not None:
+        log.warning("--demo skipped: the demo client does not speak TLS")
+    elif args.demo is not None:
         _demo(server.grpc_url, args.demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
     return server.serve_forever(health_interval=args.health_interval)

@@ -19,7 +19,7 @@ import grpc
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .._types import Prediction
+from .._types import TLS, Prediction
 from ..spec import ENSEMBLE, IMAGE, SCORES
 from ._errors import map_error
 
@@ -117,11 +117,18 @@ def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
 
 
 
-def _channel(url: str, ssl: bool, aio: bool = False):
+def _channel(url: str, tls: TLS | None, aio: bool = False):
     module = grpc.aio if aio else grpc
-    if ssl:
-        return module.secure_channel(url, grpc.ssl_channel_credentials(), options=CHANNEL_ARGS)
+    if tls is not None:
+        return module.secure_channel(url, tls.credentials(), options=CHANNEL_ARGS)
     return module.insecure_channel(url, options=CHANNEL_ARGS)
+
+
+def _tls(ssl: bool | TLS | None) -> TLS | None:
+    """``ssl=True`` is TLS with the system's roots; a :class:`TLS` names the files."""
+    if isinstance(ssl, TLS):
+        return ssl
+    return TLS() if ssl else None
 
 
 # Triton 2.51 checks a restricted gRPC protocol's key as metadata named with this prefix (grpc_server.h).
@@ -145,12 +152,16 @@ class GrpcTransport:
     """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
     health, statistics and shared-memory registration."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False, access_key: tuple[str, str] | None = None):
+    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool | TLS | None = None,
+                 access_key: tuple[str, str] | None = None):
         self.url = url
         self.model = model
         self._headers = access_headers(access_key)
-        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
-        self._channel = _channel(url, ssl)
+        tls = _tls(ssl)
+        self._client = grpcclient.InferenceServerClient(
+            url, channel_args=CHANNEL_ARGS, **(tls.tritonclient_args() if tls else {})
+        )
+        self._channel = _channel(url, tls)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model_infer = self._stub.ModelInfer
 
@@ -246,14 +257,18 @@ class AsyncGrpcTransport:
     """The asyncio twin of :class:`GrpcTransport`: a ``grpc.aio`` channel for inference and a
     ``tritonclient.grpc.aio.InferenceServerClient`` for the rest."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False, access_key: tuple[str, str] | None = None):
+    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool | TLS | None = None,
+                 access_key: tuple[str, str] | None = None):
         import tritonclient.grpc.aio as aioclient
 
         self.url = url
         self.model = model
         self._headers = access_headers(access_key)
-        self._client = aioclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
-        self._channel = _channel(url, ssl, aio=True)
+        tls = _tls(ssl)
+        self._client = aioclient.InferenceServerClient(
+            url, channel_args=CHANNEL_ARGS, **(tls.tritonclient_args() if tls else {})
+        )
+        self._channel = _channel(url, tls, aio=True)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model_infer = self._stub.ModelInfer
 

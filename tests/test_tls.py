@@ -1,0 +1,80 @@
+"""TLS and mutual TLS on gRPC between the SDK and the bundled server, with certificates made here."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import tritonvision as tv
+from sdk_helpers import top
+from tritonvision_server.launcher import ServerTLS, TritonServer
+
+pytestmark = pytest.mark.slow
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by the CA; and an
+    unrelated CA."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "other_ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=tritonvision test {ca}",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", cwd=d)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mutual_tls_server(cpu_repository, pki):
+    tls = ServerTLS(cert=pki / "server.crt", key=pki / "server.key", client_ca=pki / "ca.crt")
+    with TritonServer(cpu_repository, tls=tls) as server:
+        yield server
+
+
+def test_sdk_classifies_over_mutual_tls_with_its_client_certificate(mutual_tls_server, pki, photos):
+    tls = tv.TLS(root_cert=pki / "ca.crt", cert=pki / "client.crt", key=pki / "client.key")
+    with tv.Classifier(mutual_tls_server.grpc_url, timeout=60, tls=tls) as clf:
+        assert clf.is_ready()
+        assert top(clf.classify(photos["chelsea"]))
+        assert clf.statistics().models
+
+
+@pytest.mark.parametrize("client", ["plaintext", "no client certificate", "unknown CA"])
+def test_server_refuses_clients_without_a_trusted_certificate(mutual_tls_server, pki, photos, client):
+    tls = {"plaintext": None,
+           "no client certificate": tv.TLS(root_cert=pki / "ca.crt"),
+           "unknown CA": tv.TLS(root_cert=pki / "other_ca.crt", cert=pki / "client.crt", key=pki / "client.key")}[client]
+    with tv.Classifier(mutual_tls_server.grpc_url, timeout=5, tls=tls, retry=tv.RetryPolicy(attempts=1)) as clf:
+        with pytest.raises((tv.ServerUnavailableError, tv.DeadlineExceededError)):
+            clf.classify(photos["chelsea"])
+
+
+def test_server_side_tls_without_client_certificates(cpu_repository, pki, photos):
+    tls = ServerTLS(cert=pki / "server.crt", key=pki / "server.key")
+    with TritonServer(cpu_repository, tls=tls) as server:
+        with tv.Classifier(server.grpc_url, timeout=60, tls=tv.TLS(root_cert=pki / "ca.crt")) as clf:
+            assert top(clf.classify(photos["coffee"]))
+        with tv.Classifier(server.grpc_url, timeout=5, retry=tv.RetryPolicy(attempts=1)) as plaintext:
+            with pytest.raises((tv.ServerUnavailableError, tv.DeadlineExceededError)):
+                plaintext.classify(photos["coffee"])
+
+
+def test_cli_probe_speaks_mutual_tls(mutual_tls_server, pki, photos, tmp_path):
+    from tritonvision._cli import EXIT_OK, main
+
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    probe = ["probe", "--url", mutual_tls_server.grpc_url, "--image", str(tmp_path / "cat.jpg"), "--timeout", "10"]
+    assert main([*probe, "--tls-root-cert", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
+                 "--tls-key", str(pki / "client.key")]) == EXIT_OK
+    assert main([*probe, "--tls-root-cert", str(pki / "ca.crt")]) != EXIT_OK
