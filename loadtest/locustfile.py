@@ -52,11 +52,13 @@ def _options(parser) -> None:
                        help="seconds before a request fails (env TRITONVISION_REQUEST_TIMEOUT)")
     group.add_argument("--stream-in-flight", type=int, default=int(_env("STREAM_IN_FLIGHT", "4")),
                        help="StreamUser: images outstanding on each user's stream (env TRITONVISION_STREAM_IN_FLIGHT)")
-    group.add_argument("--tls-root-cert", default=_env("TLS_ROOT_CERT", ""),
+    # Locust's own --tls-cert/--tls-key are its web UI's: these are the gRPC client's.
+    group.add_argument("--grpc-tls-root-cert", default=_env("TLS_ROOT_CERT", ""),
                        help="gRPC over TLS: the CA of the server's certificate (env TRITONVISION_TLS_ROOT_CERT)")
-    group.add_argument("--tls-cert", default=_env("TLS_CERT", ""),
+    group.add_argument("--grpc-tls-cert", default=_env("TLS_CERT", ""),
                        help="mutual TLS: this client's certificate (env TRITONVISION_TLS_CERT)")
-    group.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="mutual TLS: its key (env TRITONVISION_TLS_KEY)")
+    group.add_argument("--grpc-tls-key", default=_env("TLS_KEY", ""),
+                       help="mutual TLS: its key (env TRITONVISION_TLS_KEY)")
     group.add_argument("--bad-image-every", type=int, default=int(_env("BAD_IMAGE_EVERY", "0")),
                        help="send a corrupt image every N requests, 0 for never (env TRITONVISION_BAD_IMAGE_EVERY)")
 
@@ -88,8 +90,9 @@ class TritonUser(User):
         )
         # No retries: a failure under load is the figure a load test is for.
         tls = None
-        if opts.tls_root_cert or opts.tls_cert:
-            tls = tv.TLS(root_cert=opts.tls_root_cert or None, cert=opts.tls_cert or None, key=opts.tls_key or None)
+        if opts.grpc_tls_root_cert or opts.grpc_tls_cert:
+            tls = tv.TLS(root_cert=opts.grpc_tls_root_cert or None, cert=opts.grpc_tls_cert or None,
+                         key=opts.grpc_tls_key or None)
         self.clf = tv.Classifier(self.host, timeout=opts.request_timeout, shm=self.shm,
                                  retry=tv.RetryPolicy(attempts=1), tls=tls)
 

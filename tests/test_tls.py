@@ -78,3 +78,20 @@ def test_cli_probe_speaks_mutual_tls(mutual_tls_server, pki, photos, tmp_path):
     assert main([*probe, "--tls-root-cert", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
                  "--tls-key", str(pki / "client.key")]) == EXIT_OK
     assert main([*probe, "--tls-root-cert", str(pki / "ca.crt")]) != EXIT_OK
+
+
+def test_locust_users_speak_mutual_tls(mutual_tls_server, pki, tmp_path):
+    import csv
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    prefix = tmp_path / "tls"
+    cmd = [sys.executable, "-m", "locust", "-f", str(root / "loadtest" / "locustfile.py"), "--headless",
+           "--host", mutual_tls_server.grpc_url, "-u", "1", "-r", "1", "-t", "3s", "--csv", str(prefix),
+           "--only-summary", "--grpc-tls-root-cert", str(pki / "ca.crt"), "--grpc-tls-cert", str(pki / "client.crt"),
+           "--grpc-tls-key", str(pki / "client.key"), "UnaryUser"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    stats = prefix.with_name(prefix.name + "_stats.csv")
+    assert stats.exists(), proc.stderr[-2000:]
+    rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
+    assert int(rows["classify"]["Request Count"]) > 0 and int(rows["classify"]["Failure Count"]) == 0
