@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,7 +293,12 @@ def test_corrupt_upload_fails_only_its_own_request_in_a_shared_batch(validate_se
             inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
             client.async_infer(spec.VALIDATE, [inp], lambda result, error, i=i: results.put((i, result, error)))
         got = dict((i, (r, e)) for i, r, e in (results.get(timeout=30) for _ in uploads))
-        stats = client.get_inference_statistics(spec.VALIDATE).model_stats[0]
+        # Triton records a batch's statistics just after it sends the responses: wait for them to land.
+        end = time.monotonic() + 5
+        while not (stats := client.get_inference_statistics(spec.VALIDATE).model_stats[0]).batch_stats:
+            if time.monotonic() > end:
+                break
+            time.sleep(0.05)
     for i in (0, 2):
         result, error = got[i]
         assert error is None
