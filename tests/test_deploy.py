@@ -175,3 +175,21 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     assert server(own)["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "mine"
     off = server(render({"accessKey": {"enabled": False}}))
     assert not any("restricted" in a for a in off["args"]) and "env" not in off
+
+
+def test_tls_from_secrets_reaches_the_server_and_its_liveness_probe():
+    assert not any("ssl" in a for a in server(render())["args"])
+    m = render({"tls": {"secretName": "tv-tls", "clientCASecretName": "tv-clients"}})
+    c = server(m)
+    assert {"--grpc-use-ssl=true", "--grpc-server-cert=/etc/tritonvision/tls/tls.crt",
+            "--grpc-server-key=/etc/tritonvision/tls/tls.key", "--grpc-use-ssl-mutual=true",
+            "--grpc-root-cert=/etc/tritonvision/client-ca/ca.crt"} <= set(c["args"])
+    volumes = {v["name"]: v for v in pod(m)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "tv-tls"
+    assert volumes["client-ca"]["secret"]["secretName"] == "tv-clients"
+    mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
+    assert mounts["tls"] == "/etc/tritonvision/tls" and mounts["client-ca"] == "/etc/tritonvision/client-ca"
+    probe = c["livenessProbe"]["exec"]["command"]
+    assert "--tls-root-cert=/etc/tritonvision/tls/ca.crt" in probe and "--tls-cert=/etc/tritonvision/tls/tls.crt" in probe
+    for doc in m.values():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
