@@ -27,8 +27,8 @@ from pathlib import Path  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
 import tritonvision as tv  # noqa: E402
+from tritonvision._images import sample_paths  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 CORRUPT = b"\xff\xd8\xff\xe0 this is not the rest of a JPEG"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -43,8 +43,9 @@ def _options(parser) -> None:
     # in flight finish instead (and a stream drain), so that stopping never leaves the client half-closed.
     parser.set_defaults(stop_timeout="30")
     group = parser.add_argument_group("tritonvision")
-    group.add_argument("--images", default=_env("IMAGES", str(SAMPLES)),
-                       help="image file or folder to send, round-robin (env TRITONVISION_IMAGES)")
+    group.add_argument("--images", default=_env("IMAGES", str(sample_paths()[0].parent)),
+                       help="image file or folder to send, round-robin (default: the SDK's sample photos; "
+                            "env TRITONVISION_IMAGES)")
     group.add_argument("--top-k", type=int, default=int(_env("TOP_K", "5")), help="classes per answer (env TRITONVISION_TOP_K)")
     group.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", "60")),
                        help="seconds before a request fails (env TRITONVISION_REQUEST_TIMEOUT)")

@@ -34,7 +34,7 @@ def test_validate_step_runs_before_dali_and_passes_its_bytes_on():
 
 def test_preprocess_is_dali_on_the_gpu_with_ragged_input_and_the_engine_input_dtype():
     cfg = configs.preprocess_config(spec.GPU)
-    assert cfg.backend == "dali" and cfg.default_model_filename == "model.dali"
+    assert cfg.backend == "dali" and cfg.default_model_filename == "dali.py"
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert cfg.input[0].allow_ragged_batch
     assert cfg.output[0].data_type == mc.TYPE_FP16 == configs.resnet50_config(spec.GPU).input[0].data_type
@@ -54,14 +54,34 @@ def test_profile_refuses_pixels_that_the_engine_does_not_take():
         replace(spec.GPU, pixels_dtype="FP32")
 
 
-def test_preprocess_warms_up_on_the_shipped_photo_with_its_byte_count():
+def test_preprocess_warms_up_on_the_shipped_photos_with_their_byte_counts():
+    from PIL import Image
+
     cfg = configs.preprocess_config(spec.GPU)
-    size = configs.WARMUP_SOURCE.stat().st_size
-    assert sorted(w.batch_size for w in cfg.model_warmup) == [1, spec.GPU.max_batch_size]
-    for w in cfg.model_warmup:
-        assert list(w.inputs[spec.IMAGE.name].dims) == [size]
-    committed = Path(__file__).resolve().parents[1] / "model_repository" / spec.PREPROCESS / configs.WARMUP_FILE
-    assert committed.read_bytes() == configs.WARMUP_SOURCE.read_bytes()
+    warmups = {w.name: w for w in cfg.model_warmup}
+    assert sorted((w.batch_size, w.inputs[spec.IMAGE.name].input_data_file) for w in warmups.values()) == [
+        (1, "photo.jpg"), (1, "photo_12mp.jpg"), (spec.GPU.max_batch_size, "photo.jpg")]
+    committed = Path(__file__).resolve().parents[1] / "model_repository" / spec.PREPROCESS
+    for source, file in ((configs.WARMUP_SOURCE, configs.WARMUP_FILE), (configs.WARMUP_LARGE_SOURCE, configs.WARMUP_LARGE_FILE)):
+        assert (committed / file).read_bytes() == source.read_bytes()
+        for w in warmups.values():
+            if w.inputs[spec.IMAGE.name].input_data_file == Path(file).name:
+                assert list(w.inputs[spec.IMAGE.name].dims) == [source.stat().st_size]
+    # The large warm-up photo is what makes the decoder allocate for real uploads: a 12-megapixel photo.
+    with Image.open(configs.WARMUP_LARGE_SOURCE) as large:
+        assert large.width * large.height >= 12_000_000
+
+
+def test_cuda_graphs_run_every_dynamic_batch_size_padded_to_the_next_captured_one():
+    graphs = configs.resnet50_config(spec.GPU).optimization.cuda.graph_spec
+    sizes = sorted(spec.GPU.cuda_graph_batch_sizes)
+    assert [g.batch_size for g in graphs] == sizes
+    assert [g.graph_lower_bound.batch_size for g in graphs] == [1] + [s + 1 for s in sizes[:-1]]
+    assert sizes[-1] == spec.GPU.resnet50.batching.max_batch_size
+    # Every batch the dynamic batcher can form falls in exactly one graph's range, the smallest that holds it.
+    for batch in range(1, spec.GPU.resnet50.batching.max_batch_size + 1):
+        holding = [g.batch_size for g in graphs if g.graph_lower_bound.batch_size <= batch <= g.batch_size]
+        assert holding == [min(s for s in sizes if s >= batch)], batch
 
 
 def test_resnet50_is_a_tensorrt_plan_with_cuda_graphs_inside_the_engine_profile():
@@ -239,7 +259,9 @@ def test_engine_subcommand_exits_2_with_the_message_when_tensorrt_is_missing(mon
 
 
 def test_calibration_batches_go_through_the_serving_preprocessing():
-    samples = Path(__file__).resolve().parents[1] / "samples"
+    from tritonvision._images import sample_paths
+
+    samples = sample_paths()[0].parent
     files = engines.calibration_images(samples, limit=10)
     batches = list(engines.calibration_batches(files, batch_size=2, num_threads=1))
     assert len(batches) == len(files) // 2

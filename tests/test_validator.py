@@ -67,6 +67,10 @@ BROKEN = {
         "preferred", spec.VALIDATE, lambda c: c.dynamic_batching.preferred_batch_size.append(256)),
     "CUDA graph batch size above the max": (
         "preferred", configs.RESNET50, lambda c: c.optimization.cuda.graph_spec.add(batch_size=256)),
+    "CUDA graphs without lower bounds leave batch sizes without a graph": (
+        "graphs", configs.RESNET50, lambda c: [g.ClearField("graph_lower_bound") for g in c.optimization.cuda.graph_spec]),
+    "CUDA graph lower bound above its batch size": (
+        "graphs", configs.RESNET50, lambda c: setattr(c.optimization.cuda.graph_spec[1].graph_lower_bound, "batch_size", 99)),
     "variable-length input without ragged batching": (
         "ragged", configs.PREPROCESS, lambda c: setattr(c.input[0], "allow_ragged_batch", False)),
     "warm-up dims left variable": ("warmup", configs.PREPROCESS, lambda c: c.model_warmup[0].inputs["IMAGE"].dims.__setitem__(0, -1)),
@@ -121,10 +125,12 @@ def test_validator_catches_a_missing_label_file(gpu_repo):
 def test_validator_requires_built_artifacts_only_when_asked(gpu_repo):
     assert check_repository(gpu_repo, profile=spec.GPU) == []
     missing = {p.model for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)}
-    assert missing == {configs.PREPROCESS, configs.RESNET50}  # model.dali and model.plan are built on the GPU host
-    (gpu_repo / configs.PREPROCESS / "1" / "model.dali").write_bytes(b"x")
+    assert missing == {configs.RESNET50}  # model.plan is built on the GPU host; dali.py is generated with the configs
     (gpu_repo / configs.RESNET50 / "1" / "model.plan").write_bytes(b"x")
     assert check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True) == []
+    (gpu_repo / configs.PREPROCESS / "1" / configs.DALI_FILE).unlink()
+    missing = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)]
+    assert len(missing) == 1 and "1/dali.py is missing" in missing[0]
 
 
 def test_check_command_exits_1_on_a_broken_repository(gpu_repo):

@@ -5,7 +5,8 @@ Subcommands, each idempotent:
 - ``onnx``     export ResNet-50 (+ softmax) to ONNX with a dynamic batch axis (both profiles)
 - ``configs``  render the gpu profile's committed ``model_repository/`` configs and labels
 - ``cpu``      ``onnx`` + the cpu profile's repository (python-backend steps) under ``build/``
-- ``dali``     serialise the preprocessing pipeline with the GPU decoder as ``preprocess/1/model.dali``
+- ``dali``     write the GPU-decoder pipeline as ``preprocess/1/dali.py`` and check that this machine's DALI
+               autoserialises it the way the Triton DALI backend will
 - ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``
 - ``gpu``      (alias ``all``) ``onnx`` + ``dali`` + ``engine`` + ``configs``: the whole gpu profile
 - ``check``    validate a model repository the way Triton would at load time (and more)
@@ -53,14 +54,25 @@ def gpu_profile(precision: str | None = None) -> spec.Profile:
 
 
 def build_dali(repository: Path, profile: spec.Profile) -> Path:
+    """Write ``preprocess/1/dali.py`` and autoserialise it with this machine's DALI, as the backend will."""
+    import tempfile
+
     from . import pipeline
 
     path = Path(repository) / spec.PREPROCESS / "1" / configs.DALI_FILE
-    if pipeline.serialize_gpu_pipeline(path, profile):
+    text = pipeline.dali_model_source(profile)
+    if path.exists() and path.read_text() == text:
+        log.info("%s is up to date", path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         log.info("wrote the DALI pipeline (mixed decoder, hw_decoder_load %.2f, %s output) to %s",
                  profile.hw_decoder_load, profile.pixels_dtype, path)
-    else:
-        log.info("%s is up to date; skipping", path)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model.dali"
+        pipeline.autoserialize_model(path, target)
+        log.info("DALI %s autoserialises it (%d bytes); the server's DALI does the same when it loads the model",
+                 pipeline.dali_version(), target.stat().st_size)
     return path
 
 
@@ -140,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=DEFAULT_CPU_REPOSITORY)
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("dali", help="serialise the GPU-decoder DALI pipeline into preprocess/1/model.dali")
+    p = sub.add_parser("dali", help="write preprocess/1/dali.py (GPU decoder) and check that DALI autoserialises it")
     p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
                    help="engine precision the pixels must match (default from the spec)")
     _add_dali_args(p)
@@ -161,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("repository", type=Path, nargs="?", default=DEFAULT_GPU_REPOSITORY)
     p.add_argument("--profile", choices=sorted(spec.PROFILES), default="gpu")
     p.add_argument("--require-artifacts", action="store_true",
-                   help="also require model.plan / model.dali / model.onnx (on the serving host)")
+                   help="also require model.plan / dali.py / model.onnx (on the serving host)")
     return ap
 
 

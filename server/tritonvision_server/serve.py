@@ -10,7 +10,6 @@ from .launcher import ServerStartError, TritonServer, which_tritonserver
 
 log = logging.getLogger("tritonvision.serve")
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _repository(args: argparse.Namespace) -> Path:
@@ -29,7 +28,9 @@ def _repository(args: argparse.Namespace) -> Path:
 def _demo(url: str, images: list[str]) -> None:
     from tritonvision import Classifier, TritonVisionError
 
-    paths = images or sorted(str(p) for p in SAMPLES.glob("*.jpg"))
+    from tritonvision._images import sample_paths
+
+    paths = images or [str(p) for p in sample_paths()]
     with Classifier(url) as clf:
         for path, result in zip(paths, clf.classify_batch(paths, top_k=3, return_exceptions=True)):
             if isinstance(result, TritonVisionError):
