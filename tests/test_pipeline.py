@@ -58,7 +58,7 @@ def odd_photos(photos) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("pixels_dtype", ["FP32", "FP16"])
-def test_cpu_pipeline_matches_torchvision_reference_within_0_02(odd_photos, pixels_dtype):
+def test_cpu_pipeline_matches_torchvision_reference_within_one_grey_level(odd_photos, pixels_dtype):
     from tritonvision_server.pipeline import CpuPreprocessor
 
     names = sorted(odd_photos)
@@ -69,7 +69,9 @@ def test_cpu_pipeline_matches_torchvision_reference_within_0_02(odd_photos, pixe
     diffs = {n: float(np.abs(out[i].astype(np.float32) - _reference(odd_photos[n])).max()) for i, n in enumerate(names)}
     worst = max(diffs, key=diffs.get)
     print(f"max abs diff vs torchvision ({pixels_dtype}): {diffs}")
-    assert diffs[worst] <= 0.02, f"max abs diff per photo: {diffs}"
+    # One grey level of 255 after normalisation (test_dali_versions.TOLERANCE), plus FP16's rounding.
+    tolerance = 1.0 / 255 / min(spec.PREPROCESSING.std) + (2e-3 if pixels_dtype == "FP16" else 1e-5)
+    assert diffs[worst] <= tolerance, f"max abs diff per photo (tolerance {tolerance:.5f}): {diffs}"
 
 
 def test_exif_rotation_is_applied_not_ignored(odd_photos):

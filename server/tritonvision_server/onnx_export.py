@@ -96,7 +96,7 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
         if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
             log.info("%s is up to date (weights %s); skipping export", path, meta["weights"])
             return path
-    import torch
+    torch = require("torch", extra="build", what="ONNX export")
 
     model, used = _model(weights)
     wrapped = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
