@@ -27,7 +27,10 @@ def test_ensemble_interface_is_identical_to_the_cpu_profile():
 def test_validate_step_runs_before_dali_and_passes_its_bytes_on():
     steps = configs.ensemble_config(spec.GPU).ensemble_scheduling.step
     assert [s.model_name for s in steps] == [spec.VALIDATE, spec.PREPROCESS, spec.RESNET50]
-    assert steps[1].input_map[spec.IMAGE.name] == steps[0].output_map[spec.VALID_IMAGE.name]
+    # DALI takes the image from the ensemble input and validate's verdict, so it waits for the check.
+    assert steps[1].input_map == {spec.IMAGE.name: spec.IMAGE.name, spec.ACCEPTED.name: steps[0].output_map[spec.ACCEPTED.name]}
+    assert [i.name for i in configs.preprocess_config(spec.GPU).input] == [spec.IMAGE.name, spec.ACCEPTED.name]
+    assert [i.name for i in configs.preprocess_config(spec.CPU).input] == [spec.IMAGE.name]
     validate = configs.validate_config(spec.GPU)
     assert validate.backend == "python" and validate.input[0].allow_ragged_batch
 
@@ -318,7 +321,7 @@ def test_corrupt_upload_fails_only_its_own_request_in_a_shared_batch(validate_se
     for i in (0, 2):
         result, error = got[i]
         assert error is None
-        assert result.as_numpy(spec.VALID_IMAGE.name).tobytes() == uploads[i]
+        assert result.as_numpy(spec.ACCEPTED.name).tolist() == [[1]]
     for i, reason in ((1, "truncated JPEG"), (3, "not a supported image")):
         result, error = got[i]
         assert result is None and reason in error.message()

@@ -91,6 +91,16 @@ def test_validator_catches_broken_variant(gpu_repo, case):
     assert rule in _rules(problems), f"{case}: got {[str(p) for p in problems]}"
 
 
+def test_validator_catches_a_header_check_that_nothing_waits_for(gpu_repo):
+    # preprocess no longer takes validate's verdict: every config is consistent on its own, but DALI would
+    # decode uploads that the check refuses, alongside it.
+    _edit(gpu_repo, configs.PREPROCESS, lambda c: c.input.pop())
+    _edit(gpu_repo, configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[1].input_map.pop(spec.ACCEPTED.name))
+    problems = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule != "warmup"]
+    assert problems == ["[wiring] classifier: 'accepted' from validate.ACCEPTED is read by no later step: "
+                        "nothing waits for that step"], problems
+
+
 def test_validator_catches_a_config_that_does_not_parse(gpu_repo):
     path = gpu_repo / configs.RESNET50 / "config.pbtxt"
     path.write_text(path.read_text().replace("max_batch_size: 128", "max_batch_size: many"))

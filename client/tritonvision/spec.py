@@ -21,7 +21,7 @@ __all__ = [
     "PREPROCESS",
     "RESNET50",
     "IMAGE",
-    "VALID_IMAGE",
+    "ACCEPTED",
     "PIXELS",
     "SCORES",
     "NUM_CLASSES",
@@ -98,8 +98,11 @@ IMAGE_LIMITS = ImageLimits()
 # Ensemble interface, identical in both profiles.
 IMAGE = Tensor("IMAGE", "UINT8", (-1,))
 SCORES = Tensor("SCORES", "FP32", (NUM_CLASSES,))
-# validate -> preprocess in the gpu profile: the same bytes, passed on only when the header check accepts them.
-VALID_IMAGE = Tensor("VALID_IMAGE", "UINT8", (-1,))
+# validate -> preprocess in the gpu profile: a one-byte verdict, sent only for an image the header check
+# accepted (a refused one ends its request there). preprocess takes the image from the ensemble input and
+# waits for this, so DALI never sees a refused upload and the image is not copied back out of validate:
+# that copy halved validate's ceiling for 3 MB photos (benchmarks/validate_ceiling.py).
+ACCEPTED = Tensor("ACCEPTED", "UINT8", (1,))
 
 
 def PIXELS(dtype: str) -> Tensor:  # noqa: N802 - reads as the tensor's name

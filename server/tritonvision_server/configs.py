@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonvision import spec
-from tritonvision.spec import ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALID_IMAGE, VALIDATE, Profile
+from tritonvision.spec import ACCEPTED, ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALIDATE, Profile
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
     config = mc.ModelConfig(name=PREPROCESS)
     # Ragged batching lets requests whose encoded images differ in length share one batch.
     config.input.append(_input(IMAGE, ragged=True))
+    if profile.validate is not None:
+        config.input.append(_input(ACCEPTED))
     config.output.append(_output(profile.pixels))
     _serving(config, profile.preprocess)
     if profile.name == "cpu":
@@ -88,9 +90,11 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
         # Batch 1 compiles the decoder paths; the max batch makes DALI allocate its batch-wide buffers, and
         # the 12-megapixel photo the per-image decode buffers, at load time rather than under the first
         # burst of traffic.
+        accepted = profile.validate is not None
         for batch_size in sorted({1, profile.preprocess.batching.max_batch_size}):
-            config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE))
-        config.model_warmup.append(_warmup(1, WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE, name="photo_12mp_batch1"))
+            config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE, accepted=accepted))
+        config.model_warmup.append(_warmup(1, WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE, name="photo_12mp_batch1",
+                                           accepted=accepted))
     return config
 
 
@@ -99,7 +103,7 @@ def validate_config(profile: Profile) -> mc.ModelConfig:
     assert profile.validate is not None
     config = mc.ModelConfig(name=VALIDATE, backend="python")
     config.input.append(_input(IMAGE, ragged=True))
-    config.output.append(_output(VALID_IMAGE))
+    config.output.append(_output(ACCEPTED))
     _serving(config, profile.validate)
     return config
 
@@ -144,19 +148,20 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
     config.input.append(_input(IMAGE))
     config.output.append(_output(SCORES, labels=True))
     pixels = profile.pixels.name
-    image = IMAGE.name
+    preprocess_inputs = {IMAGE.name: IMAGE.name}
     if profile.validate is not None:
         config.ensemble_scheduling.step.append(
             mc.ModelEnsembling.Step(
                 model_name=VALIDATE, model_version=-1, input_map={IMAGE.name: IMAGE.name},
-                output_map={VALID_IMAGE.name: "valid_image"},
+                output_map={ACCEPTED.name: "accepted"},
             )
         )
-        image = "valid_image"
+        # preprocess needs validate's verdict, so it runs only for images validate let through.
+        preprocess_inputs[ACCEPTED.name] = "accepted"
     config.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(
-                model_name=PREPROCESS, model_version=-1, input_map={IMAGE.name: image}, output_map={pixels: "pixels"}
+                model_name=PREPROCESS, model_version=-1, input_map=preprocess_inputs, output_map={pixels: "pixels"}
             ),
             mc.ModelEnsembling.Step(
                 model_name=RESNET50, model_version=-1, input_map={pixels: "pixels"}, output_map={SCORES.name: SCORES.name}
@@ -172,13 +177,12 @@ def _shipped(path: Path) -> Path:
     return path
 
 
-def _warmup(batch_size: int, source: Path, file: str, name: str | None = None) -> mc.ModelWarmup:
+def _warmup(batch_size: int, source: Path, file: str, name: str | None = None, accepted: bool = False) -> mc.ModelWarmup:
     size = _shipped(source).stat().st_size
-    return mc.ModelWarmup(
-        name=name or f"photo_batch{batch_size}",
-        batch_size=batch_size,
-        inputs={IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(file).name)},
-    )
+    inputs = {IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(file).name)}
+    if accepted:  # the verdict's value does not matter to DALI, only that it is fed
+        inputs[ACCEPTED.name] = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=list(ACCEPTED.dims), zero_data=True)
+    return mc.ModelWarmup(name=name or f"photo_batch{batch_size}", batch_size=batch_size, inputs=inputs)
 
 
 def configs(profile: Profile) -> dict[str, mc.ModelConfig]:

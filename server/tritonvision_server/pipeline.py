@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from tritonvision.spec import IMAGE, PREPROCESSING
+from tritonvision.spec import ACCEPTED, IMAGE, PREPROCESSING
 
 from tritonvision._extras import require
 
@@ -24,10 +24,11 @@ def _dali():
     return dali
 
 
-def _graph_args(decoder_device: str, pixels_dtype: str, hw_decoder_load: float) -> tuple:
+def _graph_args(decoder_device: str, pixels_dtype: str, hw_decoder_load: float, accepted: str | None = None) -> tuple:
     """The arguments of :func:`.dali_graph.preprocess_graph`, in order, from the spec."""
     p = PREPROCESSING
-    return (IMAGE.name, decoder_device, pixels_dtype, hw_decoder_load, p.resize_shorter, p.crop, p.mean_255, p.std_255)
+    return (IMAGE.name, accepted, decoder_device, pixels_dtype, hw_decoder_load, p.resize_shorter, p.crop, p.mean_255,
+            p.std_255)
 
 
 def _pipeline_fn():
@@ -136,7 +137,8 @@ def dali_model_source(profile) -> str:
     graph = resources.files(__package__).joinpath("dali_graph.py").read_text(encoding="utf-8")
     footer = _MODEL_FOOTER.format(
         batch_size=profile.preprocess.batching.max_batch_size, num_threads=profile.cpu_threads, name="preprocess",
-        args=_graph_args("mixed", profile.pixels_dtype, profile.hw_decoder_load),
+        args=_graph_args("mixed", profile.pixels_dtype, profile.hw_decoder_load,
+                         ACCEPTED.name if profile.validate is not None else None),
     )
     return _MODEL_HEADER.format(profile=profile.name) + graph + footer
 

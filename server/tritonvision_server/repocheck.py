@@ -4,7 +4,8 @@ Rules (each problem names its rule, so tests can ask for a broken variant of eac
 
 - ``parse``       every ``config.pbtxt`` parses with Triton's schema; its name matches the directory
 - ``wiring``      ensemble steps use existing models, map existing inputs/outputs, and every tensor they
-                  read is an ensemble input or an earlier step's output, with matching dtype and dims
+                  read is an ensemble input or an earlier step's output, with matching dtype and dims;
+                  every step output is read by a later step or is an ensemble output
 - ``batch``       every step model batches at least as much as the ensemble
 - ``preferred``   preferred batch sizes are within 1..max_batch_size and inside the engine's profiles;
                   CUDA-graph batch sizes likewise
@@ -70,7 +71,9 @@ def _check_ensemble(name: str, ens: mc.ModelConfig, configs: dict[str, mc.ModelC
     problems = []
     # tensor name in the ensemble -> (dtype, dims, producer)
     available = {t.name: (t.data_type, list(t.dims), "ensemble input") for t in ens.input}
+    consumed = {t.name for t in ens.output}
     for i, step in enumerate(ens.ensemble_scheduling.step):
+        consumed.update(step.input_map.values())
         where = f"step {i} ({step.model_name})"
         model = configs.get(step.model_name)
         if model is None:
@@ -105,6 +108,12 @@ def _check_ensemble(name: str, ens: mc.ModelConfig, configs: dict[str, mc.ModelC
         if model.max_batch_size < ens.max_batch_size:
             problems.append(Problem("batch", name, f"{where}: {step.model_name} batches at most {model.max_batch_size}, "
                                                    f"the ensemble up to {ens.max_batch_size}"))
+    for tensor, (_, _, producer) in available.items():
+        # An output nobody reads means nothing waits for its step: a header check whose verdict preprocess
+        # does not take would let DALI decode a refused upload alongside it (and fail its whole batch).
+        if producer != "ensemble input" and tensor not in consumed:
+            problems.append(Problem("wiring", name, f"{tensor!r} from {producer} is read by no later step: "
+                                                    "nothing waits for that step"))
     for t in ens.output:
         if t.name not in available:
             problems.append(Problem("wiring", name, f"ensemble output {t.name!r} is produced by no step"))
