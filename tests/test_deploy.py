@@ -84,6 +84,30 @@ def test_pods_run_unprivileged_on_a_read_only_root():
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_shared_memory_fits_full_batches_of_phone_photos_within_the_memory_limit():
+    from tritonvision import spec as tv_spec
+    from tritonvision_server.configs import shm_bytes
+
+    m = render()
+    volumes = {v["name"]: v for v in pod(m)["volumes"]}
+    mounts = {v["mountPath"]: v["name"] for v in server(m)["volumeMounts"]}
+    size = _bytes(volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"])
+    assert size >= shm_bytes(tv_spec.GPU, 4 << 20), "a full batch of 4 MiB uploads on every validate instance must fit"
+    # A memory-backed volume counts against the container's memory: the server keeps 8 GiB besides.
+    assert _bytes(server(m)["resources"]["limits"]["memory"]) >= size + (8 << 30)
+
+
+def test_server_runs_with_the_generated_configs_as_written():
+    args = server(render())["args"]
+    assert "--disable-auto-complete-config" in args
+    assert not any(a.startswith("--strict-model-config") for a in args), "deprecated in favour of the flag above"
+
+
 def test_each_pod_builds_the_engine_for_its_gpu_before_serving():
     m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100",
                                 "extraArgs": ["--calibration-cache", "/opt/tritonvision/int8.cache"]}})

@@ -126,6 +126,29 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
     return config
 
 
+# The python backend's per-instance region starts at this size (its shm-default-byte-size, 1 MiB) and grows
+# on demand; the headroom is for the stubs' control structures and anything else in the pod's /dev/shm.
+PYTHON_BACKEND_REGION_BYTES = 1 << 20
+SHM_HEADROOM_BYTES = 256 << 20
+
+
+def shm_bytes(profile: Profile, upload_bytes: int) -> int:
+    """/dev/shm that ``profile``'s python-backend steps need when every image of a full dynamic batch on every
+    instance is ``upload_bytes`` long: the stub receives a whole batch's inputs in its shared-memory region.
+
+    In the gpu profile that is ``validate`` (its output is one byte); DALI and TensorRT exchange tensors
+    through Triton's own (device and pinned) memory. A memory-backed emptyDir of this size keeps the pod from
+    being evicted: past it, a batch fails to allocate (ENOSPC) instead.
+    """
+    pixels = 3 * spec.PREPROCESSING.crop ** 2 * (2 if profile.pixels_dtype == "FP16" else 4)
+    if profile.validate is not None:
+        steps = [(profile.validate, upload_bytes + 1)]
+    else:  # cpu profile: both steps are python models
+        steps = [(profile.preprocess, upload_bytes + pixels), (profile.resnet50, pixels + 4 * spec.NUM_CLASSES)]
+    total = sum(s.instances * (s.batching.max_batch_size * per_image + PYTHON_BACKEND_REGION_BYTES) for s, per_image in steps)
+    return total + SHM_HEADROOM_BYTES
+
+
 def graph_specs(batch_sizes) -> list[mc.ModelOptimizationPolicy.Cuda.GraphSpec]:
     """CUDA graphs that cover every batch size from 1 to the largest one captured.
 
