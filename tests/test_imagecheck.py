@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from tritonvision import spec
 from tritonvision_server.imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows
@@ -226,7 +226,9 @@ def test_jpeg_end_marker_in_a_comment_does_not_hide_truncated_scan_data():
 def test_jpeg_end_marker_of_an_exif_thumbnail_does_not_hide_truncated_scan_data():
     thumbnail = jpeg(8, 6)
     data = with_segment(jpeg(), exif_with_thumbnail(thumbnail))
-    assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8769) is not None  # Pillow reads the Exif segment
+    # Pillow finds the thumbnail where cameras put it: IFD1's offset (from the TIFF header, 12 bytes in).
+    ifd1 = Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.IFD1)
+    assert data[12 + ifd1[0x0201] :][: ifd1[0x0202]] == thumbnail
     assert inspect(data) == ImageInfo("jpeg", W, H)
     message = refused(cut_in_scan_data(data), what="a JPEG truncated in its scan data whose Exif thumbnail ends in "
                       "FF D9: the end-of-image search must start after the headers, not at byte 0")
