@@ -94,7 +94,7 @@ def test_one_request_carrying_several_images_returns_one_result_each(grpc_url, c
 
 
 def test_server_batches_concurrent_requests(classifier, photos):
-    before = classifier.statistics()
+    before = classifier.settled_statistics()
     classifier.classify_batch(list(photos.values()) * 4)
     delta = _delta(classifier, before, spec.RESNET50)
     multi = {b: c.count for b, c in delta.batches.items() if b > 1}
@@ -150,7 +150,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
     bad, message = _bad_inputs(photos)[case]
     good = [photos["astronaut"], photos["coffee"], photos["rocket"]]
     images = [good[0], bad, good[1], good[2], bad, good[0]]
-    before = classifier.statistics()
+    before = classifier.settled_statistics()
     results = classifier.classify_batch(images, return_exceptions=True)
     for image, result in zip(images, results):
         if image is bad:
