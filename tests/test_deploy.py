@@ -69,14 +69,62 @@ def test_server_pod_serves_on_named_ports_with_health_probes():
     assert service_ports == {"http": "http", "grpc": "grpc", "metrics": "metrics"}
 
 
-def test_pods_run_unprivileged_on_a_read_only_root():
+# Where each kind of workload keeps its pod spec.
+POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+
+
+def pod_specs(manifests: dict) -> dict[str, dict]:
+    """Every rendered pod spec by kind: the server's Deployment, helm test pods, jobs, ..."""
+    out = {}
+    for kind, doc in manifests.items():
+        spec = doc.get("spec") or {}
+        assert kind in POD_SPEC_PATHS or not {"template", "jobTemplate", "containers"} & set(spec), \
+            f"{kind} holds a pod spec that POD_SPEC_PATHS does not know"
+        if kind in POD_SPEC_PATHS:
+            spec = doc
+            for key in POD_SPEC_PATHS[kind]:
+                spec = spec[key]
+            out[kind] = spec
+    return out
+
+
+SECURITY_VALUES = [
+    None,
+    {"engineBuild": {"enabled": False}},
+    {"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100"}, "autoscaling": {"enabled": False}},
+]
+
+
+@pytest.mark.parametrize("values", SECURITY_VALUES)
+def test_every_pod_runs_unprivileged_on_a_read_only_root(values):
+    specs = pod_specs(render(values))
+    # The server's Deployment and the helm test pod at least; a new workload kind is checked the same way.
+    assert {"Deployment", "Pod"} <= set(specs)
+    for kind, spec in specs.items():
+        pod_sc = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is False, f"{kind}: mounts a service-account token"
+        containers = spec.get("initContainers", []) + spec["containers"] + spec.get("ephemeralContainers", [])
+        for c in containers:
+            where = f"{kind} container {c['name']!r}"
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{where}: may run as root"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allows privilege escalation"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: does not drop all capabilities"
+            assert not sc.get("privileged", False), f"{where}: privileged"
+
+
+def test_the_server_keeps_writable_tmp_and_a_memory_backed_dev_shm():
     m = render()
     spec = pod(m)
-    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
-    for c in spec["initContainers"] + spec["containers"]:
-        sc = c["securityContext"]
-        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-        assert sc["capabilities"]["drop"] == ["ALL"]
     # What a read-only root still needs writable: /tmp, and a large /dev/shm for the python backend and DALI.
     mounts = {v["mountPath"]: v["name"] for v in server(m)["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}

@@ -193,6 +193,42 @@ def test_engine_is_rebuilt_when_what_it_was_built_for_changes(monkeypatch, tmp_p
     assert dest.read_bytes().startswith(b"engine 2")
 
 
+# One different value per field of the engine's identity; a field that the file name does not show (or
+# shows, like the TensorRT version) must still make a recorded engine stale on its own.
+OTHER_VALUE = {
+    "gpu_name": "NVIDIA H100 PCIe",
+    "compute_capability": "8.9",
+    "tensorrt_version": "10.2.0",
+    "precision": "fp32",
+    "input_dtype": "FP32",
+    "onnx_sha256": "0" * 64,
+    "profiles": ((1, 64, 128),),
+    "workspace_mib": 1024,
+    "calibration_cache_sha256": "f" * 64,
+}
+
+
+@pytest.mark.parametrize("field", sorted(OTHER_VALUE))
+def test_recorded_engine_under_the_same_file_name_is_stale_when_one_field_differs(tmp_path, fake_onnx, field):
+    import dataclasses
+
+    wanted = _wanted(fake_onnx)
+    assert set(OTHER_VALUE) == {f.name for f in dataclasses.fields(engines.EngineSpec)}
+    assert getattr(wanted, field) != OTHER_VALUE[field]
+    plan, meta = engines.engine_paths(tmp_path, wanted)
+    plan.write_bytes(b"an engine")
+
+    def record(built: engines.EngineSpec) -> None:
+        meta.write_text(json.dumps({"engine": built.to_json(), "plan_sha256": engines.sha256(plan)}))
+
+    record(wanted)
+    assert engines.is_up_to_date(plan, meta, wanted)  # the same engine: reused
+    # The metadata says it was built for something else, under the very file name wanted: rebuild.
+    record(dataclasses.replace(wanted, **{field: OTHER_VALUE[field]}))
+    assert not engines.is_up_to_date(plan, meta, wanted), (
+        f"an engine recorded with {field}={OTHER_VALUE[field]!r} was reused for {field}={getattr(wanted, field)!r}")
+
+
 def test_engines_for_different_gpus_coexist_and_are_reinstalled_without_rebuilding(monkeypatch, tmp_path, fake_onnx):
     builds = FakeBuilds(monkeypatch)
     _ensure(fake_onnx, tmp_path)

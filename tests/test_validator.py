@@ -55,6 +55,10 @@ def _set_pixels_dtype(cfg):
 BROKEN = {
     # rule: (model, edit) -- each edit breaks exactly one thing the validator must catch
     "dtype mismatch along the ensemble": ("wiring", configs.PREPROCESS, _set_pixels_dtype),
+    "ensemble output dtype differs from the step producing it": (
+        "wiring", configs.RESNET50, lambda c: setattr(c.output[0], "data_type", configs.mc.TYPE_FP16)),
+    "ensemble output declared with another dtype than its step produces": (
+        "wiring", configs.ENSEMBLE, lambda c: setattr(c.output[0], "data_type", configs.mc.TYPE_FP16)),
     "dims mismatch along the ensemble": ("wiring", configs.RESNET50, lambda c: c.input[0].dims.__setitem__(1, 256)),
     "step reads a tensor nobody produces": (
         "wiring", configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[2].input_map.__setitem__("PIXELS", "pixelz")),
@@ -88,7 +92,7 @@ def test_validator_catches_broken_variant(gpu_repo, case):
     rule, model, edit = BROKEN[case]
     _edit(gpu_repo, model, edit)
     problems = check_repository(gpu_repo, profile=spec.GPU)
-    assert rule in _rules(problems), f"{case}: got {[str(p) for p in problems]}"
+    assert rule in _rules(problems), f"not caught: {case} (rule {rule!r}); reported {[str(p) for p in problems]}"
 
 
 def test_validator_catches_a_header_check_that_nothing_waits_for(gpu_repo):
