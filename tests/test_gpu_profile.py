@@ -95,6 +95,7 @@ def test_nvidia_smi_output_is_parsed_into_gpu_name_and_compute_capability():
     ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec", "8.6.1"),
     ("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --help", "10.3.0"),
     ("[TensorRT v101300]", "10.13.0"),
+    ("&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec --help", "11.1.0"),
 ])
 def test_trtexec_banner_gives_the_tensorrt_version(banner, version):
     assert engines.parse_trtexec_version(banner) == version
