@@ -17,7 +17,9 @@ removed and the input declared FP16, so the file takes DALI's FP16 pixels as the
 
 Each file has a JSON sidecar with what it was made from (the FP32 file's hash and weights, the calibration
 images' hash, the tool versions); a file whose sidecar matches is not made again. Checked against
-nvidia-modelopt 0.47.0, onnx 1.23 and ONNX Runtime 1.32.
+nvidia-modelopt 0.47.0, onnx 1.23 and ONNX Runtime 1.32. Both files are opset 19, inside the opsets 9-20
+that TensorRT 10.0's ONNX parser takes, whose QuantizeLinear accepts FP16 input with a zero point of 0 (what
+modelopt writes) according to onnx-tensorrt's docs/operators.md; no TensorRT build of them has been run here.
 """
 
 from __future__ import annotations
