@@ -6,8 +6,8 @@ INT8 calibration did not see, and prints, per precision: top-1 agreement with FP
 with FP32's top 5, and the largest and mean absolute difference of the 1000 softmax scores. Writes
 ``results/precision_agreement.json``.
 
-Held images: ``samples/*.jpg``, scikit-image's photos (colour, and greyscale ones as RGB) and rotated and
-cropped variants of some of them (or every image under ``--images DIR``). Calibration images: mirrored,
+Held images: scikit-image's photos (colour, and greyscale ones as RGB; the repository's sample photos are
+among them) and rotated and cropped variants of some of them, or every image under ``--images DIR``. Calibration images: mirrored,
 rescaled crops of scikit-image photos, written to a folder here (or ``--calibration-images DIR``).
 
 With the default random weights (seed 0) the network is untrained: its top-1 falls on few classes, so the
@@ -56,10 +56,10 @@ def _jpeg(array: np.ndarray, quality: int = 90) -> bytes:
 
 
 def held_images() -> dict[str, bytes]:
-    """>= 20 named JPEGs: the repository's samples, scikit-image photos, rotations and crops."""
+    """>= 20 named JPEGs: scikit-image photos, rotations and crops."""
     import skimage.data
 
-    images = {f"samples/{p.name}": p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))}
+    images = {}
     for name in COLOUR + GREY:
         images[name] = _jpeg(getattr(skimage.data, name)())
     for name in VARIANTS:
