@@ -158,11 +158,11 @@ def test_server_runs_with_the_generated_configs_as_written():
 
 def test_each_pod_builds_the_engine_for_its_gpu_before_serving():
     m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100",
-                                "extraArgs": ["--calibration-cache", "/opt/tritonvision/int8.cache"]}})
+                                "extraArgs": ["--workspace-mib", "8192"]}})
     (init,) = pod(m)["initContainers"]
     script = init["args"][0]
     assert ("build_engines.py engine --precision int8 --engine-dir /engine-cache --output /models "
-            '"--calibration-cache" "/opt/tritonvision/int8.cache" &&') in script
+            '"--workspace-mib" "8192" &&') in script
     assert "check --profile gpu --require-artifacts /models" in script
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1, "building an engine needs the GPU it is for"
     volumes = {v["name"]: v for v in pod(m)["volumes"]}

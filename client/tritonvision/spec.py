@@ -34,6 +34,7 @@ __all__ = [
     "StepServing",
     "EngineBuild",
     "ENGINE_PRECISIONS",
+    "ENGINE_ONNX",
     "Profile",
     "PROFILES",
     "CPU",
@@ -135,6 +136,10 @@ class StepServing:
 # Engine precision -> dtype of the engine's input (and so of PIXELS). INT8 engines keep an FP16 input:
 # the first convolution quantises it, and DALI writes FP16 as cheaply as FP32 with half the bytes.
 ENGINE_PRECISIONS: dict[str, str] = {"fp16": "FP16", "int8": "FP16", "tf32": "FP32", "fp32": "FP32"}
+# Engine precision -> the ONNX file it is built from. Engines are strongly typed (TensorRT 11 builds nothing
+# else), so the types are the ONNX file's: FP16 weights for fp16, explicit Q/DQ for int8. TF32 is not a type
+# but a math mode of FP32 convolutions, a builder setting on the FP32 file (off for fp32).
+ENGINE_ONNX: dict[str, str] = {"fp16": "fp16", "int8": "int8", "tf32": "fp32", "fp32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class EngineBuild:
 
     precision: str = "fp16"  # one of ENGINE_PRECISIONS
     workspace_mib: int = 4096
-    # INT8 calibration: images per calibration batch and at most this many images from the folder.
+    # INT8 quantisation of the ONNX file: images per calibration step and at most this many from the folder.
     calibration_batch_size: int = 32
     calibration_max_images: int = 1024
 
@@ -154,6 +159,11 @@ class EngineBuild:
     @property
     def input_dtype(self) -> str:
         return ENGINE_PRECISIONS[self.precision]
+
+    @property
+    def onnx_precision(self) -> str:
+        """Which ONNX file the engine is built from: ``fp32``, ``fp16`` or ``int8``."""
+        return ENGINE_ONNX[self.precision]
 
 
 @dataclass(frozen=True)

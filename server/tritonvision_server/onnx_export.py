@@ -1,6 +1,7 @@
 """Export torchvision's ResNet-50 (plus softmax) to ONNX with a dynamic batch axis.
 
-The same ONNX file feeds ONNX Runtime in the cpu profile and the TensorRT engine build in the gpu profile.
+The same ONNX file feeds ONNX Runtime in the cpu profile, the fp32/tf32 engine builds of the gpu profile,
+and the FP16 and INT8 files made from it (:mod:`tritonvision_server.precision`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
             dynamo=False,  # the legacy exporter is 5x faster here and gives the same graph for ResNet-50
         )
     tmp.replace(path)
-    meta_path.write_text(json.dumps({"requested": str(weights), "weights": str(used), "opset": OPSET, "export_version": EXPORT_VERSION}, indent=2))
+    meta_path.write_text(json.dumps({
+        "requested": str(weights), "weights": str(used), "precision": "fp32", "input_dtype": "FP32",
+        "opset": OPSET, "export_version": EXPORT_VERSION,
+    }, indent=2))
     log.info("exported ResNet-50 (%s weights) to %s in %.1f s", used, path, time.perf_counter() - start)
     return path
