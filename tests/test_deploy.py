@@ -221,3 +221,19 @@ def test_the_metrics_adapter_rule_serves_the_metric_the_hpa_scales_on():
     for step in (spec.VALIDATE, spec.PREPROCESS, spec.RESNET50):
         assert step in rule["metricsQuery"]
     assert f'model="{spec.ENSEMBLE}"' in rule["metricsQuery"]
+
+
+def test_server_image_targets_the_charts_release_and_refuses_random_weights():
+    import re
+
+    import yaml
+
+    dockerfile = (CHART.parents[2] / "deploy" / "Dockerfile").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    (tag,) = re.findall(r"^ARG TRITON_TAG=(\S+)$", dockerfile, flags=re.M)
+    assert tag == f"{chart['appVersion']}-py3", "the image and the chart must name the same NGC release"
+    export = next(line for line in dockerfile.splitlines() if "build_engines.py onnx" in line)
+    assert "--weights imagenet" in export and "--require-weights" in export
+    # No DALI serialisation at build time: the committed dali.py is built by the image's own DALI, and the
+    # build checks that it can be.
+    assert "build_engines.py dali --output model_repository" in dockerfile and "model.dali" not in dockerfile

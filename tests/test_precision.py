@@ -217,3 +217,22 @@ def test_onnx_subcommand_makes_the_requested_precisions_and_is_idempotent(onnx_p
     assert main(["onnx", "--weights", "random:0", "--output", str(onnx_path), "--precision", "int8"]) == 2
     assert "calibration-images" in caplog.text
     assert json.loads(precision.sidecar(onnx_path).read_text())["precision"] == "fp32"
+
+
+def test_image_builds_fail_instead_of_shipping_random_weights_when_the_download_fails(monkeypatch, tmp_path, caplog):
+    # The download is made to fail here (tests never reach the network): as an offline Docker build would.
+    from torchvision.models import ResNet50_Weights
+
+    from tritonvision_server.build import main
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(type(ResNet50_Weights.IMAGENET1K_V2), "get_state_dict", offline)
+    out = tmp_path / "resnet50.onnx"
+    assert main(["onnx", "--weights", "imagenet", "--require-weights", "--output", str(out), "--precision", "fp32"]) == 2
+    assert not out.exists() and "random weights were refused" in caplog.text
+    # Without the flag (a developer's `make serve` offline) the export falls back loudly and records it.
+    assert main(["onnx", "--weights", "imagenet", "--output", str(out), "--precision", "fp32"]) == 0
+    assert json.loads(out.with_suffix(".onnx.json").read_text())["weights"] == "random:0"
+    assert "COULD NOT DOWNLOAD" in caplog.text

@@ -79,12 +79,12 @@ def build_dali(repository: Path, profile: spec.Profile) -> Path:
 
 
 def build_onnx(output: Path, weights: str, precisions: list[str], *, calibration_images: Path | None = None,
-               force: bool = False) -> list[Path]:
+               force: bool = False, require_weights: bool = False) -> list[Path]:
     """Export the FP32 ONNX file (the source of the others) and make the file of each engine precision."""
     from . import precision
     from .onnx_export import export_onnx
 
-    export_onnx(output, weights, force=force)
+    export_onnx(output, weights, force=force, allow_random_fallback=not require_weights)
     made = []
     for p in dict.fromkeys(precisions):  # in order, once each
         made.append(precision.ensure_onnx(output, p, calibration_images_dir=calibration_images, force=force))
@@ -172,6 +172,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the FP32 file (default: build/resnet50.onnx); the others go next to it")
     _add_onnx_precision_args(p)
     p.add_argument("--force", action="store_true", help="export even if an up-to-date file exists")
+    p.add_argument("--require-weights", action="store_true",
+                   help="fail (exit 2) instead of falling back to random weights when the ImageNet download fails "
+                        "(image builds)")
 
     p = sub.add_parser("configs", help="render the gpu profile's config.pbtxt files and labels")
     p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "onnx":
             build_onnx(args.output, args.weights, args.precision, calibration_images=args.calibration_images,
-                       force=args.force)
+                       force=args.force, require_weights=args.require_weights)
         elif args.command == "configs":
             configs.write_repository(spec.GPU, args.output)
         elif args.command == "cpu":
