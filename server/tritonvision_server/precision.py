@@ -36,6 +36,8 @@ from tritonvision.spec import PIXELS, SCORES, EngineBuild
 
 from tritonvision._extras import require
 
+from .engines import sha256 as sha256_file
+
 log = logging.getLogger(__name__)
 
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
@@ -67,14 +69,6 @@ def read_sidecar(path: Path) -> dict | None:
         return json.loads(sidecar(path).read_text())
     except (OSError, ValueError):
         return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- calibration images ---------------------------------------------------------------------------------
