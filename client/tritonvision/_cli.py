@@ -254,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
     p.set_defaults(func=_serve)
     return ap
 
@@ -261,7 +264,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # A server runs for days: its lines carry the time.
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve" else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
     if hasattr(args, "header"):
         try:  # a bad address or option is a usage error (exit 2) before anything connects
             Connection.make(args.url, root_certificates=args.root_certificates, private_key=args.client_key,
