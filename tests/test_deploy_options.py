@@ -106,6 +106,10 @@ def test_a_headless_service_resolves_to_every_pod_for_client_side_balancing():
     assert headless["spec"]["selector"] == m["Service"]["spec"]["selector"]
     assert [(p["name"], p["appProtocol"]) for p in headless["spec"]["ports"]] == [("grpc", "grpc")]
     assert "Service/tv-tritonvision-headless" not in render({"service": {"headless": False}})
+    # Connections that age out make balancing clients resolve the name again and find new pods.
+    args = server(render({"server": {"grpcMaxConnectionAgeSeconds": 300, "grpcMaxConnectionAgeGraceSeconds": 60}}))["args"]
+    assert "--grpc-max-connection-age=300000" in args and "--grpc-max-connection-age-grace=60000" in args
+    assert not any("max-connection-age" in a for a in server(m)["args"])
 
 
 def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():

@@ -84,14 +84,17 @@ def pki(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_servers(pki, tmp_path_factory):
-    """Two servers requiring client certificates and the header on every gRPC call."""
+    """Two servers requiring client certificates and the header on every gRPC call, with the other flags
+    the Helm chart can add (connection age, summary latencies)."""
     from tritonvision_server.configs import write_light_repository
     from tritonvision_server.launcher import TritonServer
 
     repo = write_light_repository(tmp_path_factory.mktemp("light") / "repo")
     args = ["--grpc-use-ssl-mutual=true", f"--grpc-server-cert={pki / 'server.crt'}",
             f"--grpc-server-key={pki / 'server.key'}", f"--grpc-root-cert={pki / 'ca.crt'}",
-            f"--grpc-restricted-protocol=health,metadata,inference,statistics,shared-memory:{KEY}={HEADER[1]}"]
+            f"--grpc-restricted-protocol=health,metadata,inference,statistics,shared-memory:{KEY}={HEADER[1]}",
+            "--grpc-max-connection-age=600000", "--grpc-max-connection-age-grace=30000",
+            "--metrics-config=summary_latencies=true"]
     servers = [TritonServer(repo, extra_args=args) for _ in range(2)]
     try:
         for s in servers:
@@ -189,3 +192,13 @@ def test_locust_users_connect_with_tls_headers_and_round_robin(tls_servers, pki,
                   "--client-cert", str(pki / "client.crt"), "--client-key", str(pki / "client.key"),
                   "--load-balancing", "round_robin")
     assert int(rows["classify"]["Request Count"]) >= 2 and int(rows["classify"]["Failure Count"]) == 0
+
+
+def test_summary_latencies_put_p99_per_step_in_prometheus(tls_servers, pki, photos):
+    import urllib.request
+
+    with tv.Classifier(tls_servers[0].grpc_url, **tls(pki)) as clf:
+        clf.classify(photos["chelsea"])
+    text = urllib.request.urlopen(tls_servers[0].metrics_url, timeout=10).read().decode()
+    for step in (spec.ENSEMBLE, spec.PREPROCESS, spec.RESNET50):
+        assert f'nv_inference_queue_summary_us{{model="{step}",version="1",quantile="0.99"}}' in text
