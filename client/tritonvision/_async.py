@@ -69,6 +69,11 @@ class AsyncClassifier(_ClassifierBase):
                 self._registrar.close()
                 raise
 
+    async def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        """As :meth:`Classifier._recheck`."""
+        await self._transport.check_image(data, timeout)
+        return await self._infer(data, top_k, timeout)
+
     async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
         if self._pool is None:
             return await self._transport.infer(data, top_k, timeout)
@@ -143,7 +148,7 @@ class AsyncClassifier(_ClassifierBase):
             max_in_flight=max_in_flight,
             timeout=budget,
             pool=self._pool,
-            recheck=lambda data: self._infer(data, top_k, budget),
+            recheck=lambda data: self._recheck(data, top_k, budget),
             drain_timeout=drain_timeout,
         )
         return stream.classify(images)

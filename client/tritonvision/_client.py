@@ -151,6 +151,13 @@ class Classifier(_ClassifierBase):
         with self._pool.lease(data) as ref:
             return self._transport.infer(ref, top_k, timeout)
 
+    def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        """The outcome of an image that failed on the stream, whose responses carry no status code: the
+        header-check step alone names a refused image (InvalidImageError) without a second run through the
+        ensemble; an image it accepts is sent again in full, and the status of that answer decides."""
+        self._transport.check_image(data, timeout)
+        return self._infer(data, top_k, timeout)
+
     def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first."""
         data = encoded_bytes(image)
@@ -256,7 +263,7 @@ class Classifier(_ClassifierBase):
             max_in_flight=max_in_flight,
             timeout=budget,
             pool=self._pool,
-            recheck=lambda data: self._infer(data, top_k, budget),
+            recheck=lambda data: self._recheck(data, top_k, budget),
             drain_timeout=drain_timeout,
         )
         return stream.classify(images)

@@ -19,7 +19,8 @@ from typing import Union
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._types import Prediction
-from ..spec import ENSEMBLE, IMAGE, SCORES
+from ..exceptions import ModelNotReadyError
+from ..spec import ENSEMBLE, IMAGE, PREPROCESS, SCORES, VALIDATE
 from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel, triton_client  # noqa: F401
 from ._errors import map_error
 
@@ -63,6 +64,25 @@ def infer_request(model: str, payload: Payload, top_k: int, request_id: str = ""
     # class_count asks Triton's classification extension for "score:index:label" strings. The top-k
     # strings are a few hundred bytes, so the output always comes back in the response, never in shm.
     request.outputs.add(name=SCORES.name).parameters["classification"].int64_param = top_k
+    return request
+
+
+# Marks a request that asks again about an image the stream already had refused: the server's steps do
+# not count it in tritonvision_refused_images_total a second time.
+RECHECK_PARAMETER = "tritonvision_recheck"
+
+
+# The step that checks an image's header first: validate (gpu profile), else preprocess (cpu profile).
+CHECK_STEPS = (VALIDATE, PREPROCESS)
+
+
+def check_request(step: str, data: bytes) -> service_pb2.ModelInferRequest:
+    """The image sent to the first step alone: it answers INVALID_ARGUMENT for an image the ensemble
+    refuses at that step, without running (and failing) the ensemble again."""
+    request = service_pb2.ModelInferRequest(model_name=step)
+    request.parameters[RECHECK_PARAMETER].bool_param = True
+    request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype, shape=(1, len(data)))
+    request.raw_input_contents.append(data)
     return request
 
 
@@ -142,6 +162,19 @@ class GrpcTransport:
             callback(preds, None)
 
         future.add_done_callback(done)
+
+    def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """Whether the ensemble's first step accepts ``data``; raises its :class:`InvalidImageError` when it
+        does not. False where the server has none of :data:`CHECK_STEPS`."""
+        for step in CHECK_STEPS:
+            try:
+                self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
 
     def open_stream(self, requests, timeout: float | None = None):
         """Start ``ModelStreamInfer`` fed by the iterator ``requests``; returns the call (iterate it for
@@ -227,6 +260,18 @@ class AsyncGrpcTransport:
             return predictions(await self._model_infer(infer_request(self.model, payload, top_k), timeout=timeout))
         except Exception as exc:
             raise map_error(exc) from exc
+
+    async def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """As :meth:`GrpcTransport.check_image`."""
+        for step in CHECK_STEPS:
+            try:
+                await self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
 
     def open_stream(self, timeout: float | None = None):
         """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,
