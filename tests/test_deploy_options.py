@@ -97,6 +97,10 @@ def test_a_volume_repository_is_copied_and_gets_its_engine_built(values, volume)
 def test_two_repository_sources_at_once_are_refused():
     with pytest.raises(Exception, match="at most one"):
         render({"modelRepository": {"persistentVolumeClaim": {"claimName": "a"}, "nfs": {"server": "n", "path": "/x"}}})
+    with pytest.raises(Exception, match="needs modelRepository.nfs.server"):
+        render({"modelRepository": {"nfs": {"path": "/exports/models"}}})
+    with pytest.raises(helm.HelmValuesError):
+        render({"modelRepository": {"nfs": {"server": "nfs.internal"}}})
 
 
 def test_a_headless_service_resolves_to_every_pod_for_client_side_balancing():

@@ -178,8 +178,7 @@ def open_channel(conn: Connection, aio: bool = False):
     creds = conn.credentials()
     args = conn.channel_args()
     if aio:
-        # grpc.aio interceptors wrap streaming calls in objects without the raw call's fast paths; the
-        # aio transport passes the headers as each call's metadata instead.
+        # No interceptor here: the aio transport passes the headers as each call's metadata.
         return module.secure_channel(conn.target, creds, options=args) if creds else module.insecure_channel(conn.target, options=args)
     channel = grpc.secure_channel(conn.target, creds, options=args) if creds else grpc.insecure_channel(conn.target, options=args)
     return grpc.intercept_channel(channel, _Metadata(conn.headers)) if conn.headers else channel

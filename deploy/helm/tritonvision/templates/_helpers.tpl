@@ -59,6 +59,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if gt $set 1 }}
 {{- fail "modelRepository: set at most one of url, persistentVolumeClaim.claimName and nfs" }}
 {{- end }}
+{{- if and $r.nfs.path (not $r.nfs.server) }}
+{{- fail "modelRepository.nfs.path needs modelRepository.nfs.server" }}
+{{- end }}
 {{- if $r.persistentVolumeClaim.claimName }}pvc{{ else if $r.nfs.server }}nfs{{ end }}
 {{- end }}
 
