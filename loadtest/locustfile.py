@@ -53,6 +53,33 @@ def _options(parser) -> None:
                        help="StreamUser: images outstanding on each user's stream (env TRITONVISION_STREAM_IN_FLIGHT)")
     group.add_argument("--bad-image-every", type=int, default=int(_env("BAD_IMAGE_EVERY", "0")),
                        help="send a corrupt image every N requests, 0 for never (env TRITONVISION_BAD_IMAGE_EVERY)")
+    # Connection options of tritonvision.Classifier; the address is Locust's --host.
+    group.add_argument("--root-certificates", default=_env("ROOT_CERTIFICATES", ""),
+                       help="PEM file of the roots that signed the server's certificate: TLS (env TRITONVISION_ROOT_CERTIFICATES)")
+    group.add_argument("--client-cert", default=_env("CLIENT_CERT", ""),
+                       help="PEM client certificate chain for mutual TLS (env TRITONVISION_CLIENT_CERT)")
+    group.add_argument("--client-key", default=_env("CLIENT_KEY", ""),
+                       help="PEM client private key for mutual TLS (env TRITONVISION_CLIENT_KEY)")
+    group.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME", ""),
+                       help="name the server's certificate carries, if not the host's (env TRITONVISION_TLS_SERVER_NAME)")
+    group.add_argument("--grpc-headers", default=_env("HEADERS", ""),
+                       help="gRPC metadata on every call, KEY=VALUE[,KEY=VALUE...] (env TRITONVISION_HEADERS)")
+    group.add_argument("--load-balancing", default=_env("LOAD_BALANCING", ""), choices=("", "pick_first", "round_robin"),
+                       help="round_robin: spread each user's calls over every address the host resolves to "
+                            "(env TRITONVISION_LOAD_BALANCING)")
+
+
+def connection_options(opts) -> dict:
+    """Classifier keyword arguments from the command line's connection options."""
+    headers = dict(pair.split("=", 1) for pair in opts.grpc_headers.split(",") if pair.strip())
+    return {
+        "root_certificates": opts.root_certificates or None,
+        "certificate_chain": opts.client_cert or None,
+        "private_key": opts.client_key or None,
+        "headers": {k.strip(): v.strip() for k, v in headers.items()} or None,
+        "load_balancing": opts.load_balancing or None,
+        "tls_server_name": opts.tls_server_name or None,
+    }
 
 
 def load_images(source: str) -> list[bytes]:
@@ -82,7 +109,7 @@ class TritonUser(User):
         )
         # No retries: a failure under load is the figure a load test is for.
         self.clf = tv.Classifier(self.host, timeout=opts.request_timeout, shm=self.shm,
-                                 retry=tv.RetryPolicy(attempts=1))
+                                 retry=tv.RetryPolicy(attempts=1), **connection_options(opts))
 
     def on_stop(self) -> None:
         self.clf.close()

@@ -15,16 +15,16 @@ KUBERNETES = "1.30"
 
 
 def render(values: dict | None = None, name: str = "tv") -> dict[str, dict]:
-    """Rendered manifests by kind (the chart makes at most one of each)."""
+    """Rendered manifests by kind; a second manifest of a kind (the headless Service) is keyed "Kind/name"."""
     manifests = helm.Chart.load(CHART).render(values, name=name, namespace="ml", is_install=True)
+    docs = [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
     out = {}
-    for path, text in manifests.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                assert doc["kind"] not in out, f"two {doc['kind']} manifests"
-                out[doc["kind"]] = doc
+    # The shortest name of a kind (the release's own Service) takes the plain key.
+    for doc in sorted(docs, key=lambda d: (d["kind"], len(d["metadata"]["name"]))):
+        key = doc["kind"] if doc["kind"] not in out else f"{doc['kind']}/{doc['metadata']['name']}"
+        assert key not in out, f"two {key} manifests"
+        out[key] = doc
     return out
 
 

@@ -2,8 +2,12 @@
 
     tritonvision classify [--url URL] [--top-k K] [--json] [--shm auto|system|cuda|off] IMAGE|DIR|GLOB...
     tritonvision stats [--url URL] [--interval SECONDS] [--json]
-    tritonvision bench [--url URL] [--concurrency 1,4,16] [--seconds 10] [--shm ...] [--json] IMAGE...
+    tritonvision bench [--url URL] [--concurrency 1,4,16] [--seconds 10] [--timeout S] [--shm ...] [--json] IMAGE...
     tritonvision serve [--profile cpu|gpu] [--model-repository DIR] [--grpc-port 8001] ...
+
+The client commands take the server's address from ``--url``, else ``$TRITONVISION_URL``, else
+127.0.0.1:8001, and the connection options of :class:`tritonvision.Classifier` (TLS files, ``--header``,
+``--load-balancing``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._client import DEFAULT_URL, Classifier
+from ._client import Classifier
 from ._extras import require
-from .exceptions import InvalidImageError, TritonVisionError
+from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
+from .exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
+from .spec import NUM_CLASSES
 
 log = logging.getLogger("tritonvision")
 
-# Exit codes: 0 all classified, 1 some images refused, 2 usage/server errors, 130 interrupted.
+# Exit codes: 0 all classified, 1 some images refused or timed out, 2 usage/server errors, 130 interrupted.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -53,6 +59,14 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
 
 
+def _connect(args: argparse.Namespace, **kwargs) -> Classifier:
+    """A :class:`Classifier` with the command line's connection options."""
+    headers = dict(h.split("=", 1) for h in args.header)
+    return Classifier(args.url, ssl=args.tls, root_certificates=args.root_certificates, private_key=args.client_key,
+                      certificate_chain=args.client_cert, headers=headers, load_balancing=args.load_balancing,
+                      tls_server_name=args.tls_server_name, **kwargs)
+
+
 def _classify(args: argparse.Namespace) -> int:
     images = expand(args.images)
     if not images:
@@ -61,34 +75,38 @@ def _classify(args: argparse.Namespace) -> int:
     failed = 0
     out = []
     bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
-    with Classifier(args.url, timeout=args.timeout, shm=args.shm) as clf:
+    # Lines go through the bar's write() while it is drawn, so that results and the bar do not interleave.
+    write = (lambda text, file=sys.stdout: bar.write(text, file=file)) if bar is not None else \
+        (lambda text, file=sys.stdout: print(text, file=file))
+    with _connect(args, timeout=args.timeout, shm=args.shm) as clf:
         log.debug("shared memory: %s", clf.shm or "off")
         for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
             if bar is not None:
                 bar.update(1)
             if not result.ok:
-                if not isinstance(result.error, InvalidImageError):
+                # A refused image, or one not answered within --timeout, is that image's failure; anything
+                # else (the server went away) ends the run.
+                if not isinstance(result.error, (InvalidImageError, DeadlineExceededError)):
                     raise result.error
                 failed += 1
-                out.append({"image": image, "error": result.error.message})
+                out.append({"image": image, "error": result.error.message, "type": type(result.error).__name__})
                 if not args.json:
-                    print(f"{image}: error: {result.error.message}", file=sys.stderr)
+                    write(f"{image}: error: {result.error.message}", file=sys.stderr)
                 continue
             out.append({"image": image, "predictions": [p.to_dict() for p in result.predictions]})
             if not args.json:
-                print(image)
-                for p in result.predictions:
-                    print(f"  {p.score:7.4f}  {p.index:4d}  {p.label}")
+                write("\n".join([image] + [f"  {p.score:7.4f}  {p.index:4d}  {p.label}" for p in result.predictions]))
     if bar is not None:
         bar.close()
     if args.json:
-        json.dump(out if len(out) > 1 else out[0], sys.stdout, indent=2)
+        # Always a list, one entry per image, whatever the number of images.
+        json.dump(out, sys.stdout, indent=2)
         print()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with Classifier(args.url, timeout=args.timeout or 10) as clf:
+    with _connect(args, timeout=args.timeout or 10) as clf:
         before = clf.statistics()
         if args.interval:
             log.info("measuring for %g s", args.interval)
@@ -116,12 +134,13 @@ def _bench(args: argparse.Namespace) -> int:
     images = [Path(f).read_bytes() for f in files]
     levels = [int(c) for c in str(args.concurrency).split(",")]
     results = []
-    with Classifier(args.url, shm=args.shm) as clf:
-        clf.wait_until_ready(timeout=30)
+    with _connect(args, shm=args.shm) as clf:
+        # Fail fast: a server that is down would otherwise turn every level into a column of errors.
+        clf.wait_until_ready(timeout=args.ready_timeout)
         for c in levels:
-            bar = _progress(None, not args.no_progress, f"concurrency {c}")
+            bar = _progress(None, not args.no_progress and sys.stderr.isatty(), f"concurrency {c}")
             r = _bench.run(clf, images, concurrency=c, seconds=args.seconds, warmup=args.warmup, top_k=args.top_k,
-                           progress=bar.update if bar is not None else None)
+                           timeout=args.timeout, progress=bar.update if bar is not None else None)
             if bar is not None:
                 bar.close()
             results.append(r)
@@ -147,7 +166,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _url(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    p.add_argument("--url", default=None,
+                   help=f"Triton gRPC address host[:port] (port {DEFAULT_PORT} if none), or a gRPC target such as "
+                        f"dns:///name:port (default ${URL_ENV}, else {DEFAULT_URL})")
+    g = p.add_argument_group("connection")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates (also: a grpcs:// URL)")
+    g.add_argument("--root-certificates", metavar="PEM", help="root certificates that signed the server's certificate (TLS)")
+    g.add_argument("--client-cert", metavar="PEM", help="client certificate chain, for mutual TLS (with --client-key)")
+    g.add_argument("--client-key", metavar="PEM", help="client private key, for mutual TLS")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name the server's certificate carries, if not the URL's host")
+    g.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", type=_header,
+                   help="gRPC metadata sent with every call (repeatable)")
+    g.add_argument("--load-balancing", choices=LOAD_BALANCING, default=None,
+                   help="round_robin: spread calls over every address the URL resolves to (a headless Service)")
+
+
+def _header(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _top_k(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= k <= NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {NUM_CLASSES}, got {k}")
+    return k
 
 
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
@@ -164,9 +211,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify image files, folders or globs")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="files, folders (searched recursively) or globs")
     _url(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per image")
+    p.add_argument("--top-k", type=_top_k, default=5, help=f"classes per image, 1 to {NUM_CLASSES} (default 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per image; an image not answered in time counts as failed and the run goes on")
     _shm(p, "off")
     p.set_defaults(func=_classify)
 
@@ -184,9 +232,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_top_k, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed (default 60)")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="seconds to wait for the server to be ready before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn unless stderr is a terminal)")
     _shm(p, "off")
     p.set_defaults(func=_bench)
 
@@ -203,19 +254,34 @@ def parser() -> argparse.ArgumentParser:
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
     p.set_defaults(func=_serve)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = parser()
+    args = ap.parse_args(argv)
+    # A server runs for days: its lines carry the time.
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve" else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    if hasattr(args, "header"):
+        try:  # a bad address or option is a usage error (exit 2) before anything connects
+            Connection.make(args.url, root_certificates=args.root_certificates, private_key=args.client_key,
+                            certificate_chain=args.client_cert, headers=dict(h.split("=", 1) for h in args.header))
+        except ValueError as exc:
+            ap.error(str(exc))
     if getattr(args, "shm", None) == "off":
         args.shm = None
     try:
         return args.func(args)
     except TritonVisionError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
+        target = normalize_url(args.url)[0] if hasattr(args, "url") else ""
+        if isinstance(exc, (ServerUnavailableError, DeadlineExceededError)) and target.endswith(":8000"):
+            log.error("port 8000 is Triton's HTTP port by default; tritonvision needs the gRPC port (%d)", DEFAULT_PORT)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

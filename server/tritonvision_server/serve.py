@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer, which_tritonserver
 
 log = logging.getLogger("tritonvision.serve")
+
+# Lines of Triton's log that say why it did not start: glog errors ("E1127 22:57:43.058 ..."), a refused
+# command-line option (printed after the whole options table), "error: creating server: ...", and the rows
+# of the model table for models that failed to load.
+_CAUSE = re.compile(r"^E\d{4} |Bad option|option format|error: |\| *UNAVAILABLE|Unrecognized|unknown option", re.I)
+
+
+def start_failure(tail: str) -> list[str]:
+    """The lines of a server log tail that name the cause of a failed start (empty when none does)."""
+    return [line.rstrip() for line in tail.splitlines() if _CAUSE.search(line)]
+
+
+def tls_args(args: argparse.Namespace) -> list[str]:
+    """tritonserver's gRPC TLS flags (Triton 2.51: --grpc-use-ssl[-mutual], --grpc-server-cert/-key,
+    --grpc-root-cert) from ``serve``'s options; mutual TLS when a root certificate for clients is given."""
+    cert, key, root = (getattr(args, name, None) for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"))
+    if not (cert or key or root):
+        return []
+    if not (cert and key):
+        raise ValueError("--grpc-tls-cert and --grpc-tls-key go together")
+    out = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(cert).resolve()}", f"--grpc-server-key={Path(key).resolve()}"]
+    if root:
+        out += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(root).resolve()}"]
+    return out
 
 
 
@@ -40,6 +65,11 @@ def _demo(url: str, images: list[str]) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    try:
+        tls = tls_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     repository = _repository(args)
     server = TritonServer(
         repository,
@@ -48,16 +78,24 @@ def serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         tritonserver=which_tritonserver(args.tritonserver),
-        extra_args=args.server_arg,
+        extra_args=list(args.server_arg) + tls,
         startup_timeout=args.startup_timeout,
         log_verbose=1 if args.verbose else 0,
     )
     try:
         server.start()
     except ServerStartError as exc:
-        log.error("%s", exc)
+        cause = start_failure(server.log_tail(60))
+        first_line = str(exc).splitlines()[0].removesuffix("; last log lines:")
+        if cause:
+            log.error("%s; Triton said:\n  %s", first_line, "\n  ".join(cause))
+        else:
+            log.error("%s", exc)
+        log.error("check the repository with: python build_engines.py check --profile %s %s", args.profile, repository)
         return 1
-    if args.demo is not None:
+    if args.demo is not None and tls:
+        log.info("demo skipped: the server requires TLS")
+    elif args.demo is not None:
         _demo(server.grpc_url, args.demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
     return server.serve_forever()

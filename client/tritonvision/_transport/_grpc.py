@@ -11,28 +11,18 @@ and the classification strings are parsed from the raw response bytes.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Union
 
-import grpc
-import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._types import Prediction
-from ..spec import ENSEMBLE, IMAGE, SCORES
+from ..exceptions import ModelNotReadyError
+from ..spec import ENSEMBLE, IMAGE, PREPROCESS, SCORES, VALIDATE
+from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel, triton_client  # noqa: F401
 from ._errors import map_error
-
-# tritonclient's defaults, plus a short reconnect backoff: gRPC otherwise waits up to two minutes before
-# reconnecting to a restarted server, and every retry in between would fail at once with UNAVAILABLE.
-MAX_MESSAGE_BYTES = 2**31 - 1
-CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 @dataclass(frozen=True)
@@ -77,6 +67,25 @@ def infer_request(model: str, payload: Payload, top_k: int, request_id: str = ""
     return request
 
 
+# Marks a request that asks again about an image the stream already had refused: the server's steps do
+# not count it in tritonvision_refused_images_total a second time.
+RECHECK_PARAMETER = "tritonvision_recheck"
+
+
+# The step that checks an image's header first: validate (gpu profile), else preprocess (cpu profile).
+CHECK_STEPS = (VALIDATE, PREPROCESS)
+
+
+def check_request(step: str, data: bytes) -> service_pb2.ModelInferRequest:
+    """The image sent to the first step alone: it answers INVALID_ARGUMENT for an image the ensemble
+    refuses at that step, without running (and failing) the ensemble again."""
+    request = service_pb2.ModelInferRequest(model_name=step)
+    request.parameters[RECHECK_PARAMETER].bool_param = True
+    request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype, shape=(1, len(data)))
+    request.raw_input_contents.append(data)
+    return request
+
+
 def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
     """The top-k predictions of the one image of a ``ModelInferResponse``.
 
@@ -107,12 +116,8 @@ def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
     return [Prediction.parse(entry) for entry in entries]
 
 
-
-def _channel(url: str, ssl: bool, aio: bool = False):
-    module = grpc.aio if aio else grpc
-    if ssl:
-        return module.secure_channel(url, grpc.ssl_channel_credentials(), options=CHANNEL_ARGS)
-    return module.insecure_channel(url, options=CHANNEL_ARGS)
+def _connection(url: str | Connection, ssl: bool) -> Connection:
+    return url if isinstance(url, Connection) else Connection.make(url, ssl=ssl)
 
 
 def _closed() -> None:
@@ -123,11 +128,13 @@ class GrpcTransport:
     """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
     health, statistics and shared-memory registration."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False):
-        self.url = url
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+        self.connection = _connection(url, ssl)
+        self.url = self.connection.target
         self.model = model
-        self._client = grpcclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
-        self._channel = _channel(url, ssl)
+        self._headers = self.connection.header_dict
+        self._client = triton_client(self.connection)
+        self._channel = open_channel(self.connection)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model_infer = self._stub.ModelInfer
 
@@ -156,6 +163,19 @@ class GrpcTransport:
 
         future.add_done_callback(done)
 
+    def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """Whether the ensemble's first step accepts ``data``; raises its :class:`InvalidImageError` when it
+        does not. False where the server has none of :data:`CHECK_STEPS`."""
+        for step in CHECK_STEPS:
+            try:
+                self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
+
     def open_stream(self, requests, timeout: float | None = None):
         """Start ``ModelStreamInfer`` fed by the iterator ``requests``; returns the call (iterate it for
         responses; ``.cancel()`` it to end)."""
@@ -164,8 +184,8 @@ class GrpcTransport:
     # -- health and statistics -------------------------------------------------------------------------
     def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return self._client.is_server_ready(client_timeout=timeout) and self._client.is_model_ready(
-                self.model, client_timeout=timeout
+            return self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and self._client.is_model_ready(
+                self.model, headers=self._headers, client_timeout=timeout
             )
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
@@ -173,20 +193,20 @@ class GrpcTransport:
     def statistics(self, timeout: float | None = None) -> dict:
         """Triton's statistics of every model (``ModelStatisticsResponse`` as JSON)."""
         try:
-            return self._client.get_inference_statistics("", as_json=True, client_timeout=timeout)
+            return self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 
     # -- shared memory ---------------------------------------------------------------------------------
     def register_system_shm(self, name: str, key: str, byte_size: int) -> None:
         try:
-            self._client.register_system_shared_memory(name, key, byte_size)
+            self._client.register_system_shared_memory(name, key, byte_size, headers=self._headers)
         except Exception as exc:
             raise map_error(exc) from exc
 
     def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         try:
-            self._client.register_cuda_shared_memory(name, raw_handle, device_id, byte_size)
+            self._client.register_cuda_shared_memory(name, raw_handle, device_id, byte_size, headers=self._headers)
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -195,7 +215,7 @@ class GrpcTransport:
             self._client.unregister_cuda_shared_memory if kind == "cuda" else self._client.unregister_system_shared_memory
         )
         try:
-            unregister(name, client_timeout=timeout)
+            unregister(name, headers=self._headers, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -205,7 +225,7 @@ class GrpcTransport:
             self._client.get_cuda_shared_memory_status if kind == "cuda" else self._client.get_system_shared_memory_status
         )
         try:
-            return sorted(status(as_json=True).get("regions", {}))
+            return sorted(status(headers=self._headers, as_json=True).get("regions", {}))
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -223,15 +243,17 @@ class AsyncGrpcTransport:
     """The asyncio twin of :class:`GrpcTransport`: a ``grpc.aio`` channel for inference and a
     ``tritonclient.grpc.aio.InferenceServerClient`` for the rest."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool = False):
-        import tritonclient.grpc.aio as aioclient
-
-        self.url = url
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+        self.connection = _connection(url, ssl)
+        self.url = self.connection.target
         self.model = model
-        self._client = aioclient.InferenceServerClient(url, ssl=ssl, channel_args=CHANNEL_ARGS)
-        self._channel = _channel(url, ssl, aio=True)
+        self._headers = self.connection.header_dict
+        self._client = triton_client(self.connection, aio=True)
+        self._channel = open_channel(self.connection, aio=True)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._model_infer = self._stub.ModelInfer
+        # The connection's headers go with every call as its metadata (see open_channel).
+        self._metadata = self.connection.headers or None
+        self._model_infer = functools.partial(self._stub.ModelInfer, metadata=self._metadata)
 
     async def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
         try:
@@ -239,22 +261,34 @@ class AsyncGrpcTransport:
         except Exception as exc:
             raise map_error(exc) from exc
 
+    async def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """As :meth:`GrpcTransport.check_image`."""
+        for step in CHECK_STEPS:
+            try:
+                await self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
+
     def open_stream(self, timeout: float | None = None):
         """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,
         ``await call.done_writing()`` to half-close, ``call.cancel()`` to end."""
-        return self._stub.ModelStreamInfer(timeout=timeout)
+        return self._stub.ModelStreamInfer(timeout=timeout, metadata=self._metadata)
 
     async def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return await self._client.is_server_ready(client_timeout=timeout) and await self._client.is_model_ready(
-                self.model, client_timeout=timeout
+            return await self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and await self._client.is_model_ready(
+                self.model, headers=self._headers, client_timeout=timeout
             )
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
 
     async def statistics(self, timeout: float | None = None) -> dict:
         try:
-            return await self._client.get_inference_statistics("", as_json=True, client_timeout=timeout)
+            return await self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
         except Exception as exc:
             raise map_error(exc) from exc
 

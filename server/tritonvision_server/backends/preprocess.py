@@ -50,7 +50,7 @@ class TritonPythonModel:
             try:
                 samples, formats = self._samples(request)
             except InvalidImage as exc:
-                responses[i] = error_response(str(exc))
+                responses[i] = error_response(str(exc), reason="header", request=request)
                 continue
             work.append((i, samples, formats))
         if work:
@@ -66,7 +66,8 @@ class TritonPythonModel:
                     try:
                         responses[i] = self._response(self.pre(samples))
                     except Exception:  # noqa: BLE001 - DALI raises RuntimeError for any decode failure
-                        responses[i] = error_response(decode_error_message(formats[0]))
+                        responses[i] = error_response(decode_error_message(formats[0]), reason="decode",
+                                                      request=requests[i])
         return responses
 
     def _response(self, pixels):

@@ -27,7 +27,7 @@ class TritonPythonModel:
             try:
                 inspect_rows(rows)
             except InvalidImage as exc:
-                responses.append(error_response(str(exc)))
+                responses.append(error_response(str(exc), reason="header", request=request))
                 continue
             verdict = np.ones((rows.shape[0] if rows.ndim > 1 else 1, 1), dtype=np.uint8)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(ACCEPTED.name, verdict)]))
