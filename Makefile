@@ -8,7 +8,15 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= server,build,test,images,cli,loadtest,deploy
 WEIGHTS ?= imagenet
 
-.PHONY: serve test install build gpu-configs bench loadtest clean
+.PHONY: serve test install build gpu-configs bench loadtest clean dali-envs wheel-venv
+
+# The DALI releases of the oldest and newest NGC tritonserver images supported (26.02, 26.06), each in a
+# virtual environment of its own: tests/test_dali_versions.py runs the gpu profile's dali.py under each.
+DALI_VERSIONS ?= 1.53.0 2.1.1
+DALI_ENVS ?= $(VENV)-dali
+# The built wheel (not the editable checkout) installed into a clean environment: tests/test_wheel.py.
+WHEEL_VENV ?= $(VENV)-wheel
+PACKAGE_FILES := pyproject.toml $(shell find client server -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +35,26 @@ serve: $(STAMP)
 	$(VENV)/bin/tritonvision serve --weights $(WEIGHTS) --demo $(SERVE_ARGS)
 
 ## Set up and run the whole test suite (what CI runs).
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) dali-envs wheel-venv
+	TRITONVISION_DALI_ENVS=$(abspath $(DALI_ENVS)) TRITONVISION_WHEEL_VENV=$(abspath $(WHEEL_VENV)) \
+		$(PY) -m pytest $(PYTEST_ARGS)
+
+dali-envs: $(foreach v,$(DALI_VERSIONS),$(DALI_ENVS)/$(v)/.installed)
+
+$(DALI_ENVS)/%/.installed:
+	rm -rf $(DALI_ENVS)/$*
+	$(PYTHON) -m venv $(DALI_ENVS)/$*
+	$(DALI_ENVS)/$*/bin/python -m pip install -q 'nvidia-dali-cuda130==$*' 'numpy<2'
+	touch $@
+
+wheel-venv: $(WHEEL_VENV)/.installed
+
+$(WHEEL_VENV)/.installed: $(PACKAGE_FILES) $(STAMP)
+	rm -rf build/dist $(WHEEL_VENV)
+	$(PY) -m pip wheel -q --no-deps -w build/dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q build/dist/tritonvision-*.whl -c constraints.txt
+	touch $@
 
 ## Regenerate the committed gpu-profile configs from the spec.
 gpu-configs: $(STAMP)
@@ -43,4 +69,4 @@ loadtest: $(STAMP)
 	$(PY) loadtest/sweep.py $(LOADTEST_ARGS)
 
 clean:
-	rm -rf build results
+	rm -rf build results $(DALI_ENVS) $(WHEEL_VENV)

@@ -141,7 +141,9 @@ def main(argv=None) -> int:
 
     build = ROOT / "build" / "bench"
     repo = build_cpu_repository(build / "model_repository_cpu", build / "resnet50.onnx", args.weights)
-    images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]
+    from tritonvision._images import sample_paths
+
+    images = [p.read_bytes() for p in sample_paths()]
 
     baseline = InProcess(build / "resnet50.onnx", images)
     with TritonServer(repo) as server:
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         "hardware": hardware(),
         "versions": {"python": platform.python_version(), "dali": version("nvidia-dali-cuda130"), "onnxruntime": version("onnxruntime"),
                      "tritonclient": version("tritonclient"), "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
-        "images": [p.name for p in sorted((ROOT / "samples").glob("*.jpg"))],
+        "images": [p.name for p in sample_paths()],
         "in_process": base,
         "served": srv,
         "ratios": {

@@ -115,7 +115,9 @@ def main(argv=None) -> int:
     from tritonvision_server.configs import write_light_repository
     from tritonvision_server.launcher import TritonServer
 
-    images = [p.read_bytes() for p in sorted((ROOT / "samples").glob("*.jpg"))]
+    from tritonvision._images import sample_paths
+
+    images = [p.read_bytes() for p in sample_paths()]
     failures: list[str] = []
     result = {"device": machine.gpu() or "none", "hardware": machine.hardware(), "python": platform.python_version()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,8 +29,8 @@ from pathlib import Path  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 
 import tritonvision as tv  # noqa: E402
+from tritonvision._images import sample_paths  # noqa: E402
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 CORRUPT = b"\xff\xd8\xff\xe0 this is not the rest of a JPEG"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -45,22 +45,48 @@ def _options(parser) -> None:
     # in flight finish instead (and a stream drain), so that stopping never leaves the client half-closed.
     parser.set_defaults(stop_timeout="30")
     group = parser.add_argument_group("tritonvision")
-    group.add_argument("--images", default=_env("IMAGES", str(SAMPLES)),
-                       help="image file or folder to send, round-robin (env TRITONVISION_IMAGES)")
+    group.add_argument("--images", default=_env("IMAGES", str(sample_paths()[0].parent)),
+                       help="image file or folder to send, round-robin (default: the SDK's sample photos; "
+                            "env TRITONVISION_IMAGES)")
     group.add_argument("--top-k", type=int, default=int(_env("TOP_K", "5")), help="classes per answer (env TRITONVISION_TOP_K)")
     group.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", "60")),
                        help="seconds before a request fails (env TRITONVISION_REQUEST_TIMEOUT)")
     group.add_argument("--stream-in-flight", type=int, default=int(_env("STREAM_IN_FLIGHT", "4")),
                        help="StreamUser: images outstanding on each user's stream (env TRITONVISION_STREAM_IN_FLIGHT)")
-    # Locust's own --tls-cert/--tls-key are its web UI's: these are the gRPC client's.
-    group.add_argument("--grpc-tls-root-cert", default=_env("TLS_ROOT_CERT", ""),
-                       help="gRPC over TLS: the CA of the server's certificate (env TRITONVISION_TLS_ROOT_CERT)")
-    group.add_argument("--grpc-tls-cert", default=_env("TLS_CERT", ""),
-                       help="mutual TLS: this client's certificate (env TRITONVISION_TLS_CERT)")
-    group.add_argument("--grpc-tls-key", default=_env("TLS_KEY", ""),
-                       help="mutual TLS: its key (env TRITONVISION_TLS_KEY)")
     group.add_argument("--bad-image-every", type=int, default=int(_env("BAD_IMAGE_EVERY", "0")),
                        help="send a corrupt image every N requests, 0 for never (env TRITONVISION_BAD_IMAGE_EVERY)")
+    # Connection options of tritonvision.Classifier; the address is Locust's --host. (Locust's own
+    # --tls-cert/--tls-key are its web UI's, hence these names.)
+    group.add_argument("--root-certificates", default=_env("ROOT_CERTIFICATES", ""),
+                       help="PEM file of the roots that signed the server's certificate: TLS (env TRITONVISION_ROOT_CERTIFICATES)")
+    group.add_argument("--client-cert", default=_env("CLIENT_CERT", ""),
+                       help="PEM client certificate chain for mutual TLS (env TRITONVISION_CLIENT_CERT)")
+    group.add_argument("--client-key", default=_env("CLIENT_KEY", ""),
+                       help="PEM client private key for mutual TLS (env TRITONVISION_CLIENT_KEY)")
+    group.add_argument("--tls-server-name", default=_env("TLS_SERVER_NAME", ""),
+                       help="name the server's certificate carries, if not the host's (env TRITONVISION_TLS_SERVER_NAME)")
+    group.add_argument("--grpc-headers", default=_env("HEADERS", ""),
+                       help="gRPC metadata on every call, KEY=VALUE[,KEY=VALUE...] (env TRITONVISION_HEADERS)")
+    group.add_argument("--access-key", default=_env("ACCESS_KEY", ""), metavar="NAME=VALUE",
+                       help="the server's access key (serve --access-key), needed by ShmUser's registrations "
+                            "(env TRITONVISION_ACCESS_KEY)")
+    group.add_argument("--load-balancing", default=_env("LOAD_BALANCING", ""), choices=("", "pick_first", "round_robin"),
+                       help="round_robin: spread each user's calls over every address the host resolves to "
+                            "(env TRITONVISION_LOAD_BALANCING)")
+
+
+def connection_options(opts) -> dict:
+    """Classifier keyword arguments from the command line's connection options."""
+    headers = dict(pair.split("=", 1) for pair in opts.grpc_headers.split(",") if pair.strip())
+    return {
+        "root_certificates": opts.root_certificates or None,
+        "certificate_chain": opts.client_cert or None,
+        "private_key": opts.client_key or None,
+        "headers": {k.strip(): v.strip() for k, v in headers.items()} or None,
+        "load_balancing": opts.load_balancing or None,
+        "tls_server_name": opts.tls_server_name or None,
+        "access_key": tuple(opts.access_key.split("=", 1)) if "=" in opts.access_key else None,
+    }
 
 
 def load_images(source: str) -> list[bytes]:
@@ -89,12 +115,8 @@ class TritonUser(User):
             for n in itertools.count()
         )
         # No retries: a failure under load is the figure a load test is for.
-        tls = None
-        if opts.grpc_tls_root_cert or opts.grpc_tls_cert:
-            tls = tv.TLS(root_cert=opts.grpc_tls_root_cert or None, cert=opts.grpc_tls_cert or None,
-                         key=opts.grpc_tls_key or None)
         self.clf = tv.Classifier(self.host, timeout=opts.request_timeout, shm=self.shm,
-                                 retry=tv.RetryPolicy(attempts=1), tls=tls)
+                                 retry=tv.RetryPolicy(attempts=1), **connection_options(opts))
 
     def on_stop(self) -> None:
         self.clf.close()

@@ -109,7 +109,9 @@ def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     import perf_analyzer
 
     binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
-    image = sorted((ROOT / "samples").glob("*.jpg"))[0].read_bytes()
+    from tritonvision._images import sample_paths
+
+    image = sample_paths()[0].read_bytes()
     data = perf_analyzer.input_data(image, out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)

@@ -53,3 +53,27 @@ def test_shared_memory_is_refused_for_a_server_on_another_host_unless_forced():
     with pytest.raises(tv.SharedMemoryError, match="not on this host"):
         tv.Classifier("192.0.2.1:8001", shm="system")
     assert tv.Classifier("192.0.2.1:8001", shm="auto").shm is None
+
+
+def test_the_access_key_is_the_restricted_protocol_header_next_to_other_headers():
+    # Triton 2.51 reads the key of --grpc-restricted-protocol=...:<name>=<value> from the gRPC metadata
+    # triton-grpc-protocol-<name>; the SDK's access_key is that header, added to the caller's own.
+    with tv.Classifier("127.0.0.1:8001", access_key=("TV-Admin", "v"), headers={"x-gateway": "g"}) as clf:
+        assert dict(clf.connection.headers) == {"x-gateway": "g", "triton-grpc-protocol-tv-admin": "v"}
+    with tv.Classifier("127.0.0.1:8001") as clf:
+        assert clf.connection.headers == ()
+
+
+def test_the_async_client_and_the_cli_pass_the_key(keyed_server, capsys):
+    import asyncio
+
+    from tritonvision._cli import EXIT_ERROR, EXIT_OK, main
+
+    async def stats():
+        async with tv.AsyncClassifier(keyed_server.grpc_url, timeout=60, access_key=KEY) as clf:
+            return await clf.statistics()
+
+    assert asyncio.run(stats()).models
+    assert main(["stats", "--url", keyed_server.grpc_url, "--json", "--access-key", "=".join(KEY)]) == EXIT_OK
+    assert main(["stats", "--url", keyed_server.grpc_url, "--json"]) == EXIT_ERROR
+    capsys.readouterr()

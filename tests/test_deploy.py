@@ -15,16 +15,16 @@ KUBERNETES = "1.30"
 
 
 def render(values: dict | None = None, name: str = "tv") -> dict[str, dict]:
-    """Rendered manifests by kind (the chart makes at most one of each)."""
+    """Rendered manifests by kind; a second manifest of a kind (the headless Service) is keyed "Kind/name"."""
     manifests = helm.Chart.load(CHART).render(values, name=name, namespace="ml", is_install=True)
+    docs = [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
     out = {}
-    for path, text in manifests.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                assert doc["kind"] not in out, f"two {doc['kind']} manifests"
-                out[doc["kind"]] = doc
+    # The shortest name of a kind (the release's own Service) takes the plain key.
+    for doc in sorted(docs, key=lambda d: (d["kind"], len(d["metadata"]["name"]))):
+        key = doc["kind"] if doc["kind"] not in out else f"{doc['kind']}/{doc['metadata']['name']}"
+        assert key not in out, f"two {key} manifests"
+        out[key] = doc
     return out
 
 
@@ -75,14 +75,62 @@ def test_server_pod_serves_on_named_ports_with_health_probes():
     assert service_ports == {"http": "http", "grpc": "grpc", "metrics": "metrics"}
 
 
-def test_pods_run_unprivileged_on_a_read_only_root():
+# Where each kind of workload keeps its pod spec.
+POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+
+
+def pod_specs(manifests: dict) -> dict[str, dict]:
+    """Every rendered pod spec by kind: the server's Deployment, helm test pods, jobs, ..."""
+    out = {}
+    for kind, doc in manifests.items():
+        spec = doc.get("spec") or {}
+        assert kind in POD_SPEC_PATHS or not {"template", "jobTemplate", "containers"} & set(spec), \
+            f"{kind} holds a pod spec that POD_SPEC_PATHS does not know"
+        if kind in POD_SPEC_PATHS:
+            spec = doc
+            for key in POD_SPEC_PATHS[kind]:
+                spec = spec[key]
+            out[kind] = spec
+    return out
+
+
+SECURITY_VALUES = [
+    None,
+    {"engineBuild": {"enabled": False}},
+    {"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100"}, "autoscaling": {"enabled": False}},
+]
+
+
+@pytest.mark.parametrize("values", SECURITY_VALUES)
+def test_every_pod_runs_unprivileged_on_a_read_only_root(values):
+    specs = pod_specs(render(values))
+    # The server's Deployment and the helm test pod at least; a new workload kind is checked the same way.
+    assert {"Deployment", "Pod"} <= set(specs)
+    for kind, spec in specs.items():
+        pod_sc = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is False, f"{kind}: mounts a service-account token"
+        containers = spec.get("initContainers", []) + spec["containers"] + spec.get("ephemeralContainers", [])
+        for c in containers:
+            where = f"{kind} container {c['name']!r}"
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{where}: may run as root"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{where}: writable root filesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{where}: allows privilege escalation"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}: does not drop all capabilities"
+            assert not sc.get("privileged", False), f"{where}: privileged"
+
+
+def test_the_server_keeps_writable_tmp_and_a_memory_backed_dev_shm():
     m = render()
     spec = pod(m)
-    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
-    for c in spec["initContainers"] + spec["containers"]:
-        sc = c["securityContext"]
-        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
-        assert sc["capabilities"]["drop"] == ["ALL"]
     # What a read-only root still needs writable: /tmp, and a large /dev/shm for the python backend and DALI.
     mounts = {v["mountPath"]: v["name"] for v in server(m)["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -90,13 +138,37 @@ def test_pods_run_unprivileged_on_a_read_only_root():
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+def test_shared_memory_fits_full_batches_of_phone_photos_within_the_memory_limit():
+    from tritonvision import spec as tv_spec
+    from tritonvision_server.configs import shm_bytes
+
+    m = render()
+    volumes = {v["name"]: v for v in pod(m)["volumes"]}
+    mounts = {v["mountPath"]: v["name"] for v in server(m)["volumeMounts"]}
+    size = _bytes(volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"])
+    assert size >= shm_bytes(tv_spec.GPU, 4 << 20), "a full batch of 4 MiB uploads on every validate instance must fit"
+    # A memory-backed volume counts against the container's memory: the server keeps 8 GiB besides.
+    assert _bytes(server(m)["resources"]["limits"]["memory"]) >= size + (8 << 30)
+
+
+def test_server_runs_with_the_generated_configs_as_written():
+    args = server(render())["args"]
+    assert "--disable-auto-complete-config" in args
+    assert not any(a.startswith("--strict-model-config") for a in args), "deprecated in favour of the flag above"
+
+
 def test_each_pod_builds_the_engine_for_its_gpu_before_serving():
     m = render({"engineBuild": {"precision": "int8", "cacheClaim": "engines-h100",
-                                "extraArgs": ["--calibration-cache", "/opt/tritonvision/int8.cache"]}})
+                                "extraArgs": ["--workspace-mib", "8192"]}})
     (init,) = pod(m)["initContainers"]
     script = init["args"][0]
     assert ("build_engines.py engine --precision int8 --engine-dir /engine-cache --output /models "
-            '"--calibration-cache" "/opt/tritonvision/int8.cache" &&') in script
+            '"--workspace-mib" "8192" &&') in script
     assert "check --profile gpu --require-artifacts /models" in script
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1, "building an engine needs the GPU it is for"
     volumes = {v["name"]: v for v in pod(m)["volumes"]}
@@ -165,10 +237,14 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     for arg in restricted:
         protocols, key = arg.split("=", 1)[1].split(":", 1)
         assert set(protocols.split(",")) == {"shared-memory", "model-repository", "statistics"}
-        assert key == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY)"
-    (env,) = [e for e in c["env"] if e["name"] == "TRITONVISION_ACCESS_KEY"]
+        assert key == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY_VALUE)"
+    env = {e["name"]: e for e in c["env"]}
     secret = m["Secret"]
-    assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "accessKey"}
+    assert env["TRITONVISION_ACCESS_KEY_VALUE"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "accessKey"}
+    # NAME=VALUE for the CLI (the liveness probe), declared after the variable it refers to.
+    assert env["TRITONVISION_ACCESS_KEY"]["value"] == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY_VALUE)"
+    names = [e["name"] for e in c["env"]]
+    assert names.index("TRITONVISION_ACCESS_KEY_VALUE") < names.index("TRITONVISION_ACCESS_KEY")
     assert len(secret["data"]["accessKey"]) >= 32
     own = render({"accessKey": {"existingSecret": "mine"}})
     assert "Secret" not in own
@@ -177,19 +253,60 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     assert not any("restricted" in a for a in off["args"]) and "env" not in off
 
 
-def test_tls_from_secrets_reaches_the_server_and_its_liveness_probe():
-    assert not any("ssl" in a for a in server(render())["args"])
-    m = render({"tls": {"secretName": "tv-tls", "clientCASecretName": "tv-clients"}})
+def _probe_args(container: dict, monkeypatch, env: dict[str, str]):
+    """The liveness probe's command as the tritonvision CLI parses it, with the container's environment
+    (the kubelet's $(VAR) expansion of env values done here)."""
+    from tritonvision._cli import parser
+
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["tritonvision", "probe"]
+    monkeypatch.delenv("TRITONVISION_ACCESS_KEY", raising=False)
+    for e in container.get("env", []):
+        if "value" in e:
+            value = e["value"]
+            for name, secret_value in env.items():
+                value = value.replace(f"$({name})", secret_value)
+            monkeypatch.setenv(e["name"], value)
+    return parser().parse_args(command[1:])
+
+
+def test_liveness_probe_speaks_tls_and_carries_the_access_key(monkeypatch):
+    from tritonvision._cli import _key
+
+    plain = _probe_args(server(render({"accessKey": {"enabled": False}})), monkeypatch, {})
+    assert not plain.tls and plain.root_certificates is None and plain.client_cert is None and _key(plain) is None
+
+    c = server(render({"tls": {"enabled": True, "secretName": "tv-tls"}}))
+    args = _probe_args(c, monkeypatch, {"TRITONVISION_ACCESS_KEY_VALUE": "s3cret"})
+    assert args.root_certificates == "/etc/tritonvision/tls/ca.crt"
+    assert args.tls_server_name == "tv-tritonvision.ml.svc"  # the Service's name
+    assert args.client_cert is None and args.client_key is None
+    assert _key(args) == ("tritonvision-admin", "s3cret")
+
+    m = render({"tls": {"enabled": True, "secretName": "tv-tls", "mutual": True, "serverName": "tv.example.com"}})
     c = server(m)
-    assert {"--grpc-use-ssl=true", "--grpc-server-cert=/etc/tritonvision/tls/tls.crt",
-            "--grpc-server-key=/etc/tritonvision/tls/tls.key", "--grpc-use-ssl-mutual=true",
-            "--grpc-root-cert=/etc/tritonvision/client-ca/ca.crt"} <= set(c["args"])
-    volumes = {v["name"]: v for v in pod(m)["volumes"]}
-    assert volumes["tls"]["secret"]["secretName"] == "tv-tls"
-    assert volumes["client-ca"]["secret"]["secretName"] == "tv-clients"
+    args = _probe_args(c, monkeypatch, {"TRITONVISION_ACCESS_KEY_VALUE": "s3cret"})
+    assert args.tls_server_name == "tv.example.com"
+    # Under mutual TLS the probe presents the server's own certificate, from the mounted Secret.
+    assert (args.client_cert, args.client_key) == ("/etc/tritonvision/tls/tls.crt", "/etc/tritonvision/tls/tls.key")
     mounts = {v["name"]: v["mountPath"] for v in c["volumeMounts"]}
-    assert mounts["tls"] == "/etc/tritonvision/tls" and mounts["client-ca"] == "/etc/tritonvision/client-ca"
-    probe = c["livenessProbe"]["exec"]["command"]
-    assert "--tls-root-cert=/etc/tritonvision/tls/ca.crt" in probe and "--tls-cert=/etc/tritonvision/tls/tls.crt" in probe
+    assert mounts["tls"] == "/etc/tritonvision/tls"
+    assert {v["name"]: v for v in pod(m)["volumes"]}["tls"]["secret"]["secretName"] == "tv-tls"
     for doc in m.values():
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_server_image_targets_the_charts_release_and_refuses_random_weights():
+    import re
+
+    import yaml
+
+    dockerfile = (CHART.parents[2] / "deploy" / "Dockerfile").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    (tag,) = re.findall(r"^ARG TRITON_TAG=(\S+)$", dockerfile, flags=re.M)
+    assert tag == f"{chart['appVersion']}-py3", "the image and the chart must name the same NGC release"
+    export = next(line for line in dockerfile.splitlines() if "build_engines.py onnx" in line)
+    assert "--weights imagenet" in export and "--require-weights" in export
+    # No DALI serialisation at build time: the committed dali.py is built by the image's own DALI, and the
+    # build checks that it can be.
+    assert "build_engines.py dali --output model_repository" in dockerfile and "model.dali" not in dockerfile

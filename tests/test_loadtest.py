@@ -56,9 +56,10 @@ def test_sweep_against_a_running_server_writes_table_json_csv_and_plot(grpc_url,
     rows = json.loads(out.read_text())["rows"]
     assert [r["users"] for r in rows] == [1, 3]
     assert all(r["throughput"] > 0 and r["failures"] == 0 for r in rows)
-    # One user never gives the batcher two requests at once; three can.
+    # One user never gives the batcher two requests at once. Three users that never pause must batch: ResNet-50
+    # takes 40 ms or more per image on the CPU, so while one request runs the others queue and leave together.
     assert rows[0]["resnet50_avg_batch"] == pytest.approx(1.0)
-    assert rows[1]["resnet50_avg_batch"] >= 1.0
+    assert rows[1]["resnet50_avg_batch"] > 1.0, f"three users did not batch: {rows[1]}"
     assert out.with_suffix(".csv").read_text().count("\n") == 3
     assert out.with_suffix(".png").stat().st_size > 10_000
 

@@ -72,3 +72,60 @@ def test_probe_exits_0_when_the_ensemble_answers_and_1_when_nothing_does(grpc_ur
     assert main(["probe", "--url", grpc_url, "--image", str(tmp_path / "cat.jpg")]) == EXIT_OK
     unreachable = f"127.0.0.1:{free_port()}"
     assert main(["probe", "--url", unreachable, "--image", str(tmp_path / "cat.jpg"), "--timeout", "2"]) == EXIT_SOME_FAILED
+
+
+def test_json_output_is_a_list_even_for_one_image(grpc_url, photos, tmp_path, capsys):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    assert main(["classify", "--url", grpc_url, "--json", "--top-k", "1", str(tmp_path / "cat.jpg")]) == EXIT_OK
+    (only,) = json.loads(capsys.readouterr().out)
+    assert len(only["predictions"]) == 1
+
+
+@pytest.mark.parametrize("top_k", ["0", "1001", "five"])
+def test_top_k_out_of_range_is_a_usage_error(top_k, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["classify", "--top-k", top_k, str(tmp_path / "cat.jpg")])
+    assert info.value.code == 2 and "--top-k" in capsys.readouterr().err
+
+
+def test_an_http_url_is_a_usage_error_naming_the_grpc_port(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["stats", "--url", "http://triton.example.com:8000"])
+    assert info.value.code == 2 and "triton.example.com:8001" in capsys.readouterr().err
+
+
+def test_an_image_past_its_timeout_fails_alone_and_the_run_goes_on(grpc_url, photos, tmp_path, capsys):
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jpg").write_bytes(photos["chelsea"])
+    # No image can be classified within 1 ms: each one is reported as failed, none ends the run.
+    code = main(["classify", "--url", grpc_url, "--json", "--timeout", "0.001", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == EXIT_SOME_FAILED
+    assert [o["image"].rsplit("/", 1)[-1] for o in out] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert {o["type"] for o in out} == {"DeadlineExceededError"}
+
+
+def test_the_address_defaults_to_the_environment(grpc_url, photos, tmp_path, monkeypatch):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    monkeypatch.setenv("TRITONVISION_URL", grpc_url)
+    assert main(["classify", str(tmp_path / "cat.jpg")]) == EXIT_OK
+
+
+def test_bench_fails_fast_when_no_server_answers(tmp_path, photos):
+    import time
+
+    from tritonvision_server.launcher import free_port
+
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    started = time.monotonic()
+    code = main(["bench", "--url", f"127.0.0.1:{free_port()}", "--ready-timeout", "1", "--concurrency", "1,4",
+                 "--seconds", "5", "--no-progress", str(tmp_path / "cat.jpg")])
+    assert code == 2 and time.monotonic() - started < 5, "no level is run against a server that is not there"
+
+
+def test_bench_timeout_bounds_each_request(grpc_url, photos, tmp_path, capsys):
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    code = main(["bench", "--url", grpc_url, "--concurrency", "2", "--seconds", "1", "--warmup", "0",
+                 "--timeout", "0.001", "--no-progress", "--json", str(tmp_path / "cat.jpg")])
+    (r,) = json.loads(capsys.readouterr().out)["results"]
+    assert code == EXIT_SOME_FAILED and r["errors"] > 0 and r["requests"] == 0

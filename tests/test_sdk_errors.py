@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -15,12 +16,101 @@ from tritonvision._transport._errors import STATUS_TO_ERROR, map_error
 from tritonvision_server.launcher import free_port
 
 
-@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK], ids=lambda c: c.name)
-def test_every_grpc_status_maps_to_a_specific_sdk_error(code):
-    assert code in STATUS_TO_ERROR
-    error = map_error(InferenceServerException("boom", status=str(code)))
-    assert type(error) is STATUS_TO_ERROR[code]
-    assert error.status == code.name
+# What each gRPC status must become, and whether the client tries again, written out here rather than read
+# from the code's table: only a server that cannot be reached is retried; overload, a bad image or a model
+# that is not ready is an answer that a second try would only repeat (or make worse).
+RETRIED, FINAL = True, False
+EXPECTED: dict[str, tuple[type, bool]] = {
+    "INVALID_ARGUMENT": (tv.InvalidImageError, FINAL),
+    "OUT_OF_RANGE": (tv.InvalidImageError, FINAL),
+    "UNAVAILABLE": (tv.ServerUnavailableError, RETRIED),
+    "NOT_FOUND": (tv.ModelNotReadyError, FINAL),
+    "FAILED_PRECONDITION": (tv.ModelNotReadyError, FINAL),
+    "RESOURCE_EXHAUSTED": (tv.OverloadedError, FINAL),
+    "DEADLINE_EXCEEDED": (tv.DeadlineExceededError, FINAL),
+    "CANCELLED": (tv.InternalServerError, FINAL),
+    "INTERNAL": (tv.InternalServerError, FINAL),
+    "UNKNOWN": (tv.InternalServerError, FINAL),
+    "UNIMPLEMENTED": (tv.InternalServerError, FINAL),
+    "ABORTED": (tv.InternalServerError, FINAL),
+    "ALREADY_EXISTS": (tv.InternalServerError, FINAL),
+    "DATA_LOSS": (tv.InternalServerError, FINAL),
+    "PERMISSION_DENIED": (tv.ServerError, FINAL),
+    "UNAUTHENTICATED": (tv.ServerError, FINAL),
+}
+
+
+def test_the_expected_table_names_every_grpc_status():
+    assert set(EXPECTED) == {c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK}
+    assert set(STATUS_TO_ERROR) == {grpc.StatusCode[name] for name in EXPECTED}
+
+
+class _RpcError(grpc.RpcError):
+    """What grpc raises: an RpcError with code() and details()."""
+
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return "boom"
+
+
+@pytest.mark.parametrize("source", ["tritonclient", "grpc"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_grpc_status_maps_to_its_sdk_error(name, source):
+    code = grpc.StatusCode[name]
+    raw = InferenceServerException("boom", status=str(code)) if source == "tritonclient" else _RpcError(code)
+    error = map_error(raw)
+    expected, _ = EXPECTED[name]
+    assert type(error) is expected, f"{name} is mapped to {type(error).__name__}, expected {expected.__name__}"
+    assert error.status == name and error.message == "boom"
+
+
+def _attempts_sync(error) -> int:
+    calls = 0
+
+    def infer(data, top_k, timeout):
+        nonlocal calls
+        calls += 1
+        raise error
+
+    with tv.Classifier(f"127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=3, initial=0.001, maximum=0.001)) as clf:
+        clf._infer = infer
+        with pytest.raises(type(error)):
+            clf.classify(b"\xff\xd8\xff", timeout=10)
+    return calls
+
+
+def _attempts_async(error) -> int:
+    calls = 0
+
+    async def infer(data, top_k, timeout):
+        nonlocal calls
+        calls += 1
+        raise error
+
+    async def main():
+        async with tv.AsyncClassifier(f"127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=3, initial=0.001, maximum=0.001)) as clf:
+            clf._infer = infer
+            with pytest.raises(type(error)):
+                await clf.classify(b"\xff\xd8\xff", timeout=10)
+
+    asyncio.run(main())
+    return calls
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_grpc_status_is_retried_or_not_as_expected(name, client):
+    error = map_error(InferenceServerException("boom", status=f"StatusCode.{name}"))
+    attempts = (_attempts_sync if client == "sync" else _attempts_async)(error)
+    _, retried = EXPECTED[name]
+    want = 3 if retried else 1
+    assert attempts == want, (f"{name} ({type(error).__name__}) was tried {attempts} times; "
+                              f"expected {'retries' if retried else 'one try, no retry'}")
 
 
 def test_mapping_ignores_message_text():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import signal
+
 import pytest
 
 import tritonvision as tv
@@ -32,9 +35,10 @@ def test_a_stream_left_early_is_drained_and_does_not_hold_up_shutdown(server, ph
     answered = m.breakdown[ENSEMBLE]
     assert answered.failures == 0 and 1 + len(in_flight_regions) <= answered.requests < 40
     assert_no_regions(prefix, registered(server.grpc_url))
-    # Cancelling a stream with requests in flight leaves Triton 2.51 holding the ensemble: it then waits
-    # out its whole exit timeout and is killed (-9). A drained stream lets it exit by itself.
-    assert server.stop(timeout=20) == 0
+    # A drained stream lets the server exit by itself (a cancelled one can hold it up: see below).
+    code = server.stop(timeout=20)
+    assert code == 0, f"the server did not exit by itself after a drained stream (exit code {code})"
+    assert server.cleaned_shm == [], "the server left shared memory behind"
 
 
 def test_a_stream_that_cannot_drain_is_cancelled_and_its_regions_retired(server, photos):
@@ -53,6 +57,14 @@ def test_a_stream_that_cannot_drain_is_cancelled_and_its_regions_retired(server,
         assert len(clf.shm_regions) > len(sent)
     # At close every region, retired ones included, is unregistered and destroyed.
     assert_no_regions(prefix, registered(server.grpc_url))
-    # This path does trip Triton's shutdown wait (see above); stop kills the server after 3 s and removes
-    # its shared memory, which own_server checks.
-    server.stop(timeout=3)
+    # A stream cancelled with requests in flight can leave Triton 2.51 holding the ensemble (seen in about one
+    # run in five here): its shutdown then waits out the whole exit timeout (30 s), and stop kills it. A clean
+    # exit takes 2-4 s here; give it 10 and then check which of the two happened.
+    code = server.stop(timeout=10)
+    if code == 0:
+        assert server.cleaned_shm == [], "a server that exited by itself left shared memory behind"
+    else:
+        assert code == -signal.SIGKILL, f"stop should have killed the server (-9), it returned {code}"
+        assert re.search(r"Found [1-9]\d* live models", server.log_tail(5)), (
+            "the server was killed, but its log does not show it waiting on a live model:\n" + server.log_tail(5))
+    # Either way the wrapper removed what the server left (own_server checks that nothing is left).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import tritonvision as tv
@@ -62,3 +64,42 @@ def test_leaving_a_stream_early_closes_it_and_the_client_keeps_working(classifie
     assert first.ok
     stream.close()  # the images in flight are answered, then the stream ends
     assert classifier.classify(photos["coffee"], top_k=1)
+
+
+def _stream(twin: str, url: str, images: list, max_in_flight: int) -> list:
+    """Run ``classify_stream`` of the blocking or the asyncio client over ``images``."""
+    if twin == "sync":
+        with tv.Classifier(url, timeout=120) as clf:
+            return list(clf.classify_stream(images, max_in_flight=max_in_flight))
+
+    async def main():
+        async with tv.AsyncClassifier(url, timeout=120) as clf:
+            return [c async for c in clf.classify_stream(images, max_in_flight=max_in_flight)]
+
+    return asyncio.run(main())
+
+
+# Images and client-side refusals (never sent: empty bytes, a file that does not exist) in one stream.
+REFUSAL_LAYOUTS = {
+    "refusals behind images in flight": ["chelsea", "coffee", "missing", "empty", "rocket"],
+    "refusal first": ["empty", "chelsea", "missing", "coffee"],
+    "refusals last": ["chelsea", "coffee", "empty", "missing"],
+    "only refusals": ["missing", "empty"],
+}
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+@pytest.mark.parametrize("layout", sorted(REFUSAL_LAYOUTS))
+def test_client_side_refusals_keep_their_place_in_the_stream(grpc_url, photos, reference, tmp_path, twin, layout):
+    names = REFUSAL_LAYOUTS[layout]
+    special = {"missing": tmp_path / "missing.jpg", "empty": b""}
+    images = [special.get(n, photos.get(n)) for n in names]
+    results = _stream(twin, grpc_url, images, max_in_flight=4)
+    assert [r.index for r in results] == list(range(len(names))), (
+        f"{twin} stream: results out of input order ({[r.index for r in results]}): a refusal overtook images in flight")
+    for name, r in zip(names, results):
+        if name in special:
+            assert isinstance(r.error, tv.InvalidImageError) and r.error.status is None, (name, r)
+            assert ("empty image" if name == "empty" else "cannot read") in r.error.message
+        else:
+            assert top(r.unwrap()) == reference[name], name

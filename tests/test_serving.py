@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,7 +94,7 @@ def test_one_request_carrying_several_images_returns_one_result_each(grpc_url, c
 
 
 def test_server_batches_concurrent_requests(classifier, photos):
-    before = classifier.statistics()
+    before = classifier.settled_statistics()
     classifier.classify_batch(list(photos.values()) * 4)
     delta = _delta(classifier, before, spec.RESNET50)
     multi = {b: c.count for b, c in delta.batches.items() if b > 1}
@@ -149,7 +150,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
     bad, message = _bad_inputs(photos)[case]
     good = [photos["astronaut"], photos["coffee"], photos["rocket"]]
     images = [good[0], bad, good[1], good[2], bad, good[0]]
-    before = classifier.statistics()
+    before = classifier.settled_statistics()
     results = classifier.classify_batch(images, return_exceptions=True)
     for image, result in zip(images, results):
         if image is bad:
@@ -234,13 +235,81 @@ def test_exif_rotated_photo_classifies_like_the_upright_photo(orientation, class
 
 def test_server_shuts_down_cleanly_without_leaving_shared_memory(cpu_repository, photos):
     server = TritonServer(cpu_repository)
-    with server:
+    try:
+        server.start()
         with Classifier(server.grpc_url, timeout=120) as clf:
             results = clf.classify_batch([photos["coffee"], b"junk", photos["chelsea"][:5000]], return_exceptions=True)
         assert isinstance(results[0], list)
         assert server.leftover_shm(), "the python backend should be using shared memory while serving"
-    assert not server.running
+    finally:
+        code = server.stop()
+    # What the server itself left: the wrapper removes it afterwards, so ask the wrapper what it had to clean.
+    assert server.cleaned_shm == [], f"the server left shared memory behind (exit code {code}): {server.cleaned_shm}"
+    assert code == 0 and not server.running
     assert server.leftover_shm() == []
+
+
+def test_wrapper_removes_the_shared_memory_of_a_server_that_was_killed(tmp_path, photos):
+    import os
+    import signal
+
+    from tritonvision_server.configs import write_light_repository
+
+    server = TritonServer(write_light_repository(tmp_path / "light"), log_file=tmp_path / "tritonserver.log")
+    try:
+        server.start()
+        with Classifier(server.grpc_url, timeout=60) as clf:
+            assert clf.classify(photos["coffee"], top_k=1)
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its python-backend stubs, at once
+        deadline = time.monotonic() + 30
+        while server.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.running
+        # Before any cleanup by the wrapper: a killed server leaves its regions behind.
+        left = server.leftover_shm()
+        assert left, "a SIGKILLed python backend should have left its shared memory in /dev/shm"
+    finally:
+        code = server.stop()
+    assert code == -signal.SIGKILL
+    assert server.leftover_shm() == [], "the wrapper did not remove the shared memory of a server that died"
+    assert sorted(server.cleaned_shm) == left
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of process group ``pgid`` that still run (zombies, dead but not yet reaped, excluded)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # state, ppid, pgrp
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_stop_kills_a_server_that_outlasts_its_timeout_with_its_whole_process_group(tmp_path):
+    import signal
+
+    from tritonvision_server.configs import write_light_repository
+
+    server = TritonServer(write_light_repository(tmp_path / "light"), log_file=tmp_path / "tritonserver.log")
+    try:
+        server.start()
+        pid = server.pid
+        assert server.leftover_shm()
+    finally:
+        # Triton polls its shutdown once a second: it never exits within 0.2 s of SIGTERM.
+        code = server.stop(timeout=0.2)
+    assert code == -signal.SIGKILL, f"stop(timeout=0.2) should have killed the server; exit code {code}"
+    # The python-backend stubs are in the server's process group: none of them outlives the kill.
+    deadline = time.monotonic() + 10
+    while _running_in_group(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running_in_group(pid), "a process of the killed server's group (a python-backend stub) still runs"
+    assert server.leftover_shm() == [], "the wrapper did not remove the shared memory of the server it killed"
 
 
 def test_startup_failure_raises_with_the_server_log(tmp_path, cpu_repository):

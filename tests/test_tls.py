@@ -1,4 +1,5 @@
-"""TLS and mutual TLS on gRPC between the SDK and the bundled server, with certificates made here."""
+"""TLS and mutual TLS on gRPC between the SDK and the bundled server started with the launcher's
+:class:`ServerTLS`, with certificates made here."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def mutual_tls_server(cpu_repository, pki):
 
 
 def test_sdk_classifies_over_mutual_tls_with_its_client_certificate(mutual_tls_server, pki, photos):
-    tls = tv.TLS(root_cert=pki / "ca.crt", cert=pki / "client.crt", key=pki / "client.key")
-    with tv.Classifier(mutual_tls_server.grpc_url, timeout=60, tls=tls) as clf:
+    tls = dict(root_certificates=pki / "ca.crt", certificate_chain=pki / "client.crt", private_key=pki / "client.key")
+    with tv.Classifier(mutual_tls_server.grpc_url, timeout=60, **tls) as clf:
         assert clf.is_ready()
         assert top(clf.classify(photos["chelsea"]))
         assert clf.statistics().models
@@ -52,10 +53,11 @@ def test_sdk_classifies_over_mutual_tls_with_its_client_certificate(mutual_tls_s
 
 @pytest.mark.parametrize("client", ["plaintext", "no client certificate", "unknown CA"])
 def test_server_refuses_clients_without_a_trusted_certificate(mutual_tls_server, pki, photos, client):
-    tls = {"plaintext": None,
-           "no client certificate": tv.TLS(root_cert=pki / "ca.crt"),
-           "unknown CA": tv.TLS(root_cert=pki / "other_ca.crt", cert=pki / "client.crt", key=pki / "client.key")}[client]
-    with tv.Classifier(mutual_tls_server.grpc_url, timeout=5, tls=tls, retry=tv.RetryPolicy(attempts=1)) as clf:
+    tls = {"plaintext": {},
+           "no client certificate": dict(root_certificates=pki / "ca.crt"),
+           "unknown CA": dict(root_certificates=pki / "other_ca.crt", certificate_chain=pki / "client.crt",
+                              private_key=pki / "client.key")}[client]
+    with tv.Classifier(mutual_tls_server.grpc_url, timeout=5, retry=tv.RetryPolicy(attempts=1), **tls) as clf:
         with pytest.raises((tv.ServerUnavailableError, tv.DeadlineExceededError)):
             clf.classify(photos["chelsea"])
 
@@ -63,7 +65,7 @@ def test_server_refuses_clients_without_a_trusted_certificate(mutual_tls_server,
 def test_server_side_tls_without_client_certificates(cpu_repository, pki, photos):
     tls = ServerTLS(cert=pki / "server.crt", key=pki / "server.key")
     with TritonServer(cpu_repository, tls=tls) as server:
-        with tv.Classifier(server.grpc_url, timeout=60, tls=tv.TLS(root_cert=pki / "ca.crt")) as clf:
+        with tv.Classifier(server.grpc_url, timeout=60, root_certificates=pki / "ca.crt") as clf:
             assert top(clf.classify(photos["coffee"]))
         with tv.Classifier(server.grpc_url, timeout=5, retry=tv.RetryPolicy(attempts=1)) as plaintext:
             with pytest.raises((tv.ServerUnavailableError, tv.DeadlineExceededError)):
@@ -75,9 +77,14 @@ def test_cli_probe_speaks_mutual_tls(mutual_tls_server, pki, photos, tmp_path):
 
     (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
     probe = ["probe", "--url", mutual_tls_server.grpc_url, "--image", str(tmp_path / "cat.jpg"), "--timeout", "10"]
-    assert main([*probe, "--tls-root-cert", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
-                 "--tls-key", str(pki / "client.key")]) == EXIT_OK
-    assert main([*probe, "--tls-root-cert", str(pki / "ca.crt")]) != EXIT_OK
+    assert main([*probe, "--root-certificates", str(pki / "ca.crt"), "--client-cert", str(pki / "client.crt"),
+                 "--client-key", str(pki / "client.key")]) == EXIT_OK
+    assert main([*probe, "--root-certificates", str(pki / "ca.crt")]) != EXIT_OK
+    # The server's certificate names 127.0.0.1 and localhost: another expected name fails the handshake.
+    assert main([*probe, "--root-certificates", str(pki / "ca.crt"), "--client-cert", str(pki / "client.crt"),
+                 "--client-key", str(pki / "client.key"), "--tls-server-name", "localhost"]) == EXIT_OK
+    assert main([*probe, "--root-certificates", str(pki / "ca.crt"), "--client-cert", str(pki / "client.crt"),
+                 "--client-key", str(pki / "client.key"), "--tls-server-name", "elsewhere.example"]) != EXIT_OK
 
 
 def test_locust_users_speak_mutual_tls(mutual_tls_server, pki, tmp_path):
@@ -88,10 +95,15 @@ def test_locust_users_speak_mutual_tls(mutual_tls_server, pki, tmp_path):
     prefix = tmp_path / "tls"
     cmd = [sys.executable, "-m", "locust", "-f", str(root / "loadtest" / "locustfile.py"), "--headless",
            "--host", mutual_tls_server.grpc_url, "-u", "1", "-r", "1", "-t", "3s", "--csv", str(prefix),
-           "--only-summary", "--grpc-tls-root-cert", str(pki / "ca.crt"), "--grpc-tls-cert", str(pki / "client.crt"),
-           "--grpc-tls-key", str(pki / "client.key"), "UnaryUser"]
+           "--only-summary", "--root-certificates", str(pki / "ca.crt"), "--client-cert", str(pki / "client.crt"),
+           "--client-key", str(pki / "client.key"), "UnaryUser"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     stats = prefix.with_name(prefix.name + "_stats.csv")
     assert stats.exists(), proc.stderr[-2000:]
     rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
     assert int(rows["classify"]["Request Count"]) > 0 and int(rows["classify"]["Failure Count"]) == 0
+
+
+def test_tls_is_no_longer_a_public_type():
+    """One client TLS API: the connection keyword arguments, not a separate TLS object."""
+    assert "TLS" not in tv.__all__ and not hasattr(tv, "TLS")

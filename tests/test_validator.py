@@ -55,6 +55,10 @@ def _set_pixels_dtype(cfg):
 BROKEN = {
     # rule: (model, edit) -- each edit breaks exactly one thing the validator must catch
     "dtype mismatch along the ensemble": ("wiring", configs.PREPROCESS, _set_pixels_dtype),
+    "ensemble output dtype differs from the step producing it": (
+        "wiring", configs.RESNET50, lambda c: setattr(c.output[0], "data_type", configs.mc.TYPE_FP16)),
+    "ensemble output declared with another dtype than its step produces": (
+        "wiring", configs.ENSEMBLE, lambda c: setattr(c.output[0], "data_type", configs.mc.TYPE_FP16)),
     "dims mismatch along the ensemble": ("wiring", configs.RESNET50, lambda c: c.input[0].dims.__setitem__(1, 256)),
     "step reads a tensor nobody produces": (
         "wiring", configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[2].input_map.__setitem__("PIXELS", "pixelz")),
@@ -67,6 +71,10 @@ BROKEN = {
         "preferred", spec.VALIDATE, lambda c: c.dynamic_batching.preferred_batch_size.append(256)),
     "CUDA graph batch size above the max": (
         "preferred", configs.RESNET50, lambda c: c.optimization.cuda.graph_spec.add(batch_size=256)),
+    "CUDA graphs without lower bounds leave batch sizes without a graph": (
+        "graphs", configs.RESNET50, lambda c: [g.ClearField("graph_lower_bound") for g in c.optimization.cuda.graph_spec]),
+    "CUDA graph lower bound above its batch size": (
+        "graphs", configs.RESNET50, lambda c: setattr(c.optimization.cuda.graph_spec[1].graph_lower_bound, "batch_size", 99)),
     "variable-length input without ragged batching": (
         "ragged", configs.PREPROCESS, lambda c: setattr(c.input[0], "allow_ragged_batch", False)),
     "warm-up dims left variable": ("warmup", configs.PREPROCESS, lambda c: c.model_warmup[0].inputs["IMAGE"].dims.__setitem__(0, -1)),
@@ -84,7 +92,17 @@ def test_validator_catches_broken_variant(gpu_repo, case):
     rule, model, edit = BROKEN[case]
     _edit(gpu_repo, model, edit)
     problems = check_repository(gpu_repo, profile=spec.GPU)
-    assert rule in _rules(problems), f"{case}: got {[str(p) for p in problems]}"
+    assert rule in _rules(problems), f"not caught: {case} (rule {rule!r}); reported {[str(p) for p in problems]}"
+
+
+def test_validator_catches_a_header_check_that_nothing_waits_for(gpu_repo):
+    # preprocess no longer takes validate's verdict: every config is consistent on its own, but DALI would
+    # decode uploads that the check refuses, alongside it.
+    _edit(gpu_repo, configs.PREPROCESS, lambda c: c.input.pop())
+    _edit(gpu_repo, configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[1].input_map.pop(spec.ACCEPTED.name))
+    problems = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule != "warmup"]
+    assert problems == ["[wiring] classifier: 'accepted' from validate.ACCEPTED is read by no later step: "
+                        "nothing waits for that step"], problems
 
 
 def test_validator_catches_a_config_that_does_not_parse(gpu_repo):
@@ -121,10 +139,12 @@ def test_validator_catches_a_missing_label_file(gpu_repo):
 def test_validator_requires_built_artifacts_only_when_asked(gpu_repo):
     assert check_repository(gpu_repo, profile=spec.GPU) == []
     missing = {p.model for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)}
-    assert missing == {configs.PREPROCESS, configs.RESNET50}  # model.dali and model.plan are built on the GPU host
-    (gpu_repo / configs.PREPROCESS / "1" / "model.dali").write_bytes(b"x")
+    assert missing == {configs.RESNET50}  # model.plan is built on the GPU host; dali.py is generated with the configs
     (gpu_repo / configs.RESNET50 / "1" / "model.plan").write_bytes(b"x")
     assert check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True) == []
+    (gpu_repo / configs.PREPROCESS / "1" / configs.DALI_FILE).unlink()
+    missing = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)]
+    assert len(missing) == 1 and "1/dali.py is missing" in missing[0]
 
 
 def test_check_command_exits_1_on_a_broken_repository(gpu_repo):

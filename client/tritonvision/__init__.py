@@ -10,7 +10,7 @@ from ._async import AsyncClassifier
 from ._client import DEFAULT_URL, Classifier, Measurement
 from ._retry import RetryPolicy
 from ._stats import Breakdown, StageStats, Statistics
-from ._types import TLS, Classification, Prediction
+from ._types import Classification, Prediction
 from .exceptions import (
     DeadlineExceededError,
     InternalServerError,
@@ -31,7 +31,6 @@ __all__ = [
     "AsyncClassifier",
     "DEFAULT_URL",
     "RetryPolicy",
-    "TLS",
     "Prediction",
     "Classification",
     "Statistics",

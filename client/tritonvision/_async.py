@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
-from ._client import DEFAULT_URL, Measurement, ShmMode, _ClassifierBase
+from ._client import Measurement, ShmMode, _ClassifierBase
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
 from ._transport._astream import AsyncInferStream
+from ._transport._channel import Pem
 from ._transport._grpc import AsyncGrpcTransport, GrpcTransport
 from ._transport._shm import ShmPool
-from ._types import TLS, Classification, Prediction
+from ._types import Classification, Prediction
 from .exceptions import (
     DeadlineExceededError,
     InvalidImageError,
@@ -31,11 +32,13 @@ class AsyncClassifier(_ClassifierBase):
 
     >>> async with AsyncClassifier("127.0.0.1:8001") as clf:
     ...     top5 = await clf.classify("cat.jpg")
+
+    Connection options (address, TLS, headers, access key, load balancing, remote shared memory) are those of :class:`Classifier`.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         model: str = ENSEMBLE,
         timeout: float | None = None,
@@ -45,20 +48,34 @@ class AsyncClassifier(_ClassifierBase):
         cuda_device: int = 0,
         access_key: tuple[str, str] | None = None,
         allow_remote_shm: bool = False,
-        tls: TLS | None = None,
+        ssl: bool = False,
+        root_certificates: Pem = None,
+        private_key: Pem = None,
+        certificate_chain: Pem = None,
+        headers: Mapping[str, str] | None = None,
+        load_balancing: str | None = None,
+        tls_server_name: str | None = None,
     ):
-        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
-        self._transport = AsyncGrpcTransport(url, model=model, access_key=access_key, ssl=tls)
+        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm, access_key, headers, ssl=ssl,
+                        root_certificates=root_certificates, private_key=private_key,
+                        certificate_chain=certificate_chain, load_balancing=load_balancing,
+                        tls_server_name=tls_server_name)
+        self._transport = AsyncGrpcTransport(self.connection, model=model)
         self._registrar: GrpcTransport | None = None
         if self.shm:
             # Region registration is rare (a new region, a restarted server) and goes through the blocking
             # client, in a worker thread; inference stays on the aio channel.
-            self._registrar = GrpcTransport(url, model=model, access_key=access_key, ssl=tls)
+            self._registrar = GrpcTransport(self.connection, model=model)
             try:
                 self._pool = ShmPool(self._registrar, self.shm, device_id=cuda_device)
             except BaseException:
                 self._registrar.close()
                 raise
+
+    async def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        """As :meth:`Classifier._recheck`."""
+        await self._transport.check_image(data, timeout)
+        return await self._infer(data, top_k, timeout)
 
     async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
         if self._pool is None:
@@ -134,7 +151,7 @@ class AsyncClassifier(_ClassifierBase):
             max_in_flight=max_in_flight,
             timeout=budget,
             pool=self._pool,
-            recheck=lambda data: self._infer(data, top_k, budget),
+            recheck=lambda data: self._recheck(data, top_k, budget),
             drain_timeout=drain_timeout,
         )
         return stream.classify(images)

@@ -2,8 +2,17 @@
 
     tritonvision classify [--url URL] [--top-k K] [--json] [--shm auto|system|cuda|off] IMAGE|DIR|GLOB...
     tritonvision stats [--url URL] [--interval SECONDS] [--json]
-    tritonvision bench [--url URL] [--concurrency 1,4,16] [--seconds 10] [--shm ...] [--json] IMAGE...
+    tritonvision bench [--url URL] [--concurrency 1,4,16] [--seconds 10] [--timeout S] [--shm ...] [--json] IMAGE...
+    tritonvision probe [--url URL] --image IMAGE [--timeout S]
     tritonvision serve [--profile cpu|gpu] [--model-repository DIR] [--grpc-port 8001] ...
+
+The client commands take the server's address from ``--url``, else ``$TRITONVISION_URL``, else
+127.0.0.1:8001, and the connection options of :class:`tritonvision.Classifier` (TLS files, ``--header``,
+``--access-key``, ``--load-balancing``).
+
+Exit status: 0 done; 1 some images refused or timed out (bench: some requests failed or were shed; probe:
+not serving); 2 a usage error or a server error; 3 the server is overloaded and shed the request (try
+again later); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,17 +27,23 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._client import DEFAULT_URL, Classifier
+from ._client import Classifier
 from ._extras import require
 from ._retry import RetryPolicy
-from ._types import TLS
-from .exceptions import InvalidImageError, OverloadedError, TritonVisionError
+from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
+from .exceptions import DeadlineExceededError, InvalidImageError, OverloadedError, ServerUnavailableError, TritonVisionError
+from .spec import NUM_CLASSES
 
 log = logging.getLogger("tritonvision")
+ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
 
-# Exit codes: 0 all classified, 1 some images refused (bench: some requests failed or were shed),
-# 2 usage/server errors, 3 the server shed the request (overloaded: try again later), 130 interrupted.
+# Exit codes: 0 all classified, 1 some images refused or timed out (bench: some requests failed or were
+# shed; probe: not serving), 2 usage or server errors, 3 the server shed the request (overloaded: try again
+# later), 130 interrupted.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_OVERLOADED = 0, 1, 2, 3
+EXIT_CODES = ("exit status: 0 done; 1 some images refused or timed out (bench: some requests failed or shed; "
+              "probe: not serving); 2 usage error or server error; 3 the server is overloaded and shed the "
+              "request (try again later); 130 interrupted")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -57,6 +72,14 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
 
 
+def _connect(args: argparse.Namespace, **kwargs) -> Classifier:
+    """A :class:`Classifier` with the command line's connection options."""
+    headers = dict(h.split("=", 1) for h in args.header)
+    return Classifier(args.url, ssl=args.tls, root_certificates=args.root_certificates, private_key=args.client_key,
+                      certificate_chain=args.client_cert, headers=headers, load_balancing=args.load_balancing,
+                      tls_server_name=args.tls_server_name, access_key=_key(args), **kwargs)
+
+
 def _classify(args: argparse.Namespace) -> int:
     images = expand(args.images)
     if not images:
@@ -65,34 +88,38 @@ def _classify(args: argparse.Namespace) -> int:
     failed = 0
     out = []
     bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
-    with Classifier(args.url, timeout=args.timeout, shm=args.shm, access_key=_key(args), tls=_tls(args)) as clf:
+    # Lines go through the bar's write() while it is drawn, so that results and the bar do not interleave.
+    write = (lambda text, file=sys.stdout: bar.write(text, file=file)) if bar is not None else \
+        (lambda text, file=sys.stdout: print(text, file=file))
+    with _connect(args, timeout=args.timeout, shm=args.shm) as clf:
         log.debug("shared memory: %s", clf.shm or "off")
         for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
             if bar is not None:
                 bar.update(1)
             if not result.ok:
-                if not isinstance(result.error, InvalidImageError):
+                # A refused image, or one not answered within --timeout, is that image's failure; anything
+                # else (the server went away) ends the run.
+                if not isinstance(result.error, (InvalidImageError, DeadlineExceededError)):
                     raise result.error
                 failed += 1
-                out.append({"image": image, "error": result.error.message})
+                out.append({"image": image, "error": result.error.message, "type": type(result.error).__name__})
                 if not args.json:
-                    print(f"{image}: error: {result.error.message}", file=sys.stderr)
+                    write(f"{image}: error: {result.error.message}", file=sys.stderr)
                 continue
             out.append({"image": image, "predictions": [p.to_dict() for p in result.predictions]})
             if not args.json:
-                print(image)
-                for p in result.predictions:
-                    print(f"  {p.score:7.4f}  {p.index:4d}  {p.label}")
+                write("\n".join([image] + [f"  {p.score:7.4f}  {p.index:4d}  {p.label}" for p in result.predictions]))
     if bar is not None:
         bar.close()
     if args.json:
-        json.dump(out if len(out) > 1 else out[0], sys.stdout, indent=2)
+        # Always a list, one entry per image, whatever the number of images.
+        json.dump(out, sys.stdout, indent=2)
         print()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with Classifier(args.url, timeout=args.timeout or 10, access_key=_key(args), tls=_tls(args)) as clf:
+    with _connect(args, timeout=args.timeout or 10) as clf:
         before = clf.statistics()
         if args.interval:
             log.info("measuring for %g s", args.interval)
@@ -120,12 +147,13 @@ def _bench(args: argparse.Namespace) -> int:
     images = [Path(f).read_bytes() for f in files]
     levels = [int(c) for c in str(args.concurrency).split(",")]
     results = []
-    with Classifier(args.url, shm=args.shm, access_key=_key(args), tls=_tls(args)) as clf:
-        clf.wait_until_ready(timeout=30)
+    with _connect(args, shm=args.shm) as clf:
+        # Fail fast: a server that is down would otherwise turn every level into a column of errors.
+        clf.wait_until_ready(timeout=args.ready_timeout)
         for c in levels:
-            bar = _progress(None, not args.no_progress, f"concurrency {c}")
+            bar = _progress(None, not args.no_progress and sys.stderr.isatty(), f"concurrency {c}")
             r = _bench.run(clf, images, concurrency=c, seconds=args.seconds, warmup=args.warmup, top_k=args.top_k,
-                           progress=bar.update if bar is not None else None)
+                           timeout=args.timeout, progress=bar.update if bar is not None else None)
             if bar is not None:
                 bar.close()
             results.append(r)
@@ -158,7 +186,7 @@ def _probe(args: argparse.Namespace) -> int:
     """A liveness check that runs the whole ensemble: Triton's own health endpoints stay true while a
     step cannot serve (a dead python-backend stub). A server that sheds the probe is busy, not dead."""
     data = Path(args.image).read_bytes()
-    with Classifier(args.url, timeout=args.timeout, retry=RetryPolicy(attempts=1), tls=_tls(args)) as clf:
+    with _connect(args, timeout=args.timeout, retry=RetryPolicy(attempts=1)) as clf:
         try:
             clf.classify(data, top_k=1)
         except OverloadedError:
@@ -170,27 +198,50 @@ def _probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _tls(args: argparse.Namespace) -> TLS | None:
-    if not (args.tls or args.tls_root_cert or args.tls_cert):
-        return None
-    return TLS(root_cert=args.tls_root_cert, cert=args.tls_cert, key=args.tls_key)
-
-
 def _key(args: argparse.Namespace) -> tuple[str, str] | None:
     name, sep, value = (getattr(args, "access_key", None) or "").partition("=")
     return (name, value) if sep else None
 
 
 def _url(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
-    p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
-                   help="the server's access key, for shared memory and statistics (env TRITONVISION_ACCESS_KEY)")
-    p.add_argument("--tls", action="store_true", help="gRPC over TLS (with the system's roots unless --tls-root-cert)")
-    p.add_argument("--tls-root-cert", default=os.environ.get("TRITONVISION_TLS_ROOT_CERT"),
-                   help="PEM file of the CA that signed the server's certificate (implies --tls)")
-    p.add_argument("--tls-cert", default=os.environ.get("TRITONVISION_TLS_CERT"),
-                   help="client certificate (PEM) for a server that requires mutual TLS; with --tls-key")
-    p.add_argument("--tls-key", default=os.environ.get("TRITONVISION_TLS_KEY"), help="the client certificate's key (PEM)")
+    p.add_argument("--url", default=None,
+                   help=f"Triton gRPC address host[:port] (port {DEFAULT_PORT} if none), or a gRPC target such as "
+                        f"dns:///name:port (default ${URL_ENV}, else {DEFAULT_URL})")
+    g = p.add_argument_group("connection")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates (also: a grpcs:// URL)")
+    g.add_argument("--root-certificates", metavar="PEM", help="root certificates that signed the server's certificate (TLS)")
+    g.add_argument("--client-cert", metavar="PEM", help="client certificate chain, for mutual TLS (with --client-key)")
+    g.add_argument("--client-key", metavar="PEM", help="client private key, for mutual TLS")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name the server's certificate carries, if not the URL's host")
+    g.add_argument("--header", action="append", default=[], metavar="KEY=VALUE", type=_header,
+                   help="gRPC metadata sent with every call (repeatable)")
+    g.add_argument("--access-key", default=os.environ.get(ACCESS_KEY_ENV), metavar="NAME=VALUE", type=_access_key,
+                   help="the server's access key (serve --access-key), for shared memory and statistics "
+                        f"(env {ACCESS_KEY_ENV})")
+    g.add_argument("--load-balancing", choices=LOAD_BALANCING, default=None,
+                   help="round_robin: spread calls over every address the URL resolves to (a headless Service)")
+
+
+def _header(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _access_key(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return text
+
+
+def _top_k(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= k <= NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {NUM_CLASSES}, got {k}")
+    return k
 
 
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
@@ -199,7 +250,8 @@ def _shm(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tritonvision", description="ResNet-50 image classification on Triton.")
+    ap = argparse.ArgumentParser(prog="tritonvision", description="ResNet-50 image classification on Triton.",
+                                 epilog=EXIT_CODES)
     ap.add_argument("--version", action="version", version=f"tritonvision {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -207,9 +259,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify image files, folders or globs")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="files, folders (searched recursively) or globs")
     _url(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per image")
+    p.add_argument("--top-k", type=_top_k, default=5, help=f"classes per image, 1 to {NUM_CLASSES} (default 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per image; an image not answered in time counts as failed and the run goes on")
     _shm(p, "off")
     p.set_defaults(func=_classify)
 
@@ -227,9 +280,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight (default 1,4,16)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_top_k, default=5)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed (default 60)")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="seconds to wait for the server to be ready before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn unless stderr is a terminal)")
     _shm(p, "off")
     p.set_defaults(func=_bench)
 
@@ -252,13 +308,12 @@ def parser() -> argparse.ArgumentParser:
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
-    p.add_argument("--access-key", default=os.environ.get("TRITONVISION_ACCESS_KEY"), metavar="NAME=VALUE",
+    p.add_argument("--access-key", default=os.environ.get(ACCESS_KEY_ENV), metavar="NAME=VALUE", type=_access_key,
                    help="require the header NAME: VALUE for shared-memory registration, the model-repository API and "
-                        "statistics (env TRITONVISION_ACCESS_KEY); clients pass it as access_key=(NAME, VALUE)")
-    p.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM); with --tls-key")
-    p.add_argument("--tls-key", default=None, help="the server certificate's key (PEM)")
-    p.add_argument("--tls-client-ca", default=None,
-                   help="mutual TLS: accept only clients with a certificate signed by this CA (PEM)")
+                        f"statistics (env {ACCESS_KEY_ENV}); clients pass it as access_key=(NAME, VALUE)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
                         "server (0: never)")
@@ -267,8 +322,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = parser()
+    args = ap.parse_args(argv)
+    # A server runs for days: its lines carry the time.
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve" else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    if hasattr(args, "header"):
+        try:  # a bad address or option is a usage error (exit 2) before anything connects
+            Connection.make(args.url, root_certificates=args.root_certificates, private_key=args.client_key,
+                            certificate_chain=args.client_cert, headers=dict(h.split("=", 1) for h in args.header))
+        except ValueError as exc:
+            ap.error(str(exc))
     if getattr(args, "shm", None) == "off":
         args.shm = None
     try:
@@ -278,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OVERLOADED
     except TritonVisionError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
+        target = normalize_url(args.url)[0] if hasattr(args, "url") else ""
+        if isinstance(exc, (ServerUnavailableError, DeadlineExceededError)) and target.endswith(":8000"):
+            log.error("port 8000 is Triton's HTTP port by default; tritonvision needs the gRPC port (%d)", DEFAULT_PORT)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -8,29 +8,31 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Literal
 
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Breakdown, Statistics
-from ._transport._grpc import GrpcTransport
+from ._transport._channel import DEFAULT_URL, TARGET_SCHEMES, Connection, Pem
+from ._transport._grpc import GrpcTransport, with_access_key
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
-from ._types import TLS, Classification, Prediction
+from ._types import Classification, Prediction
 from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, SharedMemoryError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
 
-DEFAULT_URL = "127.0.0.1:8001"
-
 ShmMode = Literal["system", "cuda", "auto"] | None
 
 
 def is_local(url: str) -> bool:
-    """Whether ``host:port`` names this machine (loopback, or one of this host's own addresses)."""
+    """Whether ``host:port`` names this machine (loopback, or one of this host's own addresses). A gRPC
+    target URI (``dns:///``, ``ipv4:``, ...) may name several servers and is never taken as local."""
+    if url.lower().startswith(TARGET_SCHEMES):
+        return False
     host = url.rsplit(":", 1)[0].strip("[]") if ":" in url else url
     if host in ("localhost", ""):
         return True
@@ -69,9 +71,11 @@ class _ClassifierBase:
 
     _pool: ShmPool | None = None
 
-    def _configure(self, url: str, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
-                   shm: ShmMode, allow_remote_shm: bool = False) -> None:
-        self.url = url
+    def _configure(self, url: str | None, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
+                   shm: ShmMode, allow_remote_shm: bool = False, access_key: tuple[str, str] | None = None,
+                   headers: Mapping[str, str] | None = None, **connection) -> None:
+        self.connection = Connection.make(url, headers=with_access_key(headers, access_key), **connection)
+        url = self.url = self.connection.target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
@@ -100,15 +104,24 @@ class Classifier(_ClassifierBase):
     (:class:`ServerUnavailableError`) is retried, following ``retry``. ``shm`` sends images through shared
     memory: ``"system"`` (server on this host), ``"cuda"`` (on this host's GPU; ``tritonvision[cuda]``) or
     ``"auto"`` (system shared memory when the server is local); ``system``/``cuda`` for a server on
-    another host raise :class:`SharedMemoryError` unless ``allow_remote_shm``. ``access_key=(name, value)``
-    is sent with shared-memory registration and statistics calls, for a server that restricts them
-    (``tritonvision serve --access-key``, Triton's ``--grpc-restricted-protocol``). ``tls``
-    (:class:`TLS`) speaks gRPC over TLS, with a client certificate for mutual TLS.
+    another host raise :class:`SharedMemoryError` unless ``allow_remote_shm``.
+
+    ``url`` is the server's gRPC ``host:port`` (port 8001 if none is given; default ``$TRITONVISION_URL``,
+    else ``127.0.0.1:8001``) or a gRPC target such as ``dns:///tritonvision-headless.ml.svc:8001``; with
+    ``load_balancing="round_robin"`` calls are spread over every address the name resolves to (every pod
+    behind a Kubernetes headless Service), instead of all going over one connection. TLS: ``ssl=True`` (or
+    a ``grpcs://`` URL) with the system's roots, or ``root_certificates`` (PEM bytes or a file path), and
+    ``private_key`` + ``certificate_chain`` for a client certificate (mutual TLS). ``headers`` go with every
+    call as gRPC metadata (an API gateway's key, for example). ``access_key=(name, value)`` opens a server's
+    restricted protocols (shared-memory registration, statistics; ``tritonvision serve --access-key``,
+    Triton's ``--grpc-restricted-protocol=...:<name>=<value>``): it is sent as the header
+    ``triton-grpc-protocol-<name>``. ``tls_server_name``: the name the server's certificate carries, where
+    ``url`` is an address or a list of them.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         model: str = ENSEMBLE,
         timeout: float | None = None,
@@ -118,10 +131,19 @@ class Classifier(_ClassifierBase):
         cuda_device: int = 0,
         access_key: tuple[str, str] | None = None,
         allow_remote_shm: bool = False,
-        tls: TLS | None = None,
+        ssl: bool = False,
+        root_certificates: Pem = None,
+        private_key: Pem = None,
+        certificate_chain: Pem = None,
+        headers: Mapping[str, str] | None = None,
+        load_balancing: str | None = None,
+        tls_server_name: str | None = None,
     ):
-        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm)
-        self._transport = GrpcTransport(url, model=model, access_key=access_key, ssl=tls)
+        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm, access_key, headers, ssl=ssl,
+                        root_certificates=root_certificates, private_key=private_key,
+                        certificate_chain=certificate_chain, load_balancing=load_balancing,
+                        tls_server_name=tls_server_name)
+        self._transport = GrpcTransport(self.connection, model=model)
         try:
             self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
         except BaseException:
@@ -142,6 +164,13 @@ class Classifier(_ClassifierBase):
                 log.info("the server lost its shared-memory registrations; registering again")
         with self._pool.lease(data) as ref:
             return self._transport.infer(ref, top_k, timeout)
+
+    def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
+        """The outcome of an image that failed on the stream, whose responses carry no status code: the
+        header-check step alone names a refused image (InvalidImageError) without a second run through the
+        ensemble; an image it accepts is sent again in full, and the status of that answer decides."""
+        self._transport.check_image(data, timeout)
+        return self._infer(data, top_k, timeout)
 
     def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first."""
@@ -248,7 +277,7 @@ class Classifier(_ClassifierBase):
             max_in_flight=max_in_flight,
             timeout=budget,
             pool=self._pool,
-            recheck=lambda data: self._infer(data, top_k, budget),
+            recheck=lambda data: self._recheck(data, top_k, budget),
             drain_timeout=drain_timeout,
         )
         return stream.classify(images)

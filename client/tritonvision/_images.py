@@ -26,6 +26,14 @@ ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[byt
 JPEG_QUALITY = 95
 
 
+def sample_paths() -> list[Path]:
+    """The sample photos shipped inside the package (JPEG), by name: for demos, benchmarks and load tests."""
+    from importlib import resources
+
+    folder = resources.files(__package__).joinpath("samples")
+    return sorted((Path(str(p)) for p in folder.iterdir() if p.name.endswith(".jpg")), key=lambda p: p.name)
+
+
 def _is_pil(image: Any) -> bool:
     # Checked by duck type so that Pillow is imported only when a PIL image is actually passed.
     return type(image).__module__.startswith("PIL.") and hasattr(image, "save") and hasattr(image, "mode")

@@ -21,7 +21,7 @@ __all__ = [
     "PREPROCESS",
     "RESNET50",
     "IMAGE",
-    "VALID_IMAGE",
+    "ACCEPTED",
     "PIXELS",
     "SCORES",
     "NUM_CLASSES",
@@ -34,6 +34,7 @@ __all__ = [
     "StepServing",
     "EngineBuild",
     "ENGINE_PRECISIONS",
+    "ENGINE_ONNX",
     "Profile",
     "PROFILES",
     "CPU",
@@ -102,8 +103,11 @@ IMAGE_LIMITS = ImageLimits()
 # Ensemble interface, identical in both profiles.
 IMAGE = Tensor("IMAGE", "UINT8", (-1,))
 SCORES = Tensor("SCORES", "FP32", (NUM_CLASSES,))
-# validate -> preprocess in the gpu profile: the same bytes, passed on only when the header check accepts them.
-VALID_IMAGE = Tensor("VALID_IMAGE", "UINT8", (-1,))
+# validate -> preprocess in the gpu profile: a one-byte verdict, sent only for an image the header check
+# accepted (a refused one ends its request there). preprocess takes the image from the ensemble input and
+# waits for this, so DALI never sees a refused upload and the image is not copied back out of validate:
+# that copy halved validate's ceiling for 3 MB photos (benchmarks/validate_ceiling.py).
+ACCEPTED = Tensor("ACCEPTED", "UINT8", (1,))
 
 
 def PIXELS(dtype: str) -> Tensor:  # noqa: N802 - reads as the tensor's name
@@ -144,6 +148,10 @@ class StepServing:
 # Engine precision -> dtype of the engine's input (and so of PIXELS). INT8 engines keep an FP16 input:
 # the first convolution quantises it, and DALI writes FP16 as cheaply as FP32 with half the bytes.
 ENGINE_PRECISIONS: dict[str, str] = {"fp16": "FP16", "int8": "FP16", "tf32": "FP32", "fp32": "FP32"}
+# Engine precision -> the ONNX file it is built from. Engines are strongly typed (TensorRT 11 builds nothing
+# else), so the types are the ONNX file's: FP16 weights for fp16, explicit Q/DQ for int8. TF32 is not a type
+# but a math mode of FP32 convolutions, a builder setting on the FP32 file (off for fp32).
+ENGINE_ONNX: dict[str, str] = {"fp16": "fp16", "int8": "int8", "tf32": "fp32", "fp32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,7 @@ class EngineBuild:
 
     precision: str = "fp16"  # one of ENGINE_PRECISIONS
     workspace_mib: int = 4096
-    # INT8 calibration: images per calibration batch and at most this many images from the folder.
+    # INT8 quantisation of the ONNX file: images per calibration step and at most this many from the folder.
     calibration_batch_size: int = 32
     calibration_max_images: int = 1024
 
@@ -163,6 +171,11 @@ class EngineBuild:
     @property
     def input_dtype(self) -> str:
         return ENGINE_PRECISIONS[self.precision]
+
+    @property
+    def onnx_precision(self) -> str:
+        """Which ONNX file the engine is built from: ``fp32``, ``fp16`` or ``int8``."""
+        return ENGINE_ONNX[self.precision]
 
 
 @dataclass(frozen=True)
@@ -236,7 +249,9 @@ GPU = Profile(
     # Two engine instances overlap one batch's compute with the next one's copies.
     resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000)),
     cpu_threads=4,
-    cuda_graph_batch_sizes=(1, 8, 32, 64, 128),
+    # Each graph also runs the batch sizes between the next smaller one and itself, padded (configs.graph_specs):
+    # doubling sizes keep the padding under 2x where compute is cheapest.
+    cuda_graph_batch_sizes=(1, 4, 8, 16, 32, 64, 128),
     engine=EngineBuild(precision="fp16"),
     # The header check costs ~6 us for a 68 KB JPEG (measured on 2 cores); the python-backend hop around it
     # is the real cost, so four CPU instances batch requests and keep it ahead of the GPU steps.

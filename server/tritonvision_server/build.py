@@ -2,11 +2,14 @@
 
 Subcommands, each idempotent:
 
-- ``onnx``     export ResNet-50 (+ softmax) to ONNX with a dynamic batch axis (both profiles)
+- ``onnx``     export ResNet-50 (+ softmax) to ONNX with a dynamic batch axis (both profiles), and the
+               FP16 / INT8 (Q/DQ) files the engines of those precisions are built from
 - ``configs``  render the gpu profile's committed ``model_repository/`` configs and labels
 - ``cpu``      ``onnx`` + the cpu profile's repository (python-backend steps) under ``build/``
-- ``dali``     serialise the preprocessing pipeline with the GPU decoder as ``preprocess/1/model.dali``
-- ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``
+- ``dali``     write the GPU-decoder pipeline as ``preprocess/1/dali.py`` and check that this machine's DALI
+               autoserialises it the way the Triton DALI backend will
+- ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``,
+               strongly typed from the ONNX file of its precision (``trtexec``, in every tritonserver image)
 - ``gpu``      (alias ``all``) ``onnx`` + ``dali`` + ``engine`` + ``configs``: the whole gpu profile
 - ``check``    validate a model repository the way Triton would at load time (and more)
 """
@@ -53,29 +56,53 @@ def gpu_profile(precision: str | None = None) -> spec.Profile:
 
 
 def build_dali(repository: Path, profile: spec.Profile) -> Path:
+    """Write ``preprocess/1/dali.py`` and autoserialise it with this machine's DALI, as the backend will."""
+    import tempfile
+
     from . import pipeline
 
     path = Path(repository) / spec.PREPROCESS / "1" / configs.DALI_FILE
-    if pipeline.serialize_gpu_pipeline(path, profile):
+    text = pipeline.dali_model_source(profile)
+    if path.exists() and path.read_text() == text:
+        log.info("%s is up to date", path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         log.info("wrote the DALI pipeline (mixed decoder, hw_decoder_load %.2f, %s output) to %s",
                  profile.hw_decoder_load, profile.pixels_dtype, path)
-    else:
-        log.info("%s is up to date; skipping", path)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model.dali"
+        pipeline.autoserialize_model(path, target)
+        log.info("DALI %s autoserialises it (%d bytes); the server's DALI does the same when it loads the model",
+                 pipeline.dali_version(), target.stat().st_size)
     return path
+
+
+def build_onnx(output: Path, weights: str, precisions: list[str], *, calibration_images: Path | None = None,
+               force: bool = False, require_weights: bool = False) -> list[Path]:
+    """Export the FP32 ONNX file (the source of the others) and make the file of each engine precision."""
+    from . import precision
+    from .onnx_export import export_onnx
+
+    export_onnx(output, weights, force=force, allow_random_fallback=not require_weights)
+    made = []
+    for p in dict.fromkeys(precisions):  # in order, once each
+        made.append(precision.ensure_onnx(output, p, calibration_images_dir=calibration_images, force=force))
+    return made
 
 
 def build_engine(repository: Path, profile: spec.Profile, args: argparse.Namespace) -> Path:
     from dataclasses import replace
 
-    from . import engines
+    from . import engines, precision
 
     build = profile.engine
     if args.workspace_mib:
         build = replace(build, workspace_mib=args.workspace_mib)
+    onnx = precision.onnx_path(args.onnx, build.precision)
     return engines.ensure_engine(
-        args.onnx, Path(repository) / spec.RESNET50 / "1" / configs.PLAN_FILE, build, profile.resnet50.batching,
-        engine_dir=args.engine_dir, calibration_images_dir=args.calibration_images,
-        calibration_cache=args.calibration_cache, builder=args.builder, gpu_index=args.gpu, force=args.force,
+        onnx, Path(repository) / spec.RESNET50 / "1" / configs.PLAN_FILE, build, profile.resnet50.batching,
+        engine_dir=args.engine_dir, builder=args.builder, gpu_index=args.gpu, force=args.force,
     )
 
 
@@ -92,17 +119,30 @@ def check(repository: Path, profile: spec.Profile, require_artifacts: bool) -> i
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
-                   help=f"engine precision (default from the spec: {spec.GPU.engine.precision}); fp32 and tf32 "
-                        "also switch PIXELS to FP32 and rewrite the configs")
-    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX)
+                   help=f"engine precision (default from the spec: {spec.GPU.engine.precision}); the engine is built "
+                        "from the ONNX file of that precision next to --onnx (resnet50_fp16.onnx, "
+                        "resnet50_int8.onnx); fp32 and tf32 also switch PIXELS to FP32 and rewrite the configs")
+    p.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="the FP32 export (default: build/resnet50.onnx)")
     p.add_argument("--engine-dir", type=Path, default=DEFAULT_ENGINES,
-                   help="where engines, their metadata, timing and calibration caches are kept (default: build/engines)")
-    p.add_argument("--calibration-images", type=Path, help="INT8: a folder of representative images")
-    p.add_argument("--calibration-cache", type=Path, help="INT8: an existing calibration cache to use")
+                   help="where engines, their metadata and timing caches are kept (default: build/engines); "
+                        "may be shared by several processes (builds lock it)")
     p.add_argument("--workspace-mib", type=int, default=0, help="TensorRT workspace limit (default from the spec)")
-    p.add_argument("--builder", choices=("auto", "python", "trtexec"), default="auto")
+    p.add_argument("--builder", choices=("auto", "python", "trtexec"), default="auto",
+                   help="auto: trtexec if present (every tritonserver image has it), else the TensorRT Python API")
     p.add_argument("--gpu", type=int, default=0, help="index of the GPU to build for")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching engine exists")
+
+
+def _add_onnx_precision_args(p: argparse.ArgumentParser, *, with_precision: bool = True) -> None:
+    if with_precision:
+        p.add_argument("--precision", nargs="+", choices=sorted(spec.ENGINE_PRECISIONS),
+                       default=[spec.GPU.engine.precision], metavar="PRECISION",
+                       help=f"engine precision(s) to make the ONNX file for, of {sorted(spec.ENGINE_PRECISIONS)} "
+                            f"(default: {spec.GPU.engine.precision}); the FP32 file is always written, fp16 adds "
+                            "resnet50_fp16.onnx, int8 resnet50_int8.onnx (needs --calibration-images)")
+    p.add_argument("--calibration-images", type=Path,
+                   help="INT8: a folder of representative images (a few hundred; at most "
+                        f"{spec.GPU.engine.calibration_max_images} are used), fed through the serving preprocessing")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -126,10 +166,15 @@ def parser() -> argparse.ArgumentParser:
     _add_common(ap)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("onnx", help="export ResNet-50 to ONNX")
+    p = sub.add_parser("onnx", help="export ResNet-50 to ONNX (FP32) and make the FP16 / INT8 files")
     p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH to a state_dict (default: imagenet)")
-    p.add_argument("--output", type=Path, default=DEFAULT_ONNX)
+    p.add_argument("--output", type=Path, default=DEFAULT_ONNX,
+                   help="the FP32 file (default: build/resnet50.onnx); the others go next to it")
+    _add_onnx_precision_args(p)
     p.add_argument("--force", action="store_true", help="export even if an up-to-date file exists")
+    p.add_argument("--require-weights", action="store_true",
+                   help="fail (exit 2) instead of falling back to random weights when the ImageNet download fails "
+                        "(image builds)")
 
     p = sub.add_parser("configs", help="render the gpu profile's config.pbtxt files and labels")
     p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
@@ -140,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=DEFAULT_CPU_REPOSITORY)
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("dali", help="serialise the GPU-decoder DALI pipeline into preprocess/1/model.dali")
+    p = sub.add_parser("dali", help="write preprocess/1/dali.py (GPU decoder) and check that DALI autoserialises it")
     p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
                    help="engine precision the pixels must match (default from the spec)")
     _add_dali_args(p)
@@ -153,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     for name in ("gpu", "all"):
         p = sub.add_parser(name, help="onnx + dali + engine + configs: the whole gpu profile")
         _add_engine_args(p)
+        _add_onnx_precision_args(p, with_precision=False)
         _add_dali_args(p)
         p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH (default: imagenet)")
         p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
@@ -161,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("repository", type=Path, nargs="?", default=DEFAULT_GPU_REPOSITORY)
     p.add_argument("--profile", choices=sorted(spec.PROFILES), default="gpu")
     p.add_argument("--require-artifacts", action="store_true",
-                   help="also require model.plan / model.dali / model.onnx (on the serving host)")
+                   help="also require model.plan / dali.py / model.onnx (on the serving host)")
     return ap
 
 
@@ -170,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "onnx":
-            from .onnx_export import export_onnx
-
-            export_onnx(args.output, args.weights, force=args.force)
+            build_onnx(args.output, args.weights, args.precision, calibration_images=args.calibration_images,
+                       force=args.force, require_weights=args.require_weights)
         elif args.command == "configs":
             configs.write_repository(spec.GPU, args.output)
         elif args.command == "cpu":
@@ -182,10 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "engine":
             build_engine(args.output, gpu_profile(args.precision), args)
         elif args.command in ("gpu", "all"):
-            from .onnx_export import export_onnx
-
             profile = gpu_profile(args.precision)
-            export_onnx(args.onnx, args.weights)
+            build_onnx(args.onnx, args.weights, [profile.engine.precision], calibration_images=args.calibration_images)
             build_dali(args.output, _with_hw_decoder_load(profile, args.hw_decoder_load))
             build_engine(args.output, profile, args)
             configs.write_repository(profile, args.output)

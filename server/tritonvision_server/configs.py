@@ -9,24 +9,32 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from importlib import resources
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonvision import spec
-from tritonvision.spec import ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALID_IMAGE, VALIDATE, Profile
+from tritonvision.spec import ACCEPTED, ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALIDATE, Profile
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
-DALI_FILE = "model.dali"
-# A real photo shipped in the repository: DALI cannot warm up on random bytes. Triton reads warm-up data
-# from <model>/warmup/<file>, and a variable-length input needs the file's exact byte count as its dims.
+# The DALI backend autoserialises this Python file with the server's own DALI (see pipeline.dali_model_source).
+DALI_FILE = "dali.py"
+# Real photos shipped in the packages: DALI cannot warm up on random bytes. Triton reads warm-up data from
+# <model>/warmup/<file>, and a variable-length input needs the file's exact byte count as its dims. The
+# small one compiles the decoder paths at batch 1 and max batch; the 12-megapixel one (4032x3024, a phone
+# photo) makes the decoder allocate the buffers that real uploads need before the first one arrives.
 WARMUP_FILE = "warmup/photo.jpg"
-WARMUP_SOURCE = Path(__file__).resolve().parents[2] / "samples" / "chelsea.jpg"
+WARMUP_SOURCE = Path(str(resources.files("tritonvision").joinpath("samples", "chelsea.jpg")))
+WARMUP_LARGE_FILE = "warmup/photo_12mp.jpg"
+WARMUP_LARGE_SOURCE = Path(str(resources.files(__package__).joinpath("data", "warmup_12mp.jpg")))
+# The 1000 ImageNet class names in torchvision's order, shipped so that no build step needs torchvision.
+LABELS_SOURCE = Path(str(resources.files(__package__).joinpath("data", "imagenet_labels.txt")))
 
 _DTYPES = {"UINT8": mc.TYPE_UINT8, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "BYTES": mc.TYPE_STRING}
 _KINDS = {"KIND_CPU": mc.ModelInstanceGroup.KIND_CPU, "KIND_GPU": mc.ModelInstanceGroup.KIND_GPU}
@@ -73,6 +81,8 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
     config = mc.ModelConfig(name=PREPROCESS)
     # Ragged batching lets requests whose encoded images differ in length share one batch.
     config.input.append(_input(IMAGE, ragged=True))
+    if profile.validate is not None:
+        config.input.append(_input(ACCEPTED))
     config.output.append(_output(profile.pixels))
     _serving(config, profile.preprocess)
     if profile.name == "cpu":
@@ -80,12 +90,17 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
         _parameters(config, num_threads=profile.cpu_threads)
     else:
         config.backend = "dali"
+        # Named explicitly so that a stale serialised model.dali left in the folder is never loaded instead.
         config.default_model_filename = DALI_FILE
         _parameters(config, num_threads=profile.cpu_threads)
-        # Batch 1 compiles the decoder paths; the max batch makes DALI allocate its largest buffers at load
-        # time rather than under the first burst of traffic.
+        # Batch 1 compiles the decoder paths; the max batch makes DALI allocate its batch-wide buffers, and
+        # the 12-megapixel photo the per-image decode buffers, at load time rather than under the first
+        # burst of traffic.
+        accepted = profile.validate is not None
         for batch_size in sorted({1, profile.preprocess.batching.max_batch_size}):
-            config.model_warmup.append(_warmup(batch_size))
+            config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE, accepted=accepted))
+        config.model_warmup.append(_warmup(1, WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE, name="photo_12mp_batch1",
+                                           accepted=accepted))
     return config
 
 
@@ -94,7 +109,7 @@ def validate_config(profile: Profile) -> mc.ModelConfig:
     assert profile.validate is not None
     config = mc.ModelConfig(name=VALIDATE, backend="python")
     config.input.append(_input(IMAGE, ragged=True))
-    config.output.append(_output(VALID_IMAGE))
+    config.output.append(_output(ACCEPTED))
     _serving(config, profile.validate)
     return config
 
@@ -113,9 +128,48 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
         if profile.cuda_graph_batch_sizes:
             cuda = config.optimization.cuda
             cuda.graphs = True
-            for size in profile.cuda_graph_batch_sizes:
-                cuda.graph_spec.append(mc.ModelOptimizationPolicy.Cuda.GraphSpec(batch_size=size))
+            cuda.graph_spec.extend(graph_specs(profile.cuda_graph_batch_sizes))
     return config
+
+
+# The python backend's per-instance region starts at this size (its shm-default-byte-size, 1 MiB) and grows
+# on demand; the headroom is for the stubs' control structures and anything else in the pod's /dev/shm.
+PYTHON_BACKEND_REGION_BYTES = 1 << 20
+SHM_HEADROOM_BYTES = 256 << 20
+
+
+def shm_bytes(profile: Profile, upload_bytes: int) -> int:
+    """/dev/shm that ``profile``'s python-backend steps need when every image of a full dynamic batch on every
+    instance is ``upload_bytes`` long: the stub receives a whole batch's inputs in its shared-memory region.
+
+    In the gpu profile that is ``validate`` (its output is one byte); DALI and TensorRT exchange tensors
+    through Triton's own (device and pinned) memory. A memory-backed emptyDir of this size keeps the pod from
+    being evicted: past it, a batch fails to allocate (ENOSPC) instead.
+    """
+    pixels = 3 * spec.PREPROCESSING.crop ** 2 * (2 if profile.pixels_dtype == "FP16" else 4)
+    if profile.validate is not None:
+        steps = [(profile.validate, upload_bytes + 1)]
+    else:  # cpu profile: both steps are python models
+        steps = [(profile.preprocess, upload_bytes + pixels), (profile.resnet50, pixels + 4 * spec.NUM_CLASSES)]
+    total = sum(s.instances * (s.batching.max_batch_size * per_image + PYTHON_BACKEND_REGION_BYTES) for s, per_image in steps)
+    return total + SHM_HEADROOM_BYTES
+
+
+def graph_specs(batch_sizes) -> list[mc.ModelOptimizationPolicy.Cuda.GraphSpec]:
+    """CUDA graphs that cover every batch size from 1 to the largest one captured.
+
+    The TensorRT backend runs a graph only for the exact batch size it was captured at, unless its spec has
+    a ``graph_lower_bound``: then any batch from that bound up to the graph's size runs the graph, padded.
+    Each graph's bound is one more than the next smaller graph, so every dynamic batch runs the smallest
+    graph that holds it (tensorrt_backend ``FindClosestCudaGraph``).
+    """
+    specs, previous = [], 0
+    for size in sorted(set(batch_sizes)):
+        spec_ = mc.ModelOptimizationPolicy.Cuda.GraphSpec(batch_size=size)
+        spec_.graph_lower_bound.batch_size = previous + 1
+        specs.append(spec_)
+        previous = size
+    return specs
 
 
 def ensemble_config(profile: Profile) -> mc.ModelConfig:
@@ -123,19 +177,20 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
     config.input.append(_input(IMAGE))
     config.output.append(_output(SCORES, labels=True))
     pixels = profile.pixels.name
-    image = IMAGE.name
+    preprocess_inputs = {IMAGE.name: IMAGE.name}
     if profile.validate is not None:
         config.ensemble_scheduling.step.append(
             mc.ModelEnsembling.Step(
                 model_name=VALIDATE, model_version=-1, input_map={IMAGE.name: IMAGE.name},
-                output_map={VALID_IMAGE.name: "valid_image"},
+                output_map={ACCEPTED.name: "accepted"},
             )
         )
-        image = "valid_image"
+        # preprocess needs validate's verdict, so it runs only for images validate let through.
+        preprocess_inputs[ACCEPTED.name] = "accepted"
     config.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(
-                model_name=PREPROCESS, model_version=-1, input_map={IMAGE.name: image}, output_map={pixels: "pixels"}
+                model_name=PREPROCESS, model_version=-1, input_map=preprocess_inputs, output_map={pixels: "pixels"}
             ),
             mc.ModelEnsembling.Step(
                 model_name=RESNET50, model_version=-1, input_map={pixels: "pixels"}, output_map={SCORES.name: SCORES.name}
@@ -145,19 +200,18 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
     return config
 
 
-def _warmup_source() -> Path:
-    if not WARMUP_SOURCE.is_file():
-        raise FileNotFoundError(f"the warm-up photo {WARMUP_SOURCE} is missing; restore it from git")
-    return WARMUP_SOURCE
+def _shipped(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package; reinstall tritonvision")
+    return path
 
 
-def _warmup(batch_size: int) -> mc.ModelWarmup:
-    size = _warmup_source().stat().st_size
-    return mc.ModelWarmup(
-        name=f"photo_batch{batch_size}",
-        batch_size=batch_size,
-        inputs={IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(WARMUP_FILE).name)},
-    )
+def _warmup(batch_size: int, source: Path, file: str, name: str | None = None, accepted: bool = False) -> mc.ModelWarmup:
+    size = _shipped(source).stat().st_size
+    inputs = {IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(file).name)}
+    if accepted:  # the verdict's value does not matter to DALI, only that it is fed
+        inputs[ACCEPTED.name] = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=list(ACCEPTED.dims), zero_data=True)
+    return mc.ModelWarmup(name=name or f"photo_batch{batch_size}", batch_size=batch_size, inputs=inputs)
 
 
 def configs(profile: Profile) -> dict[str, mc.ModelConfig]:
@@ -178,13 +232,8 @@ def parse(text: str) -> mc.ModelConfig:
 
 
 def labels() -> list[str]:
-    """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
-    from tritonvision._extras import require
-
-    require("torchvision", extra="build", what="the ImageNet label list")
-    from torchvision.models import ResNet50_Weights
-
-    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+    """The 1000 ImageNet class names in torchvision's order (shipped with the package; a test checks them)."""
+    return _shipped(LABELS_SOURCE).read_text(encoding="utf-8").splitlines()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -220,13 +269,18 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         if onnx_path is not None:
             _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
     else:
-        # Version folders whose content is built on the GPU host (model.dali, model.plan) or that stay
-        # empty (the ensemble) still have to exist for Triton; git keeps them through a placeholder.
-        for name in (ENSEMBLE, PREPROCESS, RESNET50):
+        from .pipeline import dali_model_source
+
+        (dest / PREPROCESS / "1" / DALI_FILE).write_text(dali_model_source(profile))
+        # Version folders whose content is built on the GPU host (model.plan) or that stay empty (the
+        # ensemble) still have to exist for Triton; git keeps them through a placeholder.
+        for name in (ENSEMBLE, RESNET50):
             (dest / name / "1" / ".gitkeep").touch()
-        warmup = dest / PREPROCESS / WARMUP_FILE
-        warmup.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_warmup_source(), warmup)
+        (dest / PREPROCESS / "1" / ".gitkeep").unlink(missing_ok=True)
+        for source, file in ((WARMUP_SOURCE, WARMUP_FILE), (WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE)):
+            warmup = dest / PREPROCESS / file
+            warmup.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_shipped(source), warmup)
     log.info("wrote the %s model repository to %s", profile.name, dest)
     return dest
 

@@ -1,17 +1,36 @@
-"""Build the gpu profile's TensorRT engine from the exported ONNX file.
+"""Build the gpu profile's TensorRT engine from the precision-specific ONNX file.
 
-An engine only runs on the GPU model (compute capability) and TensorRT version it was built with, so every
-engine is built under a name that records both, next to a JSON file with everything that went into it.
-``ensure_engine`` reuses a matching engine and rebuilds when anything differs: GPU, TensorRT, precision,
-ONNX file, optimisation profiles or workspace.
+An engine only runs on the GPU model (compute capability) and the TensorRT version that built it (plans are
+not portable across TensorRT releases unless built version-compatible, which these are not), so every
+engine is built under a name that records both,
+next to a JSON file with everything that went into it. ``ensure_engine`` reuses a matching engine and
+rebuilds when anything differs: GPU, TensorRT, precision, ONNX file, optimisation profiles or workspace.
 
-Two builders, whichever the machine has (both ship in the NGC ``tensorrt`` and ``tritonserver`` images):
-the TensorRT Python API (needed for INT8 calibration from images) or ``trtexec``. Neither can run on a
-machine without an NVIDIA GPU and TensorRT; everything else here is plain Python and unit-tested.
+Every build is **strongly typed** and passes no precision flag: the types come from the ONNX file
+(:mod:`tritonvision_server.precision` makes the FP16 file and the INT8 file with explicit Q/DQ nodes). That
+is the only mode of TensorRT 11, which removed trtexec's ``--fp16``/``--int8``/``--calib``,
+``BuilderFlag.FP16``/``INT8``, the IInt8 calibrators and the ``ITensor.dtype`` setter; TensorRT 10 builds
+the same way with ``--stronglyTyped`` / ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. What remains a
+builder setting is TF32, the math mode of FP32 convolutions (``--noTF32`` / ``BuilderFlag.TF32``, both
+still in TensorRT 11.1): it is cleared for ``fp32`` engines and left on for ``tf32``. Checked against the
+sources of NVIDIA/TensorRT v10.0.0, v10.3.0, v10.5.0 (the 24.10 image), v11.0 and v11.1:
+``samples/common/sampleOptions.cpp`` and ``sampleEngines.cpp`` (trtexec's options), ``include/NvInfer.h``
+and ``python/src/infer/pyCore.cpp``/``pyGraph.cpp`` (the Python API). TensorRT 10.0 or newer is required.
+
+Two builders, whichever the machine has: ``trtexec``, which every NGC ``tritonserver`` image ships at
+/usr/src/tensorrt/bin/trtexec, or the TensorRT Python API (the NGC ``tensorrt`` image). Neither can run
+on a machine without an NVIDIA GPU and TensorRT; everything else here is plain Python and unit-tested.
+
+The engine directory may be shared by several pods (a volume per GPU type): a build takes an exclusive lock
+(``fcntl.flock``) on a lock file there, checks again whether another process built the engine meanwhile,
+writes to a temporary file of its own and renames it into place, so nobody loads a half-written engine and
+an engine is never built twice at once. The volume must support ``flock`` (local disks, NFSv4 do).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,12 +47,16 @@ from tritonvision.spec import PIXELS, PREPROCESSING, Batching, EngineBuild
 log = logging.getLogger(__name__)
 
 TRTEXEC_NGC = Path("/usr/src/tensorrt/bin/trtexec")
+MIN_TENSORRT = (10, 0)  # trtexec --stronglyTyped and NetworkDefinitionCreationFlag.STRONGLY_TYPED
 HOW_TO_GET_TENSORRT = (
-    "Building a TensorRT engine needs TensorRT on a machine with an NVIDIA GPU, and neither the TensorRT "
-    "Python API ('import tensorrt') nor trtexec was found. Either run the build inside an NGC image that "
-    "has both (nvcr.io/nvidia/tritonserver:<yy.mm>-py3 or nvcr.io/nvidia/tensorrt:<yy.mm>-py3, trtexec at "
-    f"{TRTEXEC_NGC}; use the same <yy.mm> as the server so the TensorRT versions match), or on a GPU host "
-    "with internet access: pip install tensorrt."
+    "Building a TensorRT engine needs the TensorRT of the server that will load it, on a machine with an "
+    "NVIDIA GPU: a plan loads only in the TensorRT version that built it, and neither trtexec nor the "
+    "TensorRT Python API ('import tensorrt') was found here. Build inside the same image tag as the server, "
+    "whose trtexec is at "
+    f"{TRTEXEC_NGC}: docker run --gpus all -v $PWD:/workspace -w /workspace "
+    "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 python3 build_engines.py engine (the same <yy.mm> as the "
+    "server; nvcr.io/nvidia/tensorrt:<yy.mm>-py3 of that tag has the same TensorRT and its Python API). "
+    "A TensorRT from another source (a pip wheel, another image tag) builds plans that server refuses."
 )
 
 
@@ -137,7 +160,6 @@ class EngineSpec:
     onnx_sha256: str
     profiles: tuple[tuple[int, int, int], ...]
     workspace_mib: int
-    calibration_cache_sha256: str = ""  # INT8 only
 
     @property
     def file_stem(self) -> str:
@@ -186,17 +208,19 @@ def is_up_to_date(plan: Path, meta: Path, wanted: EngineSpec) -> bool:
 
 
 def find_builder(prefer: str = "auto") -> str:
-    """``python`` (TensorRT Python API) or ``trtexec``; raise :class:`TensorRTUnavailable` with how to get one."""
+    """``trtexec`` or ``python`` (TensorRT Python API); raise :class:`TensorRTUnavailable` with how to get one.
+
+    ``auto`` prefers trtexec: it is in every tritonserver image, next to the TensorRT the server loads plans with.
+    """
+    if prefer in ("auto", "trtexec") and trtexec_path() is not None:
+        return "trtexec"
     if prefer in ("auto", "python"):
         try:
             import tensorrt  # noqa: F401
         except ImportError:
-            if prefer == "python":
-                raise TensorRTUnavailable(HOW_TO_GET_TENSORRT) from None
+            pass
         else:
             return "python"
-    if trtexec_path() is not None:
-        return "trtexec"
     raise TensorRTUnavailable(HOW_TO_GET_TENSORRT)
 
 
@@ -216,41 +240,63 @@ def tensorrt_version(builder: str) -> str:
     return parse_trtexec_version(out.stdout + out.stderr)
 
 
+def check_tensorrt_version(version: str) -> None:
+    """Refuse TensorRT releases that cannot build strongly typed networks."""
+    parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+    if parts < MIN_TENSORRT:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} cannot build strongly typed networks; TensorRT "
+            f"{'.'.join(map(str, MIN_TENSORRT))} or newer is needed (use a newer NGC tritonserver image)"
+        )
+
+
+def check_onnx_precision(onnx: Path, build: EngineBuild) -> None:
+    """Refuse an ONNX file whose sidecar says it was made for another precision than ``build``'s.
+
+    A strongly typed engine takes its types from the file, so an FP32 file would silently give an FP32
+    engine where an FP16 one was asked for (and an FP32 input that the configs do not declare).
+    """
+    meta_path = onnx.with_suffix(onnx.suffix + ".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        log.warning("%s has no readable %s: cannot check that it is the %s ONNX file", onnx, meta_path.name,
+                    build.onnx_precision)
+        return
+    made = meta.get("precision", "fp32")  # the FP32 export's record has no precision
+    if made != build.onnx_precision:
+        raise ValueError(
+            f"{onnx} is the {made} ONNX file, but a {build.precision} engine is built from the "
+            f"{build.onnx_precision} one: run `build_engines.py onnx --precision {build.precision}`"
+        )
+
+
 def _shapes_arg(shape: tuple[int, ...]) -> str:
     return f"{PIXELS('FP32').name}:" + "x".join(str(d) for d in shape)
 
 
-def trtexec_command(
-    trtexec: Path, onnx: Path, plan: Path, spec: EngineSpec, *, timing_cache: Path, calibration_cache: Path | None = None
-) -> list[str]:
-    """The trtexec command line that builds ``spec``'s engine."""
+def trtexec_command(trtexec: Path, onnx: Path, plan: Path, spec: EngineSpec, *, timing_cache: Path) -> list[str]:
+    """The trtexec command line that builds ``spec``'s engine from the precision-specific ``onnx``.
+
+    Strongly typed, no precision flag and no I/O formats: the input (FP16 or FP32 ``PIXELS``) and output
+    (FP32 ``SCORES``) types are the ONNX file's, which the configs declare.
+    """
     if len(spec.profiles) != 1:
         raise ValueError(f"the trtexec build takes one optimisation profile, got {len(spec.profiles)}")
     ((low, opt, high),) = spec.profiles
     cmd = [
-        str(trtexec), f"--onnx={onnx}", f"--saveEngine={plan}", "--skipInference",
+        str(trtexec), f"--onnx={onnx}", f"--saveEngine={plan}", "--skipInference", "--stronglyTyped",
         f"--minShapes={_shapes_arg(_shape(low))}", f"--optShapes={_shapes_arg(_shape(opt))}",
         f"--maxShapes={_shapes_arg(_shape(high))}",
-        # The engine's own input and output types, so Triton's config (FP16 PIXELS, FP32 SCORES) matches.
-        f"--inputIOFormats={'fp16' if spec.input_dtype == 'FP16' else 'fp32'}:chw", "--outputIOFormats=fp32:chw",
     ]
-    if spec.precision == "fp16":
-        cmd.append("--fp16")
-    elif spec.precision == "int8":
-        if calibration_cache is None:
-            raise TensorRTUnavailable(
-                "trtexec cannot calibrate from images: build the INT8 calibration cache once with the TensorRT "
-                "Python API (pip install tensorrt, or the NGC tensorrt image), then pass it with --calibration-cache"
-            )
-        cmd += ["--int8", "--fp16", f"--calib={calibration_cache}"]  # FP16 for the layers INT8 does not cover
-    elif spec.precision == "fp32":
-        cmd.append("--noTF32")
+    if spec.precision == "fp32":
+        cmd.append("--noTF32")  # TF32 is on by default: tf32 engines keep it, fp32 ones are true FP32
     cmd += [f"--memPoolSize=workspace:{spec.workspace_mib}M", f"--timingCacheFile={timing_cache}"]
     return cmd
 
 
-def _build_with_trtexec(onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path, calibration_cache: Path | None) -> None:
-    cmd = trtexec_command(trtexec_path(), onnx, plan, spec, timing_cache=timing_cache, calibration_cache=calibration_cache)
+def _build_with_trtexec(onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path) -> None:
+    cmd = trtexec_command(trtexec_path(), onnx, plan, spec, timing_cache=timing_cache)
     log.info("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
@@ -261,122 +307,53 @@ def _build_with_trtexec(onnx: Path, plan: Path, spec: EngineSpec, timing_cache: 
         raise RuntimeError(f"trtexec failed with exit code {proc.returncode}:\n" + "\n".join(tail))
 
 
-def calibration_images(folder: Path, limit: int) -> list[Path]:
-    """Up to ``limit`` image files under ``folder``, in a stable order."""
-    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)
-    if not files:
-        raise FileNotFoundError(f"no calibration images (jpg, png, ...) under {folder}")
-    return files[:limit]
+def _network_flags(trt) -> int:
+    """STRONGLY_TYPED on TensorRT 10; in 11 the flag is deprecated and ignored (always strongly typed)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
 
 
-def calibration_batches(files: list[Path], batch_size: int, num_threads: int = 4):
-    """FP32 ``[batch, 3, crop, crop]`` arrays through the serving pipeline (DALI on the CPU); drops the tail."""
-    import numpy as np
-
-    from .pipeline import CpuPreprocessor
-
-    pre = CpuPreprocessor(max_batch_size=batch_size, num_threads=num_threads, pixels_dtype="FP32")
-    for start in range(0, len(files) - batch_size + 1, batch_size):
-        chunk = [np.fromfile(f, dtype=np.uint8) for f in files[start : start + batch_size]]
-        yield np.ascontiguousarray(pre(chunk), dtype=np.float32)
-
-
-def _calibrator(batches, batch_size: int, cache: Path):
-    """An IInt8EntropyCalibrator2 fed from ``batches``; reads/writes ``cache``. Needs tensorrt and torch+CUDA."""
-    import tensorrt as trt
-
-    from tritonvision._extras import require
-
-    torch = require("torch", extra="build", what="INT8 calibration (device buffers)")
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self._batches = iter(batches)
-            self._device = None
-            self._seen = 0
-
-        def get_batch_size(self):
-            return batch_size
-
-        def get_batch(self, names):
-            try:
-                batch = next(self._batches)
-            except StopIteration:
-                return None
-            self._device = torch.from_numpy(batch).cuda()
-            self._seen += len(batch)
-            log.info("calibration: %d images", self._seen)
-            return [int(self._device.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache.read_bytes() if cache.exists() else None
-
-        def write_calibration_cache(self, data):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_bytes(bytes(data))
-            log.info("wrote the INT8 calibration cache %s", cache)
-
-    return EntropyCalibrator()
-
-
-def _build_with_python(
-    onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path, calibrator=None, *, fp32_input: bool = False
-) -> None:
+def _build_with_python(onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path) -> None:
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TensorRT 10
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx}:\n{errors}")
     inp = network.get_input(0)
-    if spec.input_dtype == "FP16" and not fp32_input:
-        # DALI hands over FP16 pixels: no cast kernel, half the bytes between the steps.
-        inp.dtype = trt.float16
-    network.get_output(0).dtype = trt.float32
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-    if spec.precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if spec.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
     if spec.precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
     for low, opt, high in spec.profiles:
         profile = builder.create_optimization_profile()
         profile.set_shape(inp.name, _shape(low), _shape(opt), _shape(high))
         config.add_optimization_profile(profile)
-    if calibrator is not None:
-        config.int8_calibrator = calibrator
-        # Calibration runs at one fixed shape, the calibration batch.
-        calib = builder.create_optimization_profile()
-        b = calibrator.get_batch_size()
-        calib.set_shape(inp.name, _shape(b), _shape(b), _shape(b))
-        config.set_calibration_profile(calib)
 
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see its log above)")
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp = plan.with_suffix(".plan.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(plan)
+    _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    plan.write_bytes(bytes(serialized))
 
 
-def wanted_engine(
-    onnx: Path, build: EngineBuild, batching: Batching, *, gpu: GpuInfo, trt_version: str, calibration_cache: Path | None = None
-) -> EngineSpec:
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def wanted_engine(onnx: Path, build: EngineBuild, batching: Batching, *, gpu: GpuInfo, trt_version: str) -> EngineSpec:
     return EngineSpec(
         gpu_name=gpu.name,
         compute_capability=gpu.compute_capability,
@@ -386,8 +363,23 @@ def wanted_engine(
         onnx_sha256=sha256(onnx),
         profiles=tuple(optimization_profiles(batching)),
         workspace_mib=build.workspace_mib,
-        calibration_cache_sha256=sha256(calibration_cache) if calibration_cache and calibration_cache.exists() else "",
     )
+
+
+@contextlib.contextmanager
+def build_lock(path: Path):
+    """Exclusive ``flock`` on ``path`` for the duration of the block, across processes (and threads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building in %s; waiting for it", path.parent)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def ensure_engine(
@@ -397,74 +389,60 @@ def ensure_engine(
     batching: Batching,
     *,
     engine_dir: Path,
-    calibration_images_dir: Path | None = None,
-    calibration_cache: Path | None = None,
     builder: str = "auto",
     gpu_index: int = 0,
     force: bool = False,
 ) -> Path:
-    """Build (or reuse) the engine for this GPU and TensorRT, and install it as ``dest`` (``resnet50/1/model.plan``)."""
+    """Build (or reuse) the engine for this GPU and TensorRT from ``onnx``, install it as ``dest``.
+
+    ``onnx`` is the file made for ``build.precision`` (:func:`tritonvision_server.precision.onnx_path`);
+    ``dest`` is ``resnet50/1/model.plan``.
+    """
     onnx, dest, engine_dir = Path(onnx), Path(dest), Path(engine_dir)
     if not onnx.exists():
-        raise FileNotFoundError(f"{onnx} does not exist: run `build_engines.py onnx` first")
+        raise FileNotFoundError(f"{onnx} does not exist: run `build_engines.py onnx --precision {build.precision}` first")
+    check_onnx_precision(onnx, build)
     which = find_builder(builder)
     gpu = detect_gpu(gpu_index)
     version = tensorrt_version(which)
-    timing_cache = engine_dir / f"timing_{GpuInfo(gpu.name, gpu.compute_capability).slug}_trt{version}.cache"
-    if build.precision == "int8":
-        calibration_cache = calibration_cache or engine_dir / f"calibration_{sha256(onnx)[:12]}.cache"
-        if not calibration_cache.exists():
-            if calibration_images_dir is None:
-                raise ValueError("an INT8 engine needs --calibration-images DIR (or an existing --calibration-cache)")
-            if which != "python":
-                find_builder("python")  # raises with how to get the Python API
-            _calibrate(onnx, build, batching, calibration_images_dir, calibration_cache, engine_dir, gpu, version, timing_cache)
-    wanted = wanted_engine(onnx, build, batching, gpu=gpu, trt_version=version, calibration_cache=calibration_cache)
+    check_tensorrt_version(version)
+    key = f"{gpu.slug}_sm{gpu.compute_capability.replace('.', '')}_trt{version}"
+    timing_cache = engine_dir / f"timing_{key}.cache"
+    wanted = wanted_engine(onnx, build, batching, gpu=gpu, trt_version=version)
     plan, meta = engine_paths(engine_dir, wanted)
     if not force and is_up_to_date(plan, meta, wanted):
         log.info("engine %s is up to date for %s (sm %s, TensorRT %s)", plan.name, gpu.name, gpu.compute_capability, version)
     else:
-        engine_dir.mkdir(parents=True, exist_ok=True)
-        log.info("building the %s engine for %s (sm %s) with TensorRT %s via %s, profiles %s; this takes minutes",
-                 build.precision, gpu.name, gpu.compute_capability, version, which, list(wanted.profiles))
-        start = time.perf_counter()
-        if which == "python":
-            calibrator = None
-            if build.precision == "int8":
-                calibrator = _calibrator(iter(()), build.calibration_batch_size, calibration_cache)  # reads the cache
-            _build_with_python(onnx, plan, wanted, timing_cache, calibrator)
-        else:
-            _build_with_trtexec(onnx, plan, wanted, timing_cache, calibration_cache)
-        elapsed = time.perf_counter() - start
-        meta.write_text(json.dumps(
-            {"engine": wanted.to_json(), "plan_sha256": sha256(plan), "builder": which, "build_seconds": round(elapsed, 1)},
-            indent=2,
-        ))
-        log.info("built %s in %.0f s", plan, elapsed)
+        # One build at a time per GPU and TensorRT (they share the timing cache); whoever waited checks again.
+        with build_lock(engine_dir / f".build_{key}.lock"):
+            if not force and is_up_to_date(plan, meta, wanted):
+                log.info("engine %s was built by another process meanwhile", plan.name)
+            else:
+                _build(onnx, plan, meta, wanted, which, timing_cache, gpu)
     install(plan, dest)
     return dest
 
 
-def _calibrate(onnx, build, batching, images_dir, cache, engine_dir, gpu, version, timing_cache) -> None:
-    """Write the INT8 calibration cache with an FP32-input calibration build.
-
-    TensorRT calibrates in FP32, so the calibrator feeds FP32 batches to an FP32 input; the cache holds
-    per-tensor scales by name and serves the real build, whose input is FP16.
-    """
-    files = calibration_images(images_dir, build.calibration_max_images)
-    bs = min(build.calibration_batch_size, len(files))
-    log.info("calibrating INT8 on %d images from %s (batches of %d)", len(files) // bs * bs, images_dir, bs)
-    calib_spec = EngineSpec(gpu.name, gpu.compute_capability, version, "int8", "FP32", sha256(onnx),
-                            ((1, bs, max(bs, batching.max_batch_size)),), build.workspace_mib)
-    scratch = engine_dir / "calibration_scratch.plan"
-    engine_dir.mkdir(parents=True, exist_ok=True)
+def _build(onnx: Path, plan: Path, meta: Path, wanted: EngineSpec, which: str, timing_cache: Path, gpu: GpuInfo) -> None:
+    log.info("building the %s engine for %s (sm %s) with TensorRT %s via %s, profiles %s; this takes minutes",
+             wanted.precision, gpu.name, gpu.compute_capability, wanted.tensorrt_version, which, list(wanted.profiles))
+    tmp = plan.with_name(f".{plan.stem}.{os.getpid()}.tmp.plan")
+    start = time.perf_counter()
     try:
-        _build_with_python(onnx, scratch, calib_spec, timing_cache, _calibrator(calibration_batches(files, bs), bs, cache),
-                           fp32_input=True)
+        if which == "python":
+            _build_with_python(onnx, tmp, wanted, timing_cache)
+        else:
+            _build_with_trtexec(onnx, tmp, wanted, timing_cache)
+        elapsed = time.perf_counter() - start
+        record = {"engine": wanted.to_json(), "plan_sha256": sha256(tmp), "builder": which,
+                  "build_seconds": round(elapsed, 1)}
+        # The plan first, then its record: a reader that sees the new plan with the old record finds the
+        # checksum wrong and waits on the lock, never the other way round.
+        os.replace(tmp, plan)
+        _write_atomically(meta, json.dumps(record, indent=2).encode())
     finally:
-        scratch.unlink(missing_ok=True)
-    if not cache.exists():
-        raise RuntimeError("TensorRT finished calibrating without writing a calibration cache")
+        tmp.unlink(missing_ok=True)
+    log.info("built %s in %.0f s", plan, elapsed)
 
 
 def install(plan: Path, dest: Path) -> None:
@@ -473,7 +451,10 @@ def install(plan: Path, dest: Path) -> None:
         log.info("%s is already installed as %s", plan.name, dest)
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    shutil.copyfile(plan, tmp)
-    os.replace(tmp, dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(plan, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("installed %s as %s", plan.name, dest)

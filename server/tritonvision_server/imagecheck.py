@@ -121,20 +121,24 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         raise InvalidImage("corrupt TIFF: no image size in the first directory") from exc
 
 
+# Bytes each WebP header needs for its size: the frame header of VP8, the bit-packed size of VP8L, the
+# 24-bit canvas size of VP8X.
+_WEBP_HEADER_BYTES = {b"VP8 ": 30, b"VP8L": 25, b"VP8X": 30}
+
+
 def _webp_size(data: bytes) -> tuple[int, int]:
     chunk = data[12:16]
-    try:
-        if chunk == b"VP8 ":
-            w, h = struct.unpack("<HH", data[26:30])
-            return w & 0x3FFF, h & 0x3FFF
-        if chunk == b"VP8L":
-            b = int.from_bytes(data[21:25], "little")
-            return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
-        if chunk == b"VP8X":
-            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
-    except struct.error as exc:
-        raise InvalidImage("truncated WebP header") from exc
-    raise InvalidImage("corrupt WebP: unknown chunk")
+    if chunk not in _WEBP_HEADER_BYTES:
+        raise InvalidImage("corrupt WebP: unknown chunk")
+    if len(data) < _WEBP_HEADER_BYTES[chunk]:
+        raise InvalidImage("truncated WebP header")
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L":
+        b = int.from_bytes(data[21:25], "little")
+        return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+    return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
 
 
 _SIGNATURES = (

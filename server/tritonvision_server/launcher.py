@@ -194,6 +194,9 @@ class TritonServer:
         self._log_fh = None
         self._stubs: dict[int, str] = {}
         self.restarts = 0
+        #: The shared-memory files the server left behind and :meth:`stop` removed (a server that shuts
+        #: down cleanly removes its own: this stays empty).
+        self.cleaned_shm: list[Path] = []
 
     @property
     def grpc_url(self) -> str:
@@ -374,13 +377,19 @@ class TritonServer:
         raise ServerStartError(f"tritonserver was not ready after {timeout:.0f} s; last log lines:\n{self.log_tail()}")
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group's (the python-backend stubs are in it)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (Triton drains in-flight requests for up to ``exit_timeout``), then SIGKILL of the whole
         process group after ``timeout`` (default ``exit_timeout`` + 5 s), or at once when a stub has died
-        (Triton's shutdown would wait out its exit timeout on it); then clean /dev/shm."""
+        (Triton's shutdown would wait out its exit timeout on it); then remove what the server left in
+        /dev/shm (listed in :attr:`cleaned_shm`). Returns the server's exit code (-9: killed)."""
         code = None
         if self._proc is not None:
             limit = self.exit_timeout + 5.0 if timeout is None else timeout
@@ -396,7 +405,7 @@ class TritonServer:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
-        self.cleanup_shm()
+        self.cleaned_shm += self.cleanup_shm()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -405,11 +414,14 @@ class TritonServer:
     def leftover_shm(self) -> list[Path]:
         return sorted(SHM_DIR.glob(self.shm_prefix + "*")) if SHM_DIR.is_dir() else []
 
-    def cleanup_shm(self) -> None:
-        # A server killed mid-start-up leaves its python-backend regions behind; the prefix is ours alone.
-        for path in self.leftover_shm():
+    def cleanup_shm(self) -> list[Path]:
+        """Remove the files under this server's prefix; return them. A server that was killed (or died)
+        leaves its python-backend regions behind; the prefix is ours alone."""
+        removed = self.leftover_shm()
+        for path in removed:
             log.warning("removing leftover shared memory %s", path)
             path.unlink(missing_ok=True)
+        return removed
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -1,6 +1,7 @@
 """Export torchvision's ResNet-50 (plus softmax) to ONNX with a dynamic batch axis.
 
-The same ONNX file feeds ONNX Runtime in the cpu profile and the TensorRT engine build in the gpu profile.
+The same ONNX file feeds ONNX Runtime in the cpu profile, the fp32/tf32 engine builds of the gpu profile,
+and the FP16 and INT8 files made from it (:mod:`tritonvision_server.precision`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ DEFAULT_SEED = 0
 OPSET = 17
 RANDOM_FC_SCALE = 50.0
 # Bump when the export changes, so older files are rebuilt.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: the sidecar records the precision and input dtype
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class Weights:
         return {"imagenet": "imagenet", "random": f"random:{self.seed}", "file": self.path}[self.kind]
 
 
-def _model(weights: Weights):
+class WeightsUnavailable(RuntimeError):
+    """The ImageNet weights could not be downloaded and falling back to random weights was refused."""
+
+
+def _model(weights: Weights, *, allow_random_fallback: bool = True):
     require("torch", extra="build", what="ONNX export")
     require("torchvision", extra="build", what="ONNX export")
     import torch
@@ -61,6 +66,12 @@ def _model(weights: Weights):
             model.load_state_dict(state)
             return model, weights
         except Exception as exc:  # no network, hub blocked, proxy...: fall back so serving still works
+            if not allow_random_fallback:
+                # An image build must fail here rather than ship a service that answers with random weights.
+                raise WeightsUnavailable(
+                    f"could not download the ImageNet weights ({type(exc).__name__}: {exc}) and random weights "
+                    "were refused (--require-weights): build with internet access, or pass --weights PATH"
+                ) from exc
             fallback = Weights("random", seed=DEFAULT_SEED)
             log.warning(
                 "\n%s\nCOULD NOT DOWNLOAD the ImageNet weights (%s: %s).\nFalling back to RANDOM weights "
@@ -85,7 +96,8 @@ def _model(weights: Weights):
     return model, weights
 
 
-def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = False) -> Path:
+def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = False,
+                allow_random_fallback: bool = True) -> Path:
     """Write ``path`` (and ``path.json`` describing it) unless an export of the same weights exists."""
     path = Path(path)
     weights = Weights.parse(weights) if isinstance(weights, str) else weights
@@ -96,9 +108,9 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
         if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
             log.info("%s is up to date (weights %s); skipping export", path, meta["weights"])
             return path
-    import torch
+    torch = require("torch", extra="build", what="ONNX export")
 
-    model, used = _model(weights)
+    model, used = _model(weights, allow_random_fallback=allow_random_fallback)
     wrapped = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
     crop = PREPROCESSING.crop
     dummy = torch.zeros(2, 3, crop, crop)
@@ -117,6 +129,9 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
             dynamo=False,  # the legacy exporter is 5x faster here and gives the same graph for ResNet-50
         )
     tmp.replace(path)
-    meta_path.write_text(json.dumps({"requested": str(weights), "weights": str(used), "opset": OPSET, "export_version": EXPORT_VERSION}, indent=2))
+    meta_path.write_text(json.dumps({
+        "requested": str(weights), "weights": str(used), "precision": "fp32", "input_dtype": "FP32",
+        "opset": OPSET, "export_version": EXPORT_VERSION,
+    }, indent=2))
     log.info("exported ResNet-50 (%s weights) to %s in %.1f s", used, path, time.perf_counter() - start)
     return path

@@ -1,12 +1,16 @@
 """The DALI preprocessing pipeline, shared by both profiles.
 
-The cpu profile runs it inside a python-backend model with the CPU decoder; the gpu profile serialises the
-same function with the GPU decoder (``device="mixed"``) into ``preprocess/1/model.dali`` for the DALI backend.
+The graph itself is :func:`.dali_graph.preprocess_graph`. The cpu profile runs it here, inside a
+python-backend model, with the CPU decoder; the gpu profile ships the same function, with the GPU decoder
+(``device="mixed"``), as ``preprocess/1/dali.py``, which the Triton DALI backend autoserialises with the
+server image's own DALI (:func:`dali_model_source`).
 """
 
 from __future__ import annotations
 
-from tritonvision.spec import IMAGE, PREPROCESSING
+from importlib import resources
+
+from tritonvision.spec import ACCEPTED, IMAGE, PREPROCESSING
 
 from tritonvision._extras import require
 
@@ -20,48 +24,21 @@ def _dali():
     return dali
 
 
-def _centre_offset(fn, types, size, crop: int):
-    """``round((size - crop) / 2)`` with Python's half-to-even rounding, in DALI integer arithmetic."""
-    margin = fn.cast(size, dtype=types.INT32) - crop
-    half = margin // 2
-    return half + (margin - 2 * half) * (half - 2 * (half // 2))
+def _graph_args(decoder_device: str, pixels_dtype: str, hw_decoder_load: float, accepted: str | None = None) -> tuple:
+    """The arguments of :func:`.dali_graph.preprocess_graph`, in order, from the spec."""
+    p = PREPROCESSING
+    return (IMAGE.name, accepted, decoder_device, pixels_dtype, hw_decoder_load, p.resize_shorter, p.crop, p.mean_255,
+            p.std_255)
 
 
 def _pipeline_fn():
     dali = _dali()
-    import nvidia.dali.math as dmath
-
-    fn, types = dali.fn, dali.types
-    p = PREPROCESSING
+    from .dali_graph import preprocess_graph
 
     # A pipeline_def function cannot take **kwargs, so every knob is a named argument.
     @dali.pipeline_def
     def preprocess_pipeline(decoder_device="cpu", pixels_dtype="FP32", hw_decoder_load=0.65):
-        encoded = fn.external_source(name=IMAGE.name, dtype=types.UINT8, ndim=1, device="cpu")
-        if decoder_device == "mixed":
-            # hw_decoder_load: the share of each batch sent to the A100/H100 hardware JPEG decoder;
-            # the rest goes to the CUDA decoder so both run at once.
-            images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
-        else:
-            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-        # torchvision's Resize truncates the long side (int(256 * long / short)) and CenterCrop rounds its
-        # offset half-to-even; DALI's resize_shorter and crop_pos round differently, up to a pixel, so both
-        # are computed here from the header's (EXIF-oriented) shape to match torchvision exactly.
-        shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
-        height, width = shape[0], shape[1]
-        short = dmath.min(height, width)
-        new_h = dmath.floor(height * float(p.resize_shorter) / short)
-        new_w = dmath.floor(width * float(p.resize_shorter) / short)
-        images = fn.resize(images, resize_y=new_h, resize_x=new_w, interp_type=types.INTERP_LINEAR)
-        anchor = fn.stack(_centre_offset(fn, types, new_h, p.crop), _centre_offset(fn, types, new_w, p.crop))
-        images = fn.slice(images, anchor, fn.constant(idata=[p.crop, p.crop], dtype=types.INT32), axes=[0, 1])
-        return fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT16 if pixels_dtype == "FP16" else types.FLOAT,
-            output_layout="CHW",
-            mean=list(p.mean_255),
-            std=list(p.std_255),
-        )
+        return preprocess_graph(*_graph_args(decoder_device, pixels_dtype, hw_decoder_load))
 
     return preprocess_pipeline
 
@@ -185,28 +162,60 @@ class CpuPreprocessor:
         return results
 
 
-def serialize_gpu_pipeline(path, profile) -> bool:
-    """Write the ``mixed``-decoder pipeline of ``profile`` to ``path`` (``preprocess/1/model.dali``).
+_MODEL_HEADER = """\
+# Generated for the {profile} profile by `build_engines.py configs` from tritonvision/spec.py and
+# tritonvision_server/dali_graph.py (copied below verbatim). Do not edit: change those and regenerate.
+# The Triton DALI backend autoserialises this file with the server image's own DALI when it loads the
+# model, so the pipeline always matches the DALI that runs it. Needs only nvidia.dali.
+"""
 
-    Needs no GPU: the DALI backend supplies the device, batch size and threads when it loads the file.
-    Returns False, writing nothing, when ``path`` already holds the same serialised pipeline.
-    """
-    from pathlib import Path
+_MODEL_FOOTER = """
 
-    path = Path(path)
-    pipe = _pipeline_fn()(
-        decoder_device="mixed",
-        pixels_dtype=profile.pixels_dtype,
-        hw_decoder_load=profile.hw_decoder_load,
-        batch_size=profile.preprocess.batching.max_batch_size,
-        num_threads=profile.cpu_threads,
-        device_id=None,
+# --- the model ---------------------------------------------------------------------------------------
+
+import nvidia.dali as dali  # noqa: E402
+from nvidia.dali.plugin.triton import autoserialize  # noqa: E402
+
+
+# batch_size, num_threads and the device are the DALI backend's to set from config.pbtxt when it loads the
+# model; device_id=None lets the GPU pipeline serialise on a machine without CUDA (a Docker build, CI).
+@autoserialize
+@dali.pipeline_def(batch_size={batch_size}, num_threads={num_threads}, device_id=None)
+def {name}():
+    return preprocess_graph{args!r}
+"""
+
+
+def dali_model_source(profile) -> str:
+    """The text of ``preprocess/1/dali.py`` for ``profile``: the graph with the GPU decoder, for autoserialisation."""
+    graph = resources.files(__package__).joinpath("dali_graph.py").read_text(encoding="utf-8")
+    footer = _MODEL_FOOTER.format(
+        batch_size=profile.preprocess.batching.max_batch_size, num_threads=profile.cpu_threads, name="preprocess",
+        args=_graph_args("mixed", profile.pixels_dtype, profile.hw_decoder_load,
+                         ACCEPTED.name if profile.validate is not None else None),
     )
-    data = pipe.serialize()
-    if path.exists() and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return True
+    return _MODEL_HEADER.format(profile=profile.name) + graph + footer
+
+
+def dali_version() -> str:
+    return _dali().__version__
+
+
+def autoserialize_model(model_file, target) -> None:
+    """Serialise ``model_file`` (a generated ``dali.py``) into ``target`` with this machine's DALI, the way
+    the Triton DALI backend does when it loads the model; raises if this DALI cannot build the pipeline."""
+    import importlib.util
+    import sys
+
+    _dali()
+    from nvidia.dali._utils.autoserialize import invoke_autoserialize
+
+    name = "_tritonvision_dali_model"
+    spec = importlib.util.spec_from_file_location(name, str(model_file))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        invoke_autoserialize(module, str(target))
+    finally:
+        sys.modules.pop(name, None)

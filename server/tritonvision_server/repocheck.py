@@ -4,10 +4,13 @@ Rules (each problem names its rule, so tests can ask for a broken variant of eac
 
 - ``parse``       every ``config.pbtxt`` parses with Triton's schema; its name matches the directory
 - ``wiring``      ensemble steps use existing models, map existing inputs/outputs, and every tensor they
-                  read is an ensemble input or an earlier step's output, with matching dtype and dims
+                  read is an ensemble input or an earlier step's output, with matching dtype and dims;
+                  every step output is read by a later step or is an ensemble output
 - ``batch``       every step model batches at least as much as the ensemble
 - ``preferred``   preferred batch sizes are within 1..max_batch_size and inside the engine's profiles;
                   CUDA-graph batch sizes likewise
+- ``graphs``      CUDA graphs, with their lower bounds, run every batch size 1..max_batch_size (the TensorRT
+                  backend runs a graph only for batches between its ``graph_lower_bound`` and its size)
 - ``ragged``      a variable-length input of a dynamically batched model allows ragged batching
 - ``labels``      a ``label_filename`` exists with one line per class of its output
 - ``warmup``      a warm-up file exists at ``<model>/warmup/<file>`` and its dims are concrete and match it
@@ -68,7 +71,9 @@ def _check_ensemble(name: str, ens: mc.ModelConfig, configs: dict[str, mc.ModelC
     problems = []
     # tensor name in the ensemble -> (dtype, dims, producer)
     available = {t.name: (t.data_type, list(t.dims), "ensemble input") for t in ens.input}
+    consumed = {t.name for t in ens.output}
     for i, step in enumerate(ens.ensemble_scheduling.step):
+        consumed.update(step.input_map.values())
         where = f"step {i} ({step.model_name})"
         model = configs.get(step.model_name)
         if model is None:
@@ -103,6 +108,12 @@ def _check_ensemble(name: str, ens: mc.ModelConfig, configs: dict[str, mc.ModelC
         if model.max_batch_size < ens.max_batch_size:
             problems.append(Problem("batch", name, f"{where}: {step.model_name} batches at most {model.max_batch_size}, "
                                                    f"the ensemble up to {ens.max_batch_size}"))
+    for tensor, (_, _, producer) in available.items():
+        # An output nobody reads means nothing waits for its step: a header check whose verdict preprocess
+        # does not take would let DALI decode a refused upload alongside it (and fail its whole batch).
+        if producer != "ensemble input" and tensor not in consumed:
+            problems.append(Problem("wiring", name, f"{tensor!r} from {producer} is read by no later step: "
+                                                    "nothing waits for that step"))
     for t in ens.output:
         if t.name not in available:
             problems.append(Problem("wiring", name, f"ensemble output {t.name!r} is produced by no step"))
@@ -132,11 +143,32 @@ def _check_batching(name: str, cfg: mc.ModelConfig, engine_profiles) -> list[Pro
             if not 1 <= graph.batch_size <= cfg.max_batch_size or not covered(graph.batch_size):
                 problems.append(Problem("preferred", name, f"CUDA graph batch size {graph.batch_size} is outside "
                                                            f"1..{cfg.max_batch_size} or the engine profiles {engine_profiles}"))
+    problems += _check_graphs(name, cfg)
     if has_batcher and cfg.max_batch_size > 0:
         for t in cfg.input:
             if -1 in t.dims and not t.allow_ragged_batch:
                 problems.append(Problem("ragged", name, f"input {t.name!r} has variable dims {list(t.dims)} but no "
                                                         "allow_ragged_batch: requests of different sizes never batch"))
+    return problems
+
+
+def _check_graphs(name: str, cfg: mc.ModelConfig) -> list[Problem]:
+    cuda = cfg.optimization.cuda
+    if not cuda.graphs or not cuda.graph_spec or cfg.max_batch_size < 1:
+        return []
+    problems, covered = [], set()
+    for graph in cuda.graph_spec:
+        low = graph.graph_lower_bound.batch_size if graph.HasField("graph_lower_bound") else graph.batch_size
+        if not 1 <= low <= graph.batch_size:
+            problems.append(Problem("graphs", name, f"CUDA graph of batch {graph.batch_size}: lower bound {low} must be "
+                                                    f"within 1..{graph.batch_size} (Triton refuses to load it)"))
+            continue
+        covered.update(range(low, graph.batch_size + 1))
+    missing = sorted(set(range(1, cfg.max_batch_size + 1)) - covered)
+    if missing and not problems:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        problems.append(Problem("graphs", name, f"{len(missing)} batch sizes run without a CUDA graph ({shown}): give "
+                                                "the graph specs lower bounds (graph_lower_bound)"))
     return problems
 
 

@@ -1,7 +1,7 @@
 """The asyncio twin of :mod:`._stream`: classify an iterable over one ``grpc.aio`` bidirectional stream.
 
 Same contract: results in input order, at most ``max_in_flight`` images outstanding, a failed image does
-not end the stream (it is asked again as a unary request for its status code), and closing drains what
+not end the stream (it is asked again with unary requests for its status code), and closing drains what
 was sent before it cancels. One task writes requests as the consumer pulls results; one reads responses.
 """
 

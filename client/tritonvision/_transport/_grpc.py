@@ -11,28 +11,19 @@ and the classification strings are parsed from the raw response bytes.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Union
 
-import grpc
-import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from .._types import TLS, Prediction
-from ..spec import ENSEMBLE, IMAGE, SCORES
+from .._types import Prediction
+from ..exceptions import ModelNotReadyError
+from ..spec import ENSEMBLE, IMAGE, PREPROCESS, SCORES, VALIDATE
+from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel, triton_client  # noqa: F401
 from ._errors import map_error
-
-# tritonclient's defaults, plus a short reconnect backoff: gRPC otherwise waits up to two minutes before
-# reconnecting to a restarted server, and every retry in between would fail at once with UNAVAILABLE.
-MAX_MESSAGE_BYTES = 2**31 - 1
-CHANNEL_ARGS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
 
 
 @dataclass(frozen=True)
@@ -86,6 +77,25 @@ def infer_request(
     return request
 
 
+# Marks a request that asks again about an image the stream already had refused: the server's steps do
+# not count it in tritonvision_refused_images_total a second time.
+RECHECK_PARAMETER = "tritonvision_recheck"
+
+
+# The step that checks an image's header first: validate (gpu profile), else preprocess (cpu profile).
+CHECK_STEPS = (VALIDATE, PREPROCESS)
+
+
+def check_request(step: str, data: bytes) -> service_pb2.ModelInferRequest:
+    """The image sent to the first step alone: it answers INVALID_ARGUMENT for an image the ensemble
+    refuses at that step, without running (and failing) the ensemble again."""
+    request = service_pb2.ModelInferRequest(model_name=step)
+    request.parameters[RECHECK_PARAMETER].bool_param = True
+    request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype, shape=(1, len(data)))
+    request.raw_input_contents.append(data)
+    return request
+
+
 def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
     """The top-k predictions of the one image of a ``ModelInferResponse``.
 
@@ -116,32 +126,30 @@ def predictions(response: service_pb2.ModelInferResponse) -> list[Prediction]:
     return [Prediction.parse(entry) for entry in entries]
 
 
-
-def _channel(url: str, tls: TLS | None, aio: bool = False):
-    module = grpc.aio if aio else grpc
-    if tls is not None:
-        return module.secure_channel(url, tls.credentials(), options=CHANNEL_ARGS)
-    return module.insecure_channel(url, options=CHANNEL_ARGS)
-
-
-def _tls(ssl: bool | TLS | None) -> TLS | None:
-    """``ssl=True`` is TLS with the system's roots; a :class:`TLS` names the files."""
-    if isinstance(ssl, TLS):
-        return ssl
-    return TLS() if ssl else None
+def _connection(url: str | Connection, ssl: bool) -> Connection:
+    return url if isinstance(url, Connection) else Connection.make(url, ssl=ssl)
 
 
 # Triton 2.51 checks a restricted gRPC protocol's key as metadata named with this prefix (grpc_server.h).
 RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
 
 
-def access_headers(access_key: tuple[str, str] | None) -> dict[str, str] | None:
+def access_headers(access_key: tuple[str, str] | None) -> dict[str, str]:
     """The metadata that opens a server's restricted protocols (shared memory, model repository,
     statistics) started with ``--grpc-restricted-protocol=...:<name>=<value>``."""
     if access_key is None:
-        return None
+        return {}
     name, value = access_key
+    if not name:
+        raise ValueError("access_key needs a name: (name, value)")
     return {RESTRICTED_HEADER_PREFIX + name.lower(): value}
+
+
+def with_access_key(headers: Mapping[str, str] | None, access_key: tuple[str, str] | None) -> dict[str, str] | None:
+    """``headers`` plus the access key's header (the key wins over a header of the same name)."""
+    if access_key is None:
+        return dict(headers) if headers else None
+    return {**{str(k).lower(): v for k, v in (headers or {}).items()}, **access_headers(access_key)}
 
 
 def _closed() -> None:
@@ -152,16 +160,13 @@ class GrpcTransport:
     """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
     health, statistics and shared-memory registration."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool | TLS | None = None,
-                 access_key: tuple[str, str] | None = None):
-        self.url = url
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+        self.connection = _connection(url, ssl)
+        self.url = self.connection.target
         self.model = model
-        self._headers = access_headers(access_key)
-        tls = _tls(ssl)
-        self._client = grpcclient.InferenceServerClient(
-            url, channel_args=CHANNEL_ARGS, **(tls.tritonclient_args() if tls else {})
-        )
-        self._channel = _channel(url, tls)
+        self._headers = self.connection.header_dict
+        self._client = triton_client(self.connection)
+        self._channel = open_channel(self.connection)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model_infer = self._stub.ModelInfer
 
@@ -190,6 +195,19 @@ class GrpcTransport:
 
         future.add_done_callback(done)
 
+    def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """Whether the ensemble's first step accepts ``data``; raises its :class:`InvalidImageError` when it
+        does not. False where the server has none of :data:`CHECK_STEPS`."""
+        for step in CHECK_STEPS:
+            try:
+                self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
+
     def open_stream(self, requests, timeout: float | None = None):
         """Start ``ModelStreamInfer`` fed by the iterator ``requests``; returns the call (iterate it for
         responses; ``.cancel()`` it to end)."""
@@ -198,8 +216,8 @@ class GrpcTransport:
     # -- health and statistics -------------------------------------------------------------------------
     def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return self._client.is_server_ready(client_timeout=timeout) and self._client.is_model_ready(
-                self.model, client_timeout=timeout
+            return self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and self._client.is_model_ready(
+                self.model, headers=self._headers, client_timeout=timeout
             )
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
@@ -257,20 +275,17 @@ class AsyncGrpcTransport:
     """The asyncio twin of :class:`GrpcTransport`: a ``grpc.aio`` channel for inference and a
     ``tritonclient.grpc.aio.InferenceServerClient`` for the rest."""
 
-    def __init__(self, url: str, *, model: str = ENSEMBLE, ssl: bool | TLS | None = None,
-                 access_key: tuple[str, str] | None = None):
-        import tritonclient.grpc.aio as aioclient
-
-        self.url = url
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+        self.connection = _connection(url, ssl)
+        self.url = self.connection.target
         self.model = model
-        self._headers = access_headers(access_key)
-        tls = _tls(ssl)
-        self._client = aioclient.InferenceServerClient(
-            url, channel_args=CHANNEL_ARGS, **(tls.tritonclient_args() if tls else {})
-        )
-        self._channel = _channel(url, tls, aio=True)
+        self._headers = self.connection.header_dict
+        self._client = triton_client(self.connection, aio=True)
+        self._channel = open_channel(self.connection, aio=True)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._model_infer = self._stub.ModelInfer
+        # The connection's headers go with every call as its metadata (see open_channel).
+        self._metadata = self.connection.headers or None
+        self._model_infer = functools.partial(self._stub.ModelInfer, metadata=self._metadata)
 
     async def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
         try:
@@ -280,15 +295,27 @@ class AsyncGrpcTransport:
         except Exception as exc:
             raise map_error(exc) from exc
 
+    async def check_image(self, data: bytes, timeout: float | None = None) -> bool:
+        """As :meth:`GrpcTransport.check_image`."""
+        for step in CHECK_STEPS:
+            try:
+                await self._model_infer(check_request(step, data), timeout=timeout)
+                return True
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                error = map_error(exc)
+                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
+                    raise error from exc
+        return False
+
     def open_stream(self, timeout: float | None = None):
         """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,
         ``await call.done_writing()`` to half-close, ``call.cancel()`` to end."""
-        return self._stub.ModelStreamInfer(timeout=timeout)
+        return self._stub.ModelStreamInfer(timeout=timeout, metadata=self._metadata)
 
     async def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return await self._client.is_server_ready(client_timeout=timeout) and await self._client.is_model_ready(
-                self.model, client_timeout=timeout
+            return await self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and await self._client.is_model_ready(
+                self.model, headers=self._headers, client_timeout=timeout
             )
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False

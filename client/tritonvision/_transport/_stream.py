@@ -6,8 +6,10 @@ outstanding (sent, or answered but not yet handed to the caller), so a slow cons
 holds the producer back instead of filling memory.
 
 Per-image failures do not end the stream. Triton's stream responses carry an error *message* but no
-status code, and the SDK decides error types by status code only, so a failed image is sent once more
-as a unary request whose status code names the error (if that second try succeeds, its result is used).
+status code, and the SDK decides error types by status code only, so a failed image is asked about
+again as a unary request whose status code names the error: first to the header-check step alone (a
+refused image is answered there without running the ensemble again), then, if that step accepts it, to
+the ensemble (if that second try succeeds, its result is used).
 A failure of the stream itself (the server went away) ends it with the mapped error.
 """
 

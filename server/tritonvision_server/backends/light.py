@@ -37,7 +37,7 @@ class LightPreprocess:
             try:
                 inspect_rows(array)
             except InvalidImage as exc:
-                responses.append(error_response(str(exc)))
+                responses.append(error_response(str(exc), reason="header", request=request))
                 continue
             pixels = np.broadcast_to(self.pixels, (len(array), *self.pixels.shape[1:]))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.name, np.ascontiguousarray(pixels))]))

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
-from ..pipeline import CpuPreprocessor
+from ..pipeline import CpuPreprocessor, DecodeError
 from ._common import error_response, output_dtype, parameters
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class TritonPythonModel:
             try:
                 samples, formats = self._samples(request)
             except InvalidImage as exc:
-                responses[i] = error_response(str(exc))
+                responses[i] = error_response(str(exc), reason="header", request=request)
                 continue
             work.append((i, samples, formats))
         if work:
@@ -59,10 +59,14 @@ class TritonPythonModel:
                 outcomes = self.pre.run_requests([samples for _, samples, _ in work])
             except Exception as exc:  # noqa: BLE001 - anything but a decode failure: fail this batch only
                 log.exception("preprocessing failed")
-                outcomes = [exc] * len(work)
+                for i, _, _ in work:
+                    responses[i] = error_response(f"preprocessing failed: {exc}", invalid_argument=False)
+                return responses
             for (i, _, formats), outcome in zip(work, outcomes):
-                if isinstance(outcome, Exception):
-                    responses[i] = error_response(decode_error_message(formats[0]))
+                if isinstance(outcome, DecodeError):
+                    # Refused once, and counted once: run_requests sets a failed request aside for good.
+                    responses[i] = error_response(decode_error_message(formats[0]), reason="decode",
+                                                  request=requests[i])
                 else:
                     responses[i] = self._response(outcome)
         return responses

@@ -46,3 +46,35 @@ The Secret with the access key of the administrative protocols: the user's, or t
 {{- define "tritonvision.accessKeySecret" -}}
 {{- .Values.accessKey.existingSecret | default (printf "%s-access-key" (include "tritonvision.fullname" . | trunc 52 | trimSuffix "-")) }}
 {{- end }}
+{{/* The image reference: pinned by digest when one is given. */}}
+{{- define "tritonvision.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* Which volume the model repository is copied from: "pvc", "nfs", or "" (the image, or a URL Triton reads). */}}
+{{- define "tritonvision.modelVolume" -}}
+{{- $r := .Values.modelRepository }}
+{{- $set := 0 }}
+{{- if $r.url }}{{ $set = add1 $set }}{{ end }}
+{{- if $r.persistentVolumeClaim.claimName }}{{ $set = add1 $set }}{{ end }}
+{{- if or $r.nfs.server $r.nfs.path }}{{ $set = add1 $set }}{{ end }}
+{{- if gt $set 1 }}
+{{- fail "modelRepository: set at most one of url, persistentVolumeClaim.claimName and nfs" }}
+{{- end }}
+{{- if and $r.nfs.path (not $r.nfs.server) }}
+{{- fail "modelRepository.nfs.path needs modelRepository.nfs.server" }}
+{{- end }}
+{{- if $r.persistentVolumeClaim.claimName }}pvc{{ else if $r.nfs.server }}nfs{{ end }}
+{{- end }}
+
+{{/* Where the init container copies the repository from. */}}
+{{- define "tritonvision.modelSource" -}}
+{{- if include "tritonvision.modelVolume" . }}/model-source{{ else }}{{ .Values.modelRepository.source }}{{ end }}
+{{- end }}
+
+{{/* The TLS Secret's mount point in the server container. */}}
+{{- define "tritonvision.tlsDir" -}}/etc/tritonvision/tls{{- end }}

@@ -1,0 +1,193 @@
+"""How the SDK reaches a server: the gRPC target, TLS, metadata sent with every call, and the load-balancing
+policy. :class:`Connection` holds these decisions (no I/O); :func:`open_channel` and :func:`triton_client`
+make the channels that :mod:`._grpc` uses.
+
+Targets are ``host:port`` (port 8001, Triton's gRPC port, when none is given) or any gRPC target URI:
+``dns:///name:port`` re-resolved by gRPC (a Kubernetes headless Service's name resolves to every ready
+pod), ``ipv4:10.0.0.1:8001,10.0.0.2:8001`` for a fixed list. With ``load_balancing="round_robin"`` gRPC
+opens a connection to every address the target resolves to and spreads calls over them; the default
+(``pick_first``) sends everything over one connection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import grpc
+
+DEFAULT_PORT = 8001
+DEFAULT_URL = f"127.0.0.1:{DEFAULT_PORT}"
+URL_ENV = "TRITONVISION_URL"
+# gRPC name-resolver schemes, passed to gRPC as they are.
+TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+LOAD_BALANCING = ("pick_first", "round_robin")
+
+# tritonclient's defaults, plus a short reconnect backoff: gRPC otherwise waits up to two minutes before
+# reconnecting to a restarted server, and every retry in between would fail at once with UNAVAILABLE.
+MAX_MESSAGE_BYTES = 2**31 - 1
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+Pem = Union[bytes, str, os.PathLike, None]
+
+
+def normalize_url(url: str | None) -> tuple[str, bool]:
+    """The gRPC target for ``url`` and whether its scheme asks for TLS.
+
+    None means ``$TRITONVISION_URL``, else ``127.0.0.1:8001``. ``grpc://`` and ``grpcs://`` (TLS) prefixes
+    are accepted; an ``http(s)://`` URL is refused with a message, since Triton's HTTP endpoint is another
+    port and protocol. A host without a port gets 8001."""
+    if url is None:
+        url = os.environ.get(URL_ENV) or DEFAULT_URL
+    url = url.strip()
+    if not url:
+        raise ValueError("empty server address: give host:port (for example 127.0.0.1:8001)")
+    lowered = url.lower()
+    if lowered.startswith(("http://", "https://")):
+        raise ValueError(
+            f"{url!r} is an HTTP URL, but tritonvision talks to Triton over gRPC: give host:port of the gRPC "
+            f"endpoint (Triton's default gRPC port is {DEFAULT_PORT}; 8000 is its HTTP port), e.g. "
+            f"{url.split('://', 1)[1].split('/', 1)[0].rsplit(':', 1)[0]}:{DEFAULT_PORT}"
+        )
+    ssl = False
+    for prefix, tls in (("grpcs://", True), ("grpc://", False)):
+        if lowered.startswith(prefix):
+            url, ssl = url[len(prefix):].rstrip("/"), tls
+            break
+    if lowered.startswith(TARGET_SCHEMES):
+        return url, ssl
+    if url.startswith("["):  # [IPv6] or [IPv6]:port
+        return (url if "]:" in url else f"{url}:{DEFAULT_PORT}"), ssl
+    if url.count(":") > 1:  # a bare IPv6 address
+        return f"[{url}]:{DEFAULT_PORT}", ssl
+    host, sep, port = url.rpartition(":")
+    if not sep:
+        return f"{url}:{DEFAULT_PORT}", ssl
+    if not port.isdigit() or not host:
+        raise ValueError(f"{url!r} is not host:port")
+    return url, ssl
+
+
+def _pem(value: Pem, what: str) -> bytes | None:
+    """PEM bytes as given, or read from a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    path = Path(value)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} file {str(path)!r}: {exc.strerror}") from exc
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to connect; shared by the sync and asyncio clients."""
+
+    target: str
+    ssl: bool = False
+    root_certificates: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    load_balancing: str | None = None
+    tls_server_name: str | None = None
+
+    @classmethod
+    def make(
+        cls,
+        url: str | None,
+        *,
+        ssl: bool = False,
+        root_certificates: Pem = None,
+        private_key: Pem = None,
+        certificate_chain: Pem = None,
+        headers: Mapping[str, str] | None = None,
+        load_balancing: str | None = None,
+        tls_server_name: str | None = None,
+    ) -> Connection:
+        target, scheme_ssl = normalize_url(url)
+        if load_balancing is not None and load_balancing not in LOAD_BALANCING:
+            raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}, not {load_balancing!r}")
+        if (private_key is None) != (certificate_chain is None):
+            raise ValueError("a client certificate needs both private_key and certificate_chain")
+        tls_material = (root_certificates, private_key, certificate_chain)
+        # gRPC metadata keys are lower-case ASCII; "grpc-" keys are reserved.
+        pairs = tuple((str(k).lower(), str(v)) for k, v in (headers or {}).items())
+        for key, _ in pairs:
+            if not key or key.startswith("grpc-") or not all(c.isalnum() or c in "-_." for c in key):
+                raise ValueError(f"invalid header name {key!r}")
+        return cls(
+            target=target,
+            ssl=bool(ssl or scheme_ssl or tls_server_name or any(m is not None for m in tls_material)),
+            root_certificates=_pem(root_certificates, "root certificates"),
+            private_key=_pem(private_key, "private key"),
+            certificate_chain=_pem(certificate_chain, "certificate chain"),
+            headers=pairs,
+            load_balancing=load_balancing,
+            tls_server_name=tls_server_name or None,
+        )
+
+    @property
+    def header_dict(self) -> dict[str, str] | None:
+        """The headers as tritonclient's calls take them."""
+        return dict(self.headers) if self.headers else None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.ssl:
+            return None
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def channel_args(self) -> list[tuple[str, object]]:
+        args = list(CHANNEL_ARGS)
+        if self.load_balancing:
+            args.append(("grpc.lb_policy_name", self.load_balancing))
+        if self.ssl and self.tls_server_name:
+            # The name the server's certificate must carry, where the target is an address or a list of them.
+            args.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return args
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the connection's headers to every call of the raw inference stub."""
+
+    def __init__(self, headers: tuple[tuple[str, str], ...]):
+        self._headers = headers
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._headers)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def open_channel(conn: Connection, aio: bool = False):
+    """A channel for the raw inference stub. Without headers no interceptor sits on the hot path."""
+    module = grpc.aio if aio else grpc
+    creds = conn.credentials()
+    args = conn.channel_args()
+    if aio:
+        # No interceptor here: the aio transport passes the headers as each call's metadata.
+        return module.secure_channel(conn.target, creds, options=args) if creds else module.insecure_channel(conn.target, options=args)
+    channel = grpc.secure_channel(conn.target, creds, options=args) if creds else grpc.insecure_channel(conn.target, options=args)
+    return grpc.intercept_channel(channel, _Metadata(conn.headers)) if conn.headers else channel
+
+
+def triton_client(conn: Connection, aio: bool = False):
+    """tritonclient's ``InferenceServerClient`` (health, statistics, shared memory) for the same server."""
+    if aio:
+        import tritonclient.grpc.aio as module
+    else:
+        import tritonclient.grpc as module
+    return module.InferenceServerClient(conn.target, creds=conn.credentials(), channel_args=conn.channel_args())

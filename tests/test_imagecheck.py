@@ -1,0 +1,332 @@
+"""The header check ahead of the decoder: each format's size, truncation, the limits, and end markers that
+occur before the scan data. Images are made here with Pillow and edited byte by byte."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import struct
+
+import numpy as np
+import pytest
+from PIL import ExifTags, Image
+
+from tritonvision import spec
+from tritonvision_server.imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows
+
+# Width and height differ, so that a parser that swaps them fails.
+W, H = 37, 23
+LIMITS = spec.IMAGE_LIMITS
+
+
+def pixels(width: int = W, height: int = H, channels: int = 3) -> np.ndarray:
+    # Noise: every format gets real scan data to compress (and to cut).
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+
+
+def save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def jpeg(width: int = W, height: int = H, **kwargs) -> bytes:
+    return save(Image.fromarray(pixels(width, height)), "JPEG", quality=90, **kwargs)
+
+
+def png(width: int = W, height: int = H) -> bytes:
+    return save(Image.fromarray(pixels(width, height)), "PNG")
+
+
+def segments(data: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG's marker segments up to (not including) the start of scan: (marker, whole segment bytes)."""
+    out, i = [], 2
+    while data[i + 1] != 0xDA:
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        out.append((data[i + 1], data[i : i + 2 + length]))
+        i += 2 + length
+    return out
+
+
+def with_segment(data: bytes, segment: bytes) -> bytes:
+    """``data`` with ``segment`` inserted right after the start-of-image marker."""
+    return data[:2] + segment + data[2:]
+
+
+def com_segment(text: bytes) -> bytes:
+    return b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
+
+
+def exif_with_thumbnail(thumbnail: bytes) -> bytes:
+    """An APP1 Exif segment whose IFD1 carries ``thumbnail`` (a whole JPEG, FF D9 included), as cameras write."""
+    # TIFF header (little-endian), IFD0 with no entries pointing to IFD1, IFD1 with the thumbnail's offset and length.
+    ifd1 = 8 + 2 + 4
+    entries = [(0x0201, 4, 1, ifd1 + 2 + 2 * 12 + 4), (0x0202, 4, 1, len(thumbnail))]
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<HI", 0, ifd1)
+    tiff += struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + struct.pack("<I", 0)
+    body = b"Exif\x00\x00" + tiff + thumbnail
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+def cut_in_scan_data(data: bytes) -> bytes:
+    """``data`` cut in the middle of its entropy-coded data: the end-of-image marker is gone."""
+    sos = data.rfind(b"\xff\xda")
+    cut = data[: sos + (len(data) - sos) // 2]
+    assert cut.count(b"\xff\xd9") == data.count(b"\xff\xd9") - 1
+    return cut
+
+
+def refused(data: bytes, limits=LIMITS, *, what: str = "") -> str:
+    """The refusal's message; fails naming ``what`` should have been refused when the data is accepted."""
+    try:
+        info = inspect(data, limits)
+    except InvalidImage as exc:
+        return str(exc)
+    pytest.fail(f"accepted {what or 'data that must be refused'} as {info}")
+
+
+# --- each format's size ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_jpeg_size_comes_from_its_frame_header(progressive):
+    data = jpeg(progressive=progressive)
+    sof = 0xC2 if progressive else 0xC0
+    assert sof in [m for m, _ in segments(data)], "Pillow wrote another frame type than the test means to check"
+    assert inspect(data) == ImageInfo("jpeg", W, H)
+
+
+def test_jpeg_tables_before_the_frame_header_are_not_read_as_a_frame():
+    # DHT (FF C4) lies in the SOF range C0..CF but carries no size; writers may put it before the frame.
+    data = jpeg()
+    segs = segments(data)
+    head = b"".join(s for m, s in segs if m == 0xC4) + b"".join(s for m, s in segs if m != 0xC4)
+    moved = data[:2] + head + data[2 + len(head) :]
+    markers = [m for m, _ in segments(moved)]
+    assert markers.index(0xC4) < markers.index(0xC0)
+    assert inspect(moved) == ImageInfo("jpeg", W, H)
+
+
+def test_jpeg_with_exif_and_fill_bytes_before_the_frame_header():
+    data = save(Image.fromarray(pixels()), "JPEG", exif=Image.Exif().tobytes(), comment=b"made by a test")
+    # Fill bytes (FF FF ...) may precede any marker.
+    sof = data.find(b"\xff\xc0")
+    padded = data[:sof] + b"\xff\xff\xff" + data[sof:]
+    assert inspect(data) == inspect(padded) == ImageInfo("jpeg", W, H)
+
+
+def test_png_size_comes_from_its_ihdr_chunk():
+    assert inspect(png()) == ImageInfo("png", W, H)
+
+
+@pytest.mark.parametrize("top_down", [False, True], ids=["bottom-up", "top-down"])
+def test_bmp_size_comes_from_its_info_header(top_down):
+    data = bytearray(save(Image.fromarray(pixels()), "BMP"))
+    if top_down:  # a negative height means rows stored top to bottom
+        data[22:26] = struct.pack("<i", -H)
+    assert inspect(bytes(data)) == ImageInfo("bmp", W, H)
+
+
+def tiff_by_hand(order: str, size_type: int) -> bytes:
+    """A minimal TIFF: header, then one directory with width and height as SHORT (3) or LONG (4) values."""
+    end = "<" if order == "II" else ">"
+    value = "H2x" if size_type == 3 else "I"
+    entries = [(256, size_type, value, W), (257, size_type, value, H), (258, 3, "H2x", 8), (262, 3, "H2x", 1)]
+    ifd = struct.pack(end + "H", len(entries))
+    for tag, typ, fmt, v in entries:
+        ifd += struct.pack(end + "HHI", tag, typ, 1) + struct.pack(end + fmt, v)
+    head = (b"II*\x00" if order == "II" else b"MM\x00*") + struct.pack(end + "I", 8)
+    return head + ifd + struct.pack(end + "I", 0) + bytes(W * H)
+
+
+@pytest.mark.parametrize("order", ["II", "MM"], ids=["little-endian", "big-endian"])
+@pytest.mark.parametrize("size_type", [3, 4], ids=["SHORT", "LONG"])
+def test_tiff_size_comes_from_its_first_directory_in_either_byte_order(order, size_type):
+    assert inspect(tiff_by_hand(order, size_type)) == ImageInfo("tiff", W, H)
+
+
+def test_tiff_written_by_pillow_in_either_byte_order():
+    little = save(Image.fromarray(pixels()), "TIFF")
+    big = save(Image.fromarray((pixels(channels=1) * np.uint16(257)).astype(">u2")), "TIFF")  # mode I;16B
+    assert (little[:2], big[:2]) == (b"II", b"MM")
+    assert inspect(little) == ImageInfo("tiff", W, H)
+    assert inspect(big) == ImageInfo("tiff", W, H)
+
+
+def webp(kind: str) -> bytes:
+    if kind == "VP8 ":
+        data = save(Image.fromarray(pixels()), "WEBP", quality=80)
+    elif kind == "VP8L":
+        data = save(Image.fromarray(pixels()), "WEBP", lossless=True)
+    else:  # VP8X: the extended header, written when there is alpha (or metadata)
+        data = save(Image.fromarray(pixels(channels=4)), "WEBP", quality=80)
+    assert data[12:16] == kind.encode(), f"Pillow wrote a {data[12:16]!r} WebP, not {kind!r}"
+    return data
+
+
+@pytest.mark.parametrize("kind", ["VP8 ", "VP8L", "VP8X"], ids=["lossy", "lossless", "extended"])
+def test_webp_size_comes_from_each_kind_of_header(kind):
+    assert inspect(webp(kind)) == ImageInfo("webp", W, H)
+
+
+@pytest.mark.parametrize("kind", ["VP8 ", "VP8L", "VP8X"], ids=["lossy", "lossless", "extended"])
+def test_webp_with_a_truncated_header_is_refused(kind):
+    data = webp(kind)
+    assert "truncated WebP header" in refused(data[:24], what=f"a {kind!r} WebP header cut short")
+    assert inspect(data[:30]) == ImageInfo("webp", W, H)  # the size is in the first 30 bytes
+
+
+def test_webp_of_an_unknown_kind_is_refused():
+    data = bytearray(webp("VP8 "))
+    data[12:16] = b"VP9 "
+    assert "corrupt WebP: unknown chunk" in refused(bytes(data))
+
+
+# --- what is refused -----------------------------------------------------------------------------------------
+
+
+def test_empty_and_unknown_data_are_refused_naming_the_accepted_formats():
+    assert "empty image" in refused(b"")
+    message = refused(save(Image.fromarray(pixels()), "GIF"))
+    assert "not a supported image" in message and "jpeg, png, bmp, tiff, webp" in message
+
+
+def test_jpeg_cut_before_or_inside_its_frame_header_is_refused():
+    data = jpeg()
+    sof = data.find(b"\xff\xc0")
+    for cut in (3, sof, sof + 6):
+        assert "no frame header" in refused(data[:cut]), f"cut after {cut} bytes"
+
+
+def test_jpeg_cut_in_its_scan_data_is_refused_as_truncated():
+    message = refused(cut_in_scan_data(jpeg()), what="a JPEG cut in its scan data")
+    assert "truncated JPEG: no end-of-image marker after the scan data" in message
+
+
+def test_jpeg_cut_between_the_frame_header_and_the_scan_is_refused_as_truncated():
+    data = jpeg()
+    cut = data[: data.find(b"\xff\xda")]
+    assert "truncated JPEG: the data ends before the scan data" in refused(cut)
+
+
+def test_jpeg_with_bytes_after_its_end_marker_is_accepted():
+    # Rows of a padded multi-image request end in zeros; cameras append data after the end of image too.
+    assert inspect(jpeg() + bytes(100)) == ImageInfo("jpeg", W, H)
+
+
+def test_jpeg_end_marker_in_a_comment_does_not_hide_truncated_scan_data():
+    data = with_segment(jpeg(), com_segment(b"a comment that says \xff\xd9 (end of image) early"))
+    assert inspect(data) == ImageInfo("jpeg", W, H)  # whole: accepted
+    message = refused(cut_in_scan_data(data), what="a JPEG truncated in its scan data whose comment segment holds "
+                      "FF D9: the end-of-image search must start after the headers, not at byte 0")
+    assert "truncated JPEG" in message
+
+
+def test_jpeg_end_marker_of_an_exif_thumbnail_does_not_hide_truncated_scan_data():
+    thumbnail = jpeg(8, 6)
+    data = with_segment(jpeg(), exif_with_thumbnail(thumbnail))
+    # Pillow finds the thumbnail where cameras put it: IFD1's offset (from the TIFF header, 12 bytes in).
+    ifd1 = Image.open(io.BytesIO(data)).getexif().get_ifd(ExifTags.IFD.IFD1)
+    assert data[12 + ifd1[0x0201] :][: ifd1[0x0202]] == thumbnail
+    assert inspect(data) == ImageInfo("jpeg", W, H)
+    message = refused(cut_in_scan_data(data), what="a JPEG truncated in its scan data whose Exif thumbnail ends in "
+                      "FF D9: the end-of-image search must start after the headers, not at byte 0")
+    assert "truncated JPEG" in message
+
+
+def test_jpeg_end_marker_before_any_scan_is_refused():
+    data = jpeg()
+    sos = data.find(b"\xff\xda")
+    assert "end of image before any scan data" in refused(data[:sos] + b"\xff\xd9" + bytes(8))
+
+
+def test_png_without_its_iend_chunk_is_refused_as_truncated():
+    data = png()
+    assert "truncated PNG: no IEND chunk" in refused(data[: len(data) // 2])
+    assert "corrupt PNG: no IHDR chunk" in refused(data[:20])
+
+
+def test_bmp_and_tiff_cut_inside_their_headers_are_refused():
+    assert "truncated BMP header" in refused(save(Image.fromarray(pixels()), "BMP")[:20])
+    for order in ("II", "MM"):
+        assert "corrupt TIFF: no image size" in refused(tiff_by_hand(order, 4)[:20])
+
+
+@pytest.mark.parametrize("fmt", ["png", "bmp"])
+def test_a_zero_sized_image_is_refused(fmt):
+    data = bytearray(png() if fmt == "png" else save(Image.fromarray(pixels()), "BMP"))
+    offset = 16 if fmt == "png" else 18
+    data[offset : offset + 4] = bytes(4)  # width 0
+    assert f"corrupt {fmt.upper()}: image size 0x{H}" in refused(bytes(data))
+
+
+# --- the limits (spec.IMAGE_LIMITS) -------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (the check reads headers only, never pixels)."""
+    data = bytearray(png())
+    data[16:24] = struct.pack(">II", width, height)
+    return bytes(data)
+
+
+def test_byte_limit_accepts_max_bytes_and_refuses_one_more():
+    data = png()
+    at_limit = data + bytes(LIMITS.max_bytes - len(data))
+    assert inspect(at_limit) == ImageInfo("png", W, H)
+    message = refused(at_limit + b"\x00")
+    assert f"image of {LIMITS.max_bytes + 1} bytes exceeds the limit of {LIMITS.max_bytes} bytes" in message
+
+
+def test_side_limit_accepts_max_side_and_refuses_one_more():
+    side = LIMITS.max_side
+    # The short side is as short as the aspect-ratio limit allows, so only the side limit is in play.
+    short = math.ceil(side / LIMITS.max_aspect_ratio)
+    assert inspect(png_claiming(side, short)) == ImageInfo("png", side, short)
+    assert inspect(png_claiming(short, side)) == ImageInfo("png", short, side)
+    for width, height in ((side + 1, short + 1), (short + 1, side + 1)):
+        assert f"exceeds the limit of {side} pixels a side" in refused(png_claiming(width, height))
+
+
+def test_pixel_limit_accepts_max_pixels_and_refuses_one_row_more():
+    width = 12_000
+    height = LIMITS.max_pixels // width
+    assert width * height == LIMITS.max_pixels and max(width, height) < LIMITS.max_side
+    assert inspect(png_claiming(width, height)) == ImageInfo("png", width, height)
+    message = refused(png_claiming(width, height + 1))
+    assert f"{width}x{height + 1} pixels exceeds the limit" in message
+    assert f"{LIMITS.max_pixels // 1_000_000} megapixels" in message
+
+
+def test_a_format_left_out_of_the_accepted_formats_is_refused():
+    only_jpeg = dataclasses.replace(LIMITS, formats=("jpeg",))
+    assert inspect(jpeg(), only_jpeg) == ImageInfo("jpeg", W, H)
+    assert "png images are not accepted: accepted formats are jpeg" in refused(png(), only_jpeg)
+    assert set(LIMITS.formats) == {"jpeg", "png", "bmp", "tiff", "webp"}
+
+
+def test_limits_are_taken_from_the_limits_passed():
+    small = dataclasses.replace(LIMITS, max_bytes=len(png()), max_side=30, max_pixels=500)
+    assert f"exceeds the limit of {len(png())} bytes" in refused(png() + b"\x00", small)
+    assert "exceeds the limit of 30 pixels a side" in refused(png_claiming(31, 1), small)
+    assert "exceeds the limit" in refused(png_claiming(25, 25), small)
+    assert inspect(png_claiming(25, 20), small) == ImageInfo("png", 25, 20)
+
+
+# --- a request's tensor ---------------------------------------------------------------------------------------
+
+
+def test_rows_of_a_padded_request_are_checked_one_by_one():
+    def request(*images: bytes) -> np.ndarray:
+        rows = np.zeros((len(images), max(map(len, images))), dtype=np.uint8)
+        for row, image in zip(rows, images):
+            row[: len(image)] = np.frombuffer(image, np.uint8)
+        return rows
+
+    a, b = jpeg(), png(5, 7)
+    assert inspect_rows(request(a, b)) == [ImageInfo("jpeg", W, H), ImageInfo("png", 5, 7)]
+    assert inspect_rows(np.frombuffer(a, np.uint8)) == [ImageInfo("jpeg", W, H)]
+    with pytest.raises(InvalidImage, match="truncated JPEG"):
+        inspect_rows(request(b, cut_in_scan_data(a)))

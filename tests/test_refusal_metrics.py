@@ -1,0 +1,66 @@
+"""Operators tell clients' bad images from server failures: refused images are counted per reason on the
+metrics port, and a refused image on a stream is not run through the ensemble a second time."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+import tritonvision as tv
+from tritonvision import spec
+
+
+def metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+
+
+def refused(m: dict, reason: str) -> float:
+    return m.get(f'tritonvision_refused_images_total{{reason="{reason}"}}', 0.0)
+
+
+def ensemble_failures(m: dict) -> float:
+    return sum(v for k, v in m.items() if k.startswith("nv_inference_request_failure{") and f'model="{spec.ENSEMBLE}"' in k)
+
+
+def settled(server) -> dict[str, float]:
+    # Triton refreshes some counters on a poll interval: read until two reads agree.
+    before = metrics(server)
+    while True:
+        time.sleep(0.3)
+        now = metrics(server)
+        if now == before:
+            return now
+        before = now
+
+
+def test_a_refused_image_is_counted_once_as_the_client_s_error(triton_server, classifier, photos):
+    before = settled(triton_server)
+    classifier.classify(photos["chelsea"])
+    for _ in range(3):
+        try:
+            classifier.classify(b"GIF89a definitely not a whole image")
+        except tv.InvalidImageError:
+            pass
+    after = settled(triton_server)
+    assert refused(after, "header") - refused(before, "header") == 3
+
+
+def test_a_refused_image_on_a_stream_is_not_sent_through_the_ensemble_again(triton_server, classifier, photos):
+    # The ensemble failure count of one unary refusal, as Triton counts it.
+    before = settled(triton_server)
+    try:
+        classifier.classify(b"not an image")
+    except tv.InvalidImageError:
+        pass
+    unary = settled(triton_server)
+    per_refusal = ensemble_failures(unary) - ensemble_failures(before)
+    assert per_refusal >= 1
+    results = list(classifier.classify_stream([photos["chelsea"], b"not an image", photos["coffee"]]))
+    assert [r.ok for r in results] == [True, False, True]
+    assert isinstance(results[1].error, tv.InvalidImageError)
+    after = settled(triton_server)
+    # The stream's refusal fails the ensemble as often as a unary one does, no more, and counts once.
+    assert ensemble_failures(after) - ensemble_failures(unary) == per_refusal
+    assert refused(after, "header") - refused(unary, "header") == 1

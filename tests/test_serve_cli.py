@@ -1,0 +1,59 @@
+"""``tritonvision serve``: what it says when the server does not start, its TLS flags and its log format."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from tritonvision._cli import main
+
+
+@pytest.fixture()
+def light_repo(tmp_path):
+    from tritonvision_server.configs import write_light_repository
+
+    return write_light_repository(tmp_path / "repo")
+
+
+def _serve(repo, *extra: str) -> int:
+    from tritonvision_server.launcher import free_port
+
+    return main(["serve", "--model-repository", str(repo), "--http-port", str(free_port()), "--grpc-port",
+                 str(free_port()), "--metrics-port", str(free_port()), "--startup-timeout", "60", *extra])
+
+
+def test_a_refused_server_option_is_shown_instead_of_the_options_table(light_repo, caplog):
+    caplog.set_level(logging.INFO)
+    assert _serve(light_repo, "--server-arg=--grpc-restricted-protocol=inference") == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "Bad option" in errors and "--grpc-restricted-protocol" in errors
+    assert "--trace-log-frequency" not in errors, "the options table is not the cause"
+    assert "build_engines.py check --profile cpu" in errors
+
+
+def test_a_model_that_fails_to_load_is_named_with_triton_s_error(light_repo, caplog):
+    caplog.set_level(logging.INFO)
+    config = light_repo / "resnet50" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size", "max_batch_sizes", 1))
+    assert _serve(light_repo) == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "Poll failed for model directory 'resnet50'" in errors and "config.pbtxt" in errors
+    assert "failed to load all models" in errors
+
+
+def test_tls_options_become_triton_s_grpc_ssl_flags(tmp_path):
+    from tritonvision_server.serve import server_tls
+
+    ns = argparse.Namespace(grpc_tls_cert="s.crt", grpc_tls_key="s.key", grpc_tls_client_ca=None)
+    flags = server_tls(ns).args()
+    assert flags[0] == "--grpc-use-ssl=true" and flags[1].endswith("/s.crt") and flags[2].endswith("/s.key")
+    assert not any("mutual" in f for f in flags)
+    ns.grpc_tls_client_ca = "ca.crt"
+    assert "--grpc-use-ssl-mutual=true" in server_tls(ns).args()
+    assert server_tls(argparse.Namespace(grpc_tls_cert=None, grpc_tls_key=None, grpc_tls_client_ca=None)) is None
+    with pytest.raises(ValueError):
+        server_tls(argparse.Namespace(grpc_tls_cert="s.crt", grpc_tls_key=None, grpc_tls_client_ca=None))
+    with pytest.raises(ValueError):  # a client CA without the server's own certificate
+        server_tls(argparse.Namespace(grpc_tls_cert=None, grpc_tls_key=None, grpc_tls_client_ca="ca.crt"))
