@@ -240,7 +240,8 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
         assert key == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY_VALUE)"
     env = {e["name"]: e for e in c["env"]}
     secret = m["Secret"]
-    assert env["TRITONVISION_ACCESS_KEY_VALUE"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "accessKey"}
+    key_ref = env["TRITONVISION_ACCESS_KEY_VALUE"]["valueFrom"]["secretKeyRef"]
+    assert key_ref == {"name": secret["metadata"]["name"], "key": "accessKey"}
     # NAME=VALUE for the CLI (the liveness probe), declared after the variable it refers to.
     assert env["TRITONVISION_ACCESS_KEY"]["value"] == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY_VALUE)"
     names = [e["name"] for e in c["env"]]

@@ -64,3 +64,31 @@ def test_a_refused_image_on_a_stream_is_not_sent_through_the_ensemble_again(trit
     # The stream's refusal fails the ensemble as often as a unary one does, no more, and counts once.
     assert ensemble_failures(after) - ensemble_failures(unary) == per_refusal
     assert refused(after, "header") - refused(unary, "header") == 1
+
+
+def _decode_only_damage(jpeg: bytes) -> bytes:
+    """The JPEG with its scan naming Huffman tables that do not exist: the header check passes, decoding fails."""
+    import struct
+
+    i = 2
+    while jpeg[i + 1] != 0xDA:
+        i += 2 + struct.unpack(">H", jpeg[i + 2 : i + 4])[0]
+    bad = bytearray(jpeg)
+    bad[i + 6] = 0x77
+    return bytes(bad)
+
+
+def test_images_only_decoding_finds_broken_are_counted_once_each_among_good_ones(triton_server, classifier, photos):
+    bad = _decode_only_damage(photos["chelsea"])
+    images = [photos["chelsea"], bad, photos["coffee"], bad, photos["chelsea"], photos["coffee"], bad, photos["coffee"]]
+    before = settled(triton_server)
+    # Sent together, so that the cpu preprocess step gets good and bad images in one dynamic batch.
+    results = classifier.classify_batch(images, top_k=1, return_exceptions=True)
+    after = settled(triton_server)
+    for image, result in zip(images, results):
+        if image is bad:
+            assert isinstance(result, tv.InvalidImageError) and "could not decode" in result.message
+        else:
+            assert not isinstance(result, Exception), result
+    assert refused(after, "decode") - refused(before, "decode") == 3
+    assert refused(after, "header") == refused(before, "header")

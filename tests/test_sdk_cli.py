@@ -129,3 +129,22 @@ def test_bench_timeout_bounds_each_request(grpc_url, photos, tmp_path, capsys):
                  "--timeout", "0.001", "--no-progress", "--json", str(tmp_path / "cat.jpg")])
     (r,) = json.loads(capsys.readouterr().out)["results"]
     assert code == EXIT_SOME_FAILED and r["errors"] > 0 and r["requests"] == 0
+
+
+def test_exit_codes_2_usage_and_3_overloaded_are_told_apart_and_documented(monkeypatch, capsys, caplog):
+    import tritonvision as tv
+    from tritonvision import _cli
+
+    help_text = " ".join(_cli.parser().format_help().split())
+    assert "2 usage error" in help_text and "3 the server is overloaded" in help_text
+    with pytest.raises(SystemExit) as info:  # a bad option: usage error
+        main(["stats", "--access-key", "no-equals-sign"])
+    assert info.value.code == _cli.EXIT_ERROR == 2
+    assert "--access-key: expected NAME=VALUE" in capsys.readouterr().err
+
+    def shed(args):
+        raise tv.OverloadedError("queue full", status="UNAVAILABLE")
+
+    monkeypatch.setattr(_cli, "_stats", shed)
+    assert main(["stats", "--url", "127.0.0.1:1"]) == _cli.EXIT_OVERLOADED == 3
+    assert "overloaded" in caplog.text

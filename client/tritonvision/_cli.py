@@ -31,7 +31,13 @@ from ._client import Classifier
 from ._extras import require
 from ._retry import RetryPolicy
 from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
-from .exceptions import DeadlineExceededError, InvalidImageError, OverloadedError, ServerUnavailableError, TritonVisionError
+from .exceptions import (
+    DeadlineExceededError,
+    InvalidImageError,
+    OverloadedError,
+    ServerUnavailableError,
+    TritonVisionError,
+)
 from .spec import NUM_CLASSES
 
 log = logging.getLogger("tritonvision")
