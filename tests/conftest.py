@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from image_helpers import encode
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "test"
@@ -27,14 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -32,3 +32,14 @@ def own_server(repository: Path, **kwargs):
     finally:
         server.stop()
     assert not server.leftover_shm()
+
+
+def registered(grpc_url: str) -> list[str]:
+    """Names of the system shared-memory regions registered on the server, by a connection of its own."""
+    from tritonvision._transport._grpc import GrpcTransport
+
+    t = GrpcTransport(grpc_url)
+    try:
+        return t.registered_shm("system")
+    finally:
+        t.close()

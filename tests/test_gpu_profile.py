@@ -146,42 +146,51 @@ def test_engine_metadata_round_trips_through_json(fake_onnx):
     assert engines.EngineSpec.from_json(json.loads(json.dumps(wanted.to_json()))) == wanted
 
 
-class FakeBuilds:
-    """Stands in for trtexec: records builds and writes a plan file."""
+class FakeBuilder:
+    """A :class:`engines.Builder` standing in for trtexec: records builds and writes a plan file.
 
-    def __init__(self, monkeypatch, gpu=H100, trt="10.3.0"):
+    ``gpu`` is the GPU the tests build for (passed to ensure_engine, as nvidia-smi would report it)."""
+
+    name = "fake"
+
+    def __init__(self, gpu=H100, trt="10.3.0", build=None):
         self.count = 0
         self.plans: list[Path] = []
+        self.onnx: list[Path] = []
         self.gpu, self.trt = gpu, trt
-        monkeypatch.setattr(engines, "find_builder", lambda prefer="auto": "trtexec")
-        monkeypatch.setattr(engines, "detect_gpu", lambda index=0: self.gpu)
-        monkeypatch.setattr(engines, "tensorrt_version", lambda builder: self.trt)
-        monkeypatch.setattr(engines, "_build_with_trtexec", self._build)
+        self._build = build
 
-    def _build(self, onnx, plan, spec_, timing_cache):
+    def tensorrt_version(self) -> str:
+        return self.trt
+
+    def build(self, onnx, plan, spec_, timing_cache):
         self.count += 1
         self.plans.append(plan)
+        self.onnx.append(onnx)
+        if self._build is not None:
+            return self._build(onnx, plan, spec_, timing_cache)
         plan.write_bytes(f"engine {self.count} for {spec_.file_stem}".encode())
 
 
-def _ensure(onnx, tmp_path, **kw):
+def _ensure(onnx, tmp_path, builder: FakeBuilder, **kw):
     return engines.ensure_engine(onnx, tmp_path / "repo" / "resnet50" / "1" / "model.plan", spec.GPU.engine,
-                                 spec.GPU.resnet50.batching, engine_dir=tmp_path / "engines", **kw)
+                                 spec.GPU.resnet50.batching, engine_dir=tmp_path / "engines", builder=builder,
+                                 gpu=builder.gpu, **kw)
 
 
-def test_engine_is_built_once_then_reused(monkeypatch, tmp_path, fake_onnx):
-    builds = FakeBuilds(monkeypatch)
-    dest = _ensure(fake_onnx, tmp_path)
+def test_engine_is_built_once_then_reused(tmp_path, fake_onnx):
+    builds = FakeBuilder()
+    dest = _ensure(fake_onnx, tmp_path, builds)
     first = dest.read_bytes()
-    _ensure(fake_onnx, tmp_path)
+    _ensure(fake_onnx, tmp_path, builds)
     assert builds.count == 1 and dest.read_bytes() == first
-    _ensure(fake_onnx, tmp_path, force=True)
+    _ensure(fake_onnx, tmp_path, builds, force=True)
     assert builds.count == 2
 
 
-def test_engine_is_built_into_a_temporary_file_and_renamed_into_place(monkeypatch, tmp_path, fake_onnx):
-    builds = FakeBuilds(monkeypatch)
-    _ensure(fake_onnx, tmp_path)
+def test_engine_is_built_into_a_temporary_file_and_renamed_into_place(tmp_path, fake_onnx):
+    builds = FakeBuilder()
+    _ensure(fake_onnx, tmp_path, builds)
     (built,) = builds.plans
     final = next((tmp_path / "engines").glob("resnet50_*.plan"))
     assert built.parent == final.parent and built != final and not built.exists()
@@ -190,23 +199,20 @@ def test_engine_is_built_into_a_temporary_file_and_renamed_into_place(monkeypatc
     assert leftovers == []
 
 
-def test_a_failed_build_leaves_neither_an_engine_nor_a_temporary_file(monkeypatch, tmp_path, fake_onnx):
-    FakeBuilds(monkeypatch)
-
+def test_a_failed_build_leaves_neither_an_engine_nor_a_temporary_file(tmp_path, fake_onnx):
     def half_written(onnx, plan, spec_, timing_cache):
         plan.write_bytes(b"half an eng")
         raise RuntimeError("trtexec failed with exit code 1")
 
-    monkeypatch.setattr(engines, "_build_with_trtexec", half_written)
     with pytest.raises(RuntimeError, match="exit code 1"):
-        _ensure(fake_onnx, tmp_path)
+        _ensure(fake_onnx, tmp_path, FakeBuilder(build=half_written))
     assert [p.name for p in (tmp_path / "engines").iterdir() if not p.name.endswith(".lock")] == []
 
 
 @pytest.mark.parametrize("change", ["gpu", "tensorrt", "onnx", "tampered plan"])
-def test_engine_is_rebuilt_when_what_it_was_built_for_changes(monkeypatch, tmp_path, fake_onnx, change):
-    builds = FakeBuilds(monkeypatch)
-    dest = _ensure(fake_onnx, tmp_path)
+def test_engine_is_rebuilt_when_what_it_was_built_for_changes(tmp_path, fake_onnx, change):
+    builds = FakeBuilder()
+    dest = _ensure(fake_onnx, tmp_path, builds)
     if change == "gpu":
         builds.gpu = engines.GpuInfo("NVIDIA A100-SXM4-80GB", "8.0")
     elif change == "tensorrt":
@@ -216,7 +222,7 @@ def test_engine_is_rebuilt_when_what_it_was_built_for_changes(monkeypatch, tmp_p
     else:
         plan = next((tmp_path / "engines").glob("*.plan"))
         plan.write_bytes(b"truncated")
-    _ensure(fake_onnx, tmp_path)
+    _ensure(fake_onnx, tmp_path, builds)
     assert builds.count == 2
     assert dest.read_bytes().startswith(b"engine 2")
 
@@ -256,13 +262,13 @@ def test_recorded_engine_under_the_same_file_name_is_stale_when_one_field_differ
         f"an engine recorded with {field}={OTHER_VALUE[field]!r} was reused for {field}={getattr(wanted, field)!r}")
 
 
-def test_engines_for_different_gpus_coexist_and_are_reinstalled_without_rebuilding(monkeypatch, tmp_path, fake_onnx):
-    builds = FakeBuilds(monkeypatch)
-    _ensure(fake_onnx, tmp_path)
+def test_engines_for_different_gpus_coexist_and_are_reinstalled_without_rebuilding(tmp_path, fake_onnx):
+    builds = FakeBuilder()
+    _ensure(fake_onnx, tmp_path, builds)
     builds.gpu = engines.GpuInfo("NVIDIA H200", "9.0")
-    dest = _ensure(fake_onnx, tmp_path)
+    dest = _ensure(fake_onnx, tmp_path, builds)
     builds.gpu = H100
-    _ensure(fake_onnx, tmp_path)
+    _ensure(fake_onnx, tmp_path, builds)
     assert builds.count == 2 and len(list((tmp_path / "engines").glob("*.plan"))) == 2
     assert b"h100" in dest.read_bytes()
 
@@ -277,23 +283,28 @@ from tritonvision_server import engines
 
 onnx, dest, engine_dir, builds_log, go = map(Path, sys.argv[1:6])
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-engines.find_builder = lambda prefer="auto": "trtexec"
-engines.detect_gpu = lambda index=0: engines.GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
-engines.tensorrt_version = lambda builder: "10.5.0"
 
-def build(onnx, plan, spec_, timing_cache):
-    with open(builds_log, "a") as fh:
-        fh.write(plan.name + "\n")
-    with open(plan, "wb") as fh:
-        for i in range(5):
-            fh.write(bytes([65 + i]) * 100_000)
-            fh.flush()
-            time.sleep(0.3)
 
-engines._build_with_trtexec = build
+class SlowBuilder:
+    name = "slow"
+
+    def tensorrt_version(self):
+        return "10.5.0"
+
+    def build(self, onnx, plan, spec_, timing_cache):
+        with open(builds_log, "a") as fh:
+            fh.write(plan.name + "\n")
+        with open(plan, "wb") as fh:
+            for i in range(5):
+                fh.write(bytes([65 + i]) * 100_000)
+                fh.flush()
+                time.sleep(0.3)
+
+
 while not go.exists():
     time.sleep(0.01)
-engines.ensure_engine(onnx, dest, spec.GPU.engine, spec.GPU.resnet50.batching, engine_dir=engine_dir)
+engines.ensure_engine(onnx, dest, spec.GPU.engine, spec.GPU.resnet50.batching, engine_dir=engine_dir,
+                      builder=SlowBuilder(), gpu=engines.GpuInfo("NVIDIA H100 80GB HBM3", "9.0"))
 """
 
 
@@ -427,13 +438,11 @@ def test_python_builder_uses_only_api_that_tensorrt_11_has(monkeypatch, tmp_path
 
     calls: list = []
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls))
-    monkeypatch.setattr(engines, "detect_gpu", lambda index=0: H100)
-    monkeypatch.setattr(engines, "trtexec_path", lambda: None)
     onnx = tmp_path / f"resnet50_{precision}.onnx"
     onnx.write_bytes(b"onnx")
     build = spec.EngineBuild(precision=precision)
     dest = engines.ensure_engine(onnx, tmp_path / "model.plan", build, spec.GPU.resnet50.batching,
-                                 engine_dir=tmp_path / "engines")
+                                 engine_dir=tmp_path / "engines", builder=engines.PythonApiBuilder(), gpu=H100)
     assert dest.read_bytes() == b"plan bytes"
     assert ("builder", "create_network", (1 << 0,)) in calls  # STRONGLY_TYPED
     assert ("parser", "parse_from_file", (str(onnx),)) in calls
@@ -462,28 +471,33 @@ def test_tensorrt_older_than_10_is_refused(version, ok):
             engines.check_tensorrt_version(version)
 
 
-def test_engine_refuses_an_onnx_file_made_for_another_precision(monkeypatch, tmp_path, fake_onnx):
-    FakeBuilds(monkeypatch)
+def test_engine_refuses_an_onnx_file_made_for_another_precision(tmp_path, fake_onnx):
+    builds = FakeBuilder()
     fake_onnx.with_suffix(".onnx.json").write_text(json.dumps({"weights": "random:0", "precision": "fp32"}))
     with pytest.raises(ValueError, match="is the fp32 ONNX file, but a fp16 engine"):
-        _ensure(fake_onnx, tmp_path)
+        _ensure(fake_onnx, tmp_path, builds)
     fake_onnx.with_suffix(".onnx.json").write_text(json.dumps({"precision": "fp16"}))
-    assert _ensure(fake_onnx, tmp_path).exists()
+    assert _ensure(fake_onnx, tmp_path, builds).exists()
 
 
-def test_without_tensorrt_the_build_stops_with_how_to_get_it(monkeypatch, tmp_path):
+@pytest.fixture()
+def no_tensorrt(monkeypatch, tmp_path):
+    """A machine without TensorRT: no Python module, no trtexec on PATH or where the NGC images keep it."""
     import builtins
 
     real_import = builtins.__import__
 
-    def no_tensorrt(name, *args, **kwargs):
+    def no_tensorrt_import(name, *args, **kwargs):
         if name == "tensorrt":
             raise ImportError("No module named 'tensorrt'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt_import)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     monkeypatch.setattr(engines, "TRTEXEC_NGC", tmp_path / "no-trtexec")
+
+
+def test_without_tensorrt_the_build_stops_with_how_to_get_it(no_tensorrt):
     with pytest.raises(engines.TensorRTUnavailable) as err:
         engines.find_builder()
     for hint in ("nvcr.io/nvidia/tritonserver:<yy.mm>-py3", "same <yy.mm> as the server", "/usr/src/tensorrt/bin/trtexec"):
@@ -491,29 +505,24 @@ def test_without_tensorrt_the_build_stops_with_how_to_get_it(monkeypatch, tmp_pa
     assert "pip install tensorrt" not in str(err.value)
 
 
-def test_engine_subcommand_exits_2_with_the_message_when_tensorrt_is_missing(monkeypatch, tmp_path, caplog, fake_onnx):
+def test_engine_subcommand_exits_2_with_the_message_when_tensorrt_is_missing(no_tensorrt, tmp_path, caplog, fake_onnx):
     from tritonvision_server.build import main
 
-    def missing(prefer="auto"):
-        raise engines.TensorRTUnavailable(engines.HOW_TO_GET_TENSORRT)
-
-    monkeypatch.setattr(engines, "find_builder", missing)
     fake_onnx.with_name("resnet50_fp16.onnx").write_bytes(b"fp16 onnx")
     assert main(["engine", "--onnx", str(fake_onnx), "--output", str(tmp_path / "repo")]) == 2
     assert "nvcr.io/nvidia/tritonserver" in caplog.text
 
 
-def test_engine_subcommand_builds_from_the_precision_specific_onnx(monkeypatch, tmp_path, fake_onnx):
-    from tritonvision_server.build import main
+def test_engine_build_takes_the_precision_specific_onnx(tmp_path, fake_onnx):
+    from tritonvision_server.build import build_engine, gpu_profile
 
-    built = []
-    FakeBuilds(monkeypatch)
-    monkeypatch.setattr(engines, "_build_with_trtexec", lambda onnx, plan, spec_, tc: (built.append(onnx), plan.write_bytes(b"e")))
+    builds = FakeBuilder()
     int8 = fake_onnx.with_name("resnet50_int8.onnx")
     int8.write_bytes(b"int8 onnx")
-    assert main(["engine", "--precision", "int8", "--onnx", str(fake_onnx), "--output", str(tmp_path / "repo"),
-                 "--engine-dir", str(tmp_path / "engines")]) == 0
-    assert built == [int8]
+    dest = build_engine(tmp_path / "repo", gpu_profile("int8"), onnx=fake_onnx, engine_dir=tmp_path / "engines",
+                        builder=builds, gpu=builds.gpu, workspace_mib=2048)
+    assert builds.onnx == [int8] and dest == tmp_path / "repo" / "resnet50" / "1" / "model.plan"
+    assert json.loads(next((tmp_path / "engines").glob("*.json")).read_text())["engine"]["workspace_mib"] == 2048
 
 
 @pytest.mark.gpu

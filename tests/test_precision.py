@@ -19,7 +19,7 @@ import pytest
 from tritonvision import spec
 from tritonvision_server import precision
 
-from conftest import encode
+from image_helpers import encode
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 import tritonvision as tv
 from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, top
-from test_sdk_shm import registered
+from sdk_helpers import registered
 from tritonvision_server.launcher import free_port
 
 

@@ -5,18 +5,8 @@ from __future__ import annotations
 import pytest
 
 import tritonvision as tv
-from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, top
+from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, registered, top
 from tritonvision._client import is_local, resolve_shm
-
-
-def registered(grpc_url) -> list[str]:
-    from tritonvision._transport._grpc import GrpcTransport
-
-    t = GrpcTransport(grpc_url)
-    try:
-        return t.registered_shm("system")
-    finally:
-        t.close()
 
 
 def test_system_shm_round_trip_equals_plain_grpc(grpc_url, photos):

@@ -9,7 +9,7 @@ import pytest
 
 import tritonvision as tv
 from sdk_helpers import assert_no_regions, own_server, top
-from test_sdk_shm import registered
+from sdk_helpers import registered
 from tritonvision.spec import ENSEMBLE
 
 pytestmark = pytest.mark.slow

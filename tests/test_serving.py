@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import encode
+from image_helpers import encode
 from reference import reference_scores, top_k
 from tritonvision import Classifier, InvalidImageError, spec
 from tritonvision_server.launcher import ServerStartError, TritonServer

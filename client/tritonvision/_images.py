@@ -82,17 +82,3 @@ def encoded_bytes(image: ImageInput) -> bytes:
         "a PIL image or a uint8 numpy array"
     )
 
-
-def as_tensor(data: bytes) -> np.ndarray:
-    """``[1, n]`` UINT8: one batch item of encoded bytes."""
-    return np.frombuffer(data, dtype=np.uint8)[None]
-
-
-def describe(image: ImageInput) -> str:
-    """A short name for an input, for error messages and CLI output."""
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    name = getattr(image, "name", None) or getattr(image, "filename", None)
-    if isinstance(name, str) and name:
-        return name
-    return f"<{type(image).__name__}>"

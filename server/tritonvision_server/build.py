@@ -20,14 +20,17 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tritonvision import spec
 
 from . import configs
 
+if TYPE_CHECKING:
+    from .engines import Builder, GpuInfo
+
 log = logging.getLogger("tritonvision.build")
 
-ROOT = Path.cwd()
 DEFAULT_BUILD = Path("build")
 DEFAULT_ONNX = DEFAULT_BUILD / "resnet50.onnx"
 DEFAULT_CPU_REPOSITORY = DEFAULT_BUILD / "model_repository_cpu"
@@ -91,19 +94,37 @@ def build_onnx(output: Path, weights: str, precisions: list[str], *, calibration
     return made
 
 
-def build_engine(repository: Path, profile: spec.Profile, args: argparse.Namespace) -> Path:
+def build_engine(
+    repository: Path,
+    profile: spec.Profile,
+    *,
+    onnx: Path = DEFAULT_ONNX,
+    engine_dir: Path = DEFAULT_ENGINES,
+    workspace_mib: int = 0,
+    builder: str | Builder = "auto",
+    gpu: GpuInfo | None = None,
+    gpu_index: int = 0,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse) ``profile``'s engine from the ONNX file of its precision next to ``onnx`` (the FP32
+    export) and install it as ``repository/resnet50/1/model.plan``; ``workspace_mib`` 0 keeps the spec's;
+    ``builder`` and ``gpu`` as in :func:`.engines.ensure_engine`."""
     from dataclasses import replace
 
     from . import engines, precision
 
     build = profile.engine
-    if args.workspace_mib:
-        build = replace(build, workspace_mib=args.workspace_mib)
-    onnx = precision.onnx_path(args.onnx, build.precision)
+    if workspace_mib:
+        build = replace(build, workspace_mib=workspace_mib)
     return engines.ensure_engine(
-        onnx, Path(repository) / spec.RESNET50 / "1" / configs.PLAN_FILE, build, profile.resnet50.batching,
-        engine_dir=args.engine_dir, builder=args.builder, gpu_index=args.gpu, force=args.force,
+        precision.onnx_path(onnx, build.precision), Path(repository) / spec.RESNET50 / "1" / configs.PLAN_FILE, build,
+        profile.resnet50.batching, engine_dir=engine_dir, builder=builder, gpu=gpu, gpu_index=gpu_index, force=force,
     )
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(onnx=args.onnx, engine_dir=args.engine_dir, workspace_mib=args.workspace_mib, builder=args.builder,
+                gpu_index=args.gpu, force=args.force)
 
 
 def check(repository: Path, profile: spec.Profile, require_artifacts: bool) -> int:
@@ -225,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "dali":
             build_dali(args.output, _with_hw_decoder_load(gpu_profile(args.precision), args.hw_decoder_load))
         elif args.command == "engine":
-            build_engine(args.output, gpu_profile(args.precision), args)
+            build_engine(args.output, gpu_profile(args.precision), **_engine_options(args))
         elif args.command in ("gpu", "all"):
             profile = gpu_profile(args.precision)
             build_onnx(args.onnx, args.weights, [profile.engine.precision], calibration_images=args.calibration_images)
             build_dali(args.output, _with_hw_decoder_load(profile, args.hw_decoder_load))
-            build_engine(args.output, profile, args)
+            build_engine(args.output, profile, **_engine_options(args))
             configs.write_repository(profile, args.output)
             return check(args.output, profile, require_artifacts=True)
         elif args.command == "check":

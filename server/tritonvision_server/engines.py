@@ -41,6 +41,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tritonvision.spec import PIXELS, PREPROCESSING, Batching, EngineBuild
 
@@ -78,14 +79,6 @@ def optimization_profiles(batching: Batching) -> list[tuple[int, int, int]]:
     """
     opt = max(batching.preferred_batch_sizes, default=batching.max_batch_size)
     return [(1, opt, batching.max_batch_size)]
-
-
-def profile_for(batch_size: int, profiles: list[tuple[int, int, int]]) -> int | None:
-    """Index of the profile whose range holds ``batch_size``, or None."""
-    for i, (low, _, high) in enumerate(profiles):
-        if low <= batch_size <= high:
-            return i
-    return None
 
 
 def _shape(batch: int) -> tuple[int, ...]:
@@ -207,20 +200,64 @@ def is_up_to_date(plan: Path, meta: Path, wanted: EngineSpec) -> bool:
 # --- builders -------------------------------------------------------------------------------------------
 
 
-def find_builder(prefer: str = "auto") -> str:
-    """``trtexec`` or ``python`` (TensorRT Python API); raise :class:`TensorRTUnavailable` with how to get one.
+class Builder(Protocol):
+    """What builds engines: says which TensorRT it is and turns an ONNX file into a plan.
+
+    :func:`ensure_engine` takes one (or a name for :func:`find_builder`); tests pass a stand-in.
+    """
+
+    name: str
+
+    def tensorrt_version(self) -> str: ...
+
+    def build(self, onnx: Path, plan: Path, spec: "EngineSpec", timing_cache: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrtexecBuilder:
+    """``trtexec``, in every tritonserver image next to the TensorRT that loads the plans."""
+
+    path: Path
+    name: str = "trtexec"
+
+    def tensorrt_version(self) -> str:
+        out = subprocess.run([str(self.path), "--help"], capture_output=True, text=True)
+        return parse_trtexec_version(out.stdout + out.stderr)
+
+    def build(self, onnx: Path, plan: Path, spec: "EngineSpec", timing_cache: Path) -> None:
+        _build_with_trtexec(self.path, onnx, plan, spec, timing_cache)
+
+
+@dataclass(frozen=True)
+class PythonApiBuilder:
+    """The TensorRT Python API (the NGC ``tensorrt`` image)."""
+
+    name: str = "python"
+
+    def tensorrt_version(self) -> str:
+        import tensorrt
+
+        return tensorrt.__version__
+
+    def build(self, onnx: Path, plan: Path, spec: "EngineSpec", timing_cache: Path) -> None:
+        _build_with_python(onnx, plan, spec, timing_cache)
+
+
+def find_builder(prefer: str = "auto") -> Builder:
+    """A trtexec or TensorRT Python API builder; raise :class:`TensorRTUnavailable` with how to get one.
 
     ``auto`` prefers trtexec: it is in every tritonserver image, next to the TensorRT the server loads plans with.
     """
-    if prefer in ("auto", "trtexec") and trtexec_path() is not None:
-        return "trtexec"
+    trtexec = trtexec_path()
+    if prefer in ("auto", "trtexec") and trtexec is not None:
+        return TrtexecBuilder(trtexec)
     if prefer in ("auto", "python"):
         try:
             import tensorrt  # noqa: F401
         except ImportError:
             pass
         else:
-            return "python"
+            return PythonApiBuilder()
     raise TensorRTUnavailable(HOW_TO_GET_TENSORRT)
 
 
@@ -229,15 +266,6 @@ def trtexec_path() -> Path | None:
     if found:
         return Path(found)
     return TRTEXEC_NGC if TRTEXEC_NGC.exists() else None
-
-
-def tensorrt_version(builder: str) -> str:
-    if builder == "python":
-        import tensorrt
-
-        return tensorrt.__version__
-    out = subprocess.run([str(trtexec_path()), "--help"], capture_output=True, text=True)
-    return parse_trtexec_version(out.stdout + out.stderr)
 
 
 def check_tensorrt_version(version: str) -> None:
@@ -295,8 +323,8 @@ def trtexec_command(trtexec: Path, onnx: Path, plan: Path, spec: EngineSpec, *, 
     return cmd
 
 
-def _build_with_trtexec(onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path) -> None:
-    cmd = trtexec_command(trtexec_path(), onnx, plan, spec, timing_cache=timing_cache)
+def _build_with_trtexec(trtexec: Path, onnx: Path, plan: Path, spec: EngineSpec, timing_cache: Path) -> None:
+    cmd = trtexec_command(trtexec, onnx, plan, spec, timing_cache=timing_cache)
     log.info("running %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
@@ -389,22 +417,24 @@ def ensure_engine(
     batching: Batching,
     *,
     engine_dir: Path,
-    builder: str = "auto",
+    builder: str | Builder = "auto",
+    gpu: GpuInfo | None = None,
     gpu_index: int = 0,
     force: bool = False,
 ) -> Path:
     """Build (or reuse) the engine for this GPU and TensorRT from ``onnx``, install it as ``dest``.
 
     ``onnx`` is the file made for ``build.precision`` (:func:`tritonvision_server.precision.onnx_path`);
-    ``dest`` is ``resnet50/1/model.plan``.
+    ``dest`` is ``resnet50/1/model.plan``. ``builder``: a :class:`Builder`, or the name of one to find
+    (``auto``, ``trtexec``, ``python``); ``gpu``: the GPU to build for (default: nvidia-smi's ``gpu_index``).
     """
     onnx, dest, engine_dir = Path(onnx), Path(dest), Path(engine_dir)
     if not onnx.exists():
         raise FileNotFoundError(f"{onnx} does not exist: run `build_engines.py onnx --precision {build.precision}` first")
     check_onnx_precision(onnx, build)
-    which = find_builder(builder)
-    gpu = detect_gpu(gpu_index)
-    version = tensorrt_version(which)
+    which = find_builder(builder) if isinstance(builder, str) else builder
+    gpu = gpu or detect_gpu(gpu_index)
+    version = which.tensorrt_version()
     check_tensorrt_version(version)
     key = f"{gpu.slug}_sm{gpu.compute_capability.replace('.', '')}_trt{version}"
     timing_cache = engine_dir / f"timing_{key}.cache"
@@ -423,18 +453,17 @@ def ensure_engine(
     return dest
 
 
-def _build(onnx: Path, plan: Path, meta: Path, wanted: EngineSpec, which: str, timing_cache: Path, gpu: GpuInfo) -> None:
+def _build(onnx: Path, plan: Path, meta: Path, wanted: EngineSpec, which: Builder, timing_cache: Path,
+           gpu: GpuInfo) -> None:
     log.info("building the %s engine for %s (sm %s) with TensorRT %s via %s, profiles %s; this takes minutes",
-             wanted.precision, gpu.name, gpu.compute_capability, wanted.tensorrt_version, which, list(wanted.profiles))
+             wanted.precision, gpu.name, gpu.compute_capability, wanted.tensorrt_version, which.name,
+             list(wanted.profiles))
     tmp = plan.with_name(f".{plan.stem}.{os.getpid()}.tmp.plan")
     start = time.perf_counter()
     try:
-        if which == "python":
-            _build_with_python(onnx, tmp, wanted, timing_cache)
-        else:
-            _build_with_trtexec(onnx, tmp, wanted, timing_cache)
+        which.build(onnx, tmp, wanted, timing_cache)
         elapsed = time.perf_counter() - start
-        record = {"engine": wanted.to_json(), "plan_sha256": sha256(tmp), "builder": which,
+        record = {"engine": wanted.to_json(), "plan_sha256": sha256(tmp), "builder": which.name,
                   "build_seconds": round(elapsed, 1)}
         # The plan first, then its record: a reader that sees the new plan with the old record finds the
         # checksum wrong and waits on the lock, never the other way round.
