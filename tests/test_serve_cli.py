@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import pytest
@@ -46,14 +45,24 @@ def test_a_model_that_fails_to_load_is_named_with_triton_s_error(light_repo, cap
 def test_tls_options_become_triton_s_grpc_ssl_flags(tmp_path):
     from tritonvision_server.serve import server_tls
 
-    ns = argparse.Namespace(grpc_tls_cert="s.crt", grpc_tls_key="s.key", grpc_tls_client_ca=None)
-    flags = server_tls(ns).args()
+    flags = server_tls("s.crt", "s.key").args()
     assert flags[0] == "--grpc-use-ssl=true" and flags[1].endswith("/s.crt") and flags[2].endswith("/s.key")
     assert not any("mutual" in f for f in flags)
-    ns.grpc_tls_client_ca = "ca.crt"
-    assert "--grpc-use-ssl-mutual=true" in server_tls(ns).args()
-    assert server_tls(argparse.Namespace(grpc_tls_cert=None, grpc_tls_key=None, grpc_tls_client_ca=None)) is None
+    assert "--grpc-use-ssl-mutual=true" in server_tls("s.crt", "s.key", "ca.crt").args()
+    assert server_tls(None, None, None) is None
     with pytest.raises(ValueError):
-        server_tls(argparse.Namespace(grpc_tls_cert="s.crt", grpc_tls_key=None, grpc_tls_client_ca=None))
+        server_tls("s.crt", None)
     with pytest.raises(ValueError):  # a client CA without the server's own certificate
-        server_tls(argparse.Namespace(grpc_tls_cert=None, grpc_tls_key=None, grpc_tls_client_ca="ca.crt"))
+        server_tls(None, None, "ca.crt")
+
+
+def test_serve_is_the_server_package_s_command_and_the_sdk_cli_does_not_import_it():
+    import subprocess
+    import sys
+
+    code = ("import sys, tritonvision._cli as cli; cli.parser().parse_args(['classify', 'x.jpg']); "
+            "print(sorted(m for m in sys.modules if m.startswith('tritonvision_server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+    helped = subprocess.run([sys.executable, "-m", "tritonvision._cli", "serve", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: tritonvision serve" in helped.stdout and "--grpc-tls-cert" in helped.stdout

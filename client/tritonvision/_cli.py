@@ -179,13 +179,14 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if any(r.errors or r.overloaded for r in results) else EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(argv: list[str]) -> int:
     try:
-        from tritonvision_server.serve import serve
+        from tritonvision_server.serve import main as serve_main
     except ImportError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         log.error("serving needs the server extra: pip install 'tritonvision[server]' (%s)", exc)
         return EXIT_ERROR
-    return serve(args)
+    return serve_main(argv, prog="tritonvision serve")
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -301,38 +302,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before the probe fails")
     p.set_defaults(func=_probe)
 
-    p = sub.add_parser("serve", help="run tritonserver with the classifier (cpu profile by default)")
-    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--model-repository", default=None, help="default: build/model_repository_cpu (cpu), model_repository (gpu)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--tritonserver", default=None, help="a tritonserver binary to run instead of the bundled one")
-    p.add_argument("--weights", default="imagenet", help="cpu profile: weights to build with if the repository is missing")
-    p.add_argument("--demo", nargs="*", default=None, metavar="IMAGE",
-                   help="classify these images (default: the bundled samples) once ready")
-    p.add_argument("--startup-timeout", type=float, default=180.0)
-    p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
-    p.add_argument("--access-key", default=os.environ.get(ACCESS_KEY_ENV), metavar="NAME=VALUE", type=_access_key,
-                   help="require the header NAME: VALUE for shared-memory registration, the model-repository API and "
-                        f"statistics (env {ACCESS_KEY_ENV}); clients pass it as access_key=(NAME, VALUE)")
-    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
-    p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
-    p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
-    p.add_argument("--health-interval", type=float, default=1.0,
-                   help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
-                        "server (0: never)")
+    # The server's own command (tritonvision_server.serve): its options and code live in the server package,
+    # which is imported only when `serve` runs (main() hands it the rest of the command line).
+    p = sub.add_parser("serve", help="run tritonserver with the classifier (cpu profile by default; "
+                                     "`tritonvision serve --help` for its options; needs the server extra)",
+                       add_help=False)
+    p.add_argument("server_argv", nargs=argparse.REMAINDER)
     p.set_defaults(func=_serve)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "serve" in argv:  # `tritonvision [-v] serve ...`: the server package parses the rest
+        k = argv.index("serve")
+        if all(a in ("-v", "--verbose") for a in argv[:k]):
+            return _serve(argv[k + 1 :] + (["--verbose"] if argv[:k] else []))
     ap = parser()
     args = ap.parse_args(argv)
-    # A server runs for days: its lines carry the time.
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve" else "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if hasattr(args, "header"):
         try:  # a bad address or option is a usage error (exit 2) before anything connects
             Connection.make(args.url, root_certificates=args.root_certificates, private_key=args.client_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -22,29 +23,28 @@ def start_failure(tail: str) -> list[str]:
     return [line.rstrip() for line in tail.splitlines() if _CAUSE.search(line)]
 
 
-def server_tls(args: argparse.Namespace) -> ServerTLS | None:
-    """The gRPC TLS of ``serve``'s ``--grpc-tls-cert/--grpc-tls-key`` (and ``--grpc-tls-client-ca`` for mutual
-    TLS); :meth:`ServerTLS.args` turns it into Triton 2.51's ``--grpc-use-ssl[-mutual]``,
-    ``--grpc-server-cert/-key`` and ``--grpc-root-cert``. Raises ValueError for an incomplete set."""
-    cert, key, root = (getattr(args, name, None) for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"))
-    if not (cert or key or root):
+def server_tls(cert: str | None, key: str | None, client_ca: str | None = None) -> ServerTLS | None:
+    """The gRPC TLS of ``--grpc-tls-cert/--grpc-tls-key`` (and ``--grpc-tls-client-ca`` for mutual TLS);
+    :meth:`ServerTLS.args` turns it into Triton 2.51's ``--grpc-use-ssl[-mutual]``, ``--grpc-server-cert/-key``
+    and ``--grpc-root-cert``. Raises ValueError for an incomplete set."""
+    if not (cert or key or client_ca):
         return None
     if not (cert and key):
         raise ValueError("--grpc-tls-cert and --grpc-tls-key go together (--grpc-tls-client-ca needs both)")
-    return ServerTLS(Path(cert).resolve(), Path(key).resolve(), Path(root).resolve() if root else None)
+    return ServerTLS(Path(cert).resolve(), Path(key).resolve(), Path(client_ca).resolve() if client_ca else None)
 
 
-def _repository(args: argparse.Namespace) -> Path:
+def _repository(model_repository: str | Path | None, profile: str, weights: str) -> Path:
     from .build import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
 
-    if args.model_repository:
-        return Path(args.model_repository)
-    if args.profile == "gpu":
+    if model_repository:
+        return Path(model_repository)
+    if profile == "gpu":
         return DEFAULT_GPU_REPOSITORY
     if not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
-        log.info("no cpu model repository yet: building it (weights: %s)", args.weights)
+        log.info("no cpu model repository yet: building it (weights: %s)", weights)
     # Cheap when up to date: the ONNX export is skipped and only the configs are rewritten.
-    return build_cpu_repository(DEFAULT_CPU_REPOSITORY, weights=args.weights)
+    return build_cpu_repository(DEFAULT_CPU_REPOSITORY, weights=weights)
 
 
 def _demo(url: str, images: list[str]) -> None:
@@ -61,33 +61,47 @@ def _demo(url: str, images: list[str]) -> None:
                 log.info("demo: %s -> %s", Path(path).name, ", ".join(f"{p.label} ({p.score:.3f})" for p in result))
 
 
-def _access_key(text: str | None) -> tuple[str, str] | None:
-    if not text:
-        return None
+def _access_key(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise SystemExit("--access-key takes NAME=VALUE")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name, value
 
 
-def serve(args: argparse.Namespace) -> int:
-    try:
-        tls = server_tls(args)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
-    repository = _repository(args)
+def serve(
+    *,
+    model_repository: str | Path | None = None,
+    profile: str = "cpu",
+    weights: str = "imagenet",
+    host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    tritonserver: str | None = None,
+    server_args: list[str] | tuple[str, ...] = (),
+    startup_timeout: float = 180.0,
+    access_key: tuple[str, str] | None = None,
+    tls: ServerTLS | None = None,
+    demo: list[str] | None = None,
+    health_interval: float = 1.0,
+    verbose: bool = False,
+) -> int:
+    """Serve ``model_repository`` (default: the cpu profile's, built if needed) until Ctrl-C; the exit code.
+
+    ``demo``: images to classify once ready (an empty list: the bundled samples; None: no demo).
+    """
+    repository = _repository(model_repository, profile, weights)
     server = TritonServer(
         repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        tritonserver=which_tritonserver(args.tritonserver),
-        extra_args=list(args.server_arg),
-        startup_timeout=args.startup_timeout,
-        log_verbose=1 if args.verbose else 0,
-        access_key=_access_key(args.access_key),
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        tritonserver=which_tritonserver(tritonserver),
+        extra_args=list(server_args),
+        startup_timeout=startup_timeout,
+        log_verbose=1 if verbose else 0,
+        access_key=access_key,
         tls=tls,
     )
     try:
@@ -99,11 +113,65 @@ def serve(args: argparse.Namespace) -> int:
             log.error("%s; Triton said:\n  %s", first_line, "\n  ".join(cause))
         else:
             log.error("%s", exc)
-        log.error("check the repository with: python build_engines.py check --profile %s %s", args.profile, repository)
+        log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
         return 1
-    if args.demo is not None and tls is not None:
+    if demo is not None and tls is not None:
         log.info("demo skipped: the server requires TLS")
-    elif args.demo is not None:
-        _demo(server.grpc_url, args.demo)
+    elif demo is not None:
+        _demo(server.grpc_url, demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    return server.serve_forever(health_interval=args.health_interval)
+    return server.serve_forever(health_interval=health_interval)
+
+
+ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
+
+
+def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run tritonserver with the classifier (cpu profile by default): "
+                                "build the repository if needed, start Triton, serve until Ctrl-C.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Triton's verbose log")
+    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--model-repository", default=None, help="default: build/model_repository_cpu (cpu), model_repository (gpu)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--tritonserver", default=None, help="a tritonserver binary to run instead of the bundled one")
+    p.add_argument("--weights", default="imagenet", help="cpu profile: weights to build with if the repository is missing")
+    p.add_argument("--demo", nargs="*", default=None, metavar="IMAGE",
+                   help="classify these images (default: the bundled samples) once ready")
+    p.add_argument("--startup-timeout", type=float, default=180.0)
+    p.add_argument("--server-arg", action="append", default=[], help="extra tritonserver argument (repeatable)")
+    p.add_argument("--access-key", default=os.environ.get(ACCESS_KEY_ENV), metavar="NAME=VALUE", type=_access_key,
+                   help="require the header NAME: VALUE for shared-memory registration, the model-repository API and "
+                        f"statistics (env {ACCESS_KEY_ENV}); clients pass it as access_key=(NAME, VALUE)")
+    p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
+                        "server (0: never)")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int:
+    """``tritonvision serve``: the exit code (2 for a usage error)."""
+    args = parser(prog).parse_args(argv)
+    # A server runs for days: its lines carry the time.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tls = server_tls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return serve(
+            model_repository=args.model_repository, profile=args.profile, weights=args.weights, host=args.host,
+            http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+            tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
+            access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
+            verbose=args.verbose,
+        )
+    except KeyboardInterrupt:
+        return 130
