@@ -61,7 +61,8 @@ def _options(parser) -> None:
     # Locust's default stop kills each user's greenlet at once, in the middle of a gRPC call; let the call
     # in flight finish instead (and a stream drain), so that stopping never leaves the client half-closed.
     parser.set_defaults(stop_timeout="30")
-    group = parser.add_argument_group("tritonvision", "The classifier's load test (each also a TRITONVISION_* variable)")
+    group = parser.add_argument_group("tritonvision",
+                                      "The classifier's load test (each also a TRITONVISION_* variable)")
 
     def option(*names, **kwargs) -> None:
         # An argument group's add_argument is argparse's own, which does not take Locust's web-UI flags:
@@ -143,8 +144,11 @@ def _check_host(environment, **_kw) -> None:
         return
     log.error("%s", problem)
     environment.process_exit_code = 2
-    # Stopping from inside test_start: let the start finish first.
-    gevent.spawn_later(0.1, environment.runner.quit)
+    # Stopping from inside test_start: let the start finish first. Headless, the run ends (exit 2); in the
+    # web UI only this run stops, so that the host can be corrected in the form.
+    opts = environment.parsed_options
+    headless = opts is None or opts.headless or getattr(opts, "autostart", False)
+    gevent.spawn_later(0.1, environment.runner.quit if headless else environment.runner.stop)
 
 
 @events.test_stop.add_listener

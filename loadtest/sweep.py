@@ -35,6 +35,8 @@ import csv
 import dataclasses
 import json
 import logging
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -86,8 +88,9 @@ def profile_for(config: ServerConfig):
 
     def step(serving, instances: int, delay: int | None):
         preferred = tuple(b for b in config.preferred if b <= config.max_batch)
-        batching = dataclasses.replace(serving.batching, max_batch_size=config.max_batch, preferred_batch_sizes=preferred,
-                                       max_queue_delay_us=serving.batching.max_queue_delay_us if delay is None else delay)
+        batching = dataclasses.replace(
+            serving.batching, max_batch_size=config.max_batch, preferred_batch_sizes=preferred,
+            max_queue_delay_us=serving.batching.max_queue_delay_us if delay is None else delay)
         return dataclasses.replace(serving, instances=instances, batching=batching)
 
     return dataclasses.replace(spec.CPU, max_batch_size=config.max_batch,
@@ -164,6 +167,14 @@ class Servers:
                 if new[step] != old[step]:
                     # Triton reloads the ensemble that depends on the step by itself.
                     client.load_model(step, config=json_format.MessageToJson(new[step]))
+                    served = client.get_model_config(step).config
+                    # Triton normalises no preferred sizes to the max batch size.
+                    want = (new[step].instance_group[0].count, new[step].dynamic_batching.max_queue_delay_microseconds,
+                            list(new[step].dynamic_batching.preferred_batch_size) or [new[step].max_batch_size])
+                    got = (served.instance_group[0].count, served.dynamic_batching.max_queue_delay_microseconds,
+                           list(served.dynamic_batching.preferred_batch_size))
+                    if got != want:
+                        raise RuntimeError(f"{step} serves (instances, delay, preferred) {got} after loading {want}")
             deadline = time.monotonic() + 120
             while not client.is_model_ready(spec.ENSEMBLE):
                 if time.monotonic() > deadline:
@@ -217,7 +228,7 @@ def run_locust(url: str, users: int, args, out: Path) -> dict:
     latency_file = out / f"latency_{users}.json"
     latency_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-           "-u", str(users), "-r", str(users), "-t", f"{args.seconds + args.warmup:g}s", "--csv", str(prefix),
+           "-u", str(users), "-r", str(users), "-t", f"{math.ceil(args.seconds + args.warmup)}s", "--csv", str(prefix),
            "--only-summary", "--loglevel", "WARNING", "--latency-file", str(latency_file),
            "--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every),
            args.user_class]
@@ -262,7 +273,7 @@ def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
     r = perf_analyzer.run(binary, env, url=url, model="classifier", data=data, concurrency=users,
-                          interval_ms=int(args.seconds * 1000), csv_path=csv_path)
+                          interval_ms=int(args.seconds * 1000 / 3), csv_path=csv_path)  # 3+ windows ~ one point
     return {"pa_throughput": r["throughput"], "pa_p50_ms": r["p50_ms"], "pa_p99_ms": r["p99_ms"]}
 
 
@@ -292,7 +303,8 @@ def aggregate(samples: list[dict], args) -> list[dict]:
         row["failures"] = sum(r["failures"] for r in runs)
         row["throughput_spread"] = round(spread([r["throughput"] for r in runs]), 3)
         row[f"{args.percentile}_spread"] = round(spread([r[budget_key] for r in runs]), 3)
-        row["unstable"] = len(runs) > 1 and max(row["throughput_spread"], row[f"{args.percentile}_spread"]) > args.tolerance
+        worst = max(row["throughput_spread"], row[f"{args.percentile}_spread"])
+        row["unstable"] = len(runs) > 1 and worst > args.tolerance
         if row.get("pa_throughput"):
             row["locust_vs_pa"] = round(row["throughput"] / row["pa_throughput"], 3)
         rows.append(row)
@@ -343,7 +355,8 @@ def title(result: dict) -> str:
 def table(result: dict) -> str:
     rows, pct = result["rows"], result["percentile"]
     has_pa = any(r.get("pa_throughput") for r in rows)
-    head = (f"{'configuration':<34} {'users':>5} {'img/s':>8} {'±%':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+    w = max([13, *(len(r["config"]) for r in rows)])
+    head = (f"{'configuration':<{w}} {'users':>5} {'img/s':>8} {'±%':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
             f"{'±%':>4} {'fail':>4} {'net batch':>9} {'applied':>8}")
     if has_pa:
         head += f" {'pa img/s':>9} {'loc/pa':>6}"
@@ -352,7 +365,7 @@ def table(result: dict) -> str:
     for r in rows:
         notes = [n for n, on in (("RECOMMENDED", r["recommended"]), ("knee", r["knee"]),
                                  (f"UNSTABLE >{result['tolerance']:.0%}", r["unstable"])) if on]
-        line = (f"{r['config'][:34]:<34} {r['users']:>5} {r['throughput']:>8.1f} {r['throughput_spread'] * 100:>4.0f} "
+        line = (f"{r['config']:<{w}} {r['users']:>5} {r['throughput']:>8.1f} {r['throughput_spread'] * 100:>4.0f} "
                 f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r[f'{pct}_spread'] * 100:>4.0f} "
                 f"{r['failures']:>4} {r.get('resnet50_avg_batch', 0):>9.2f} {'/'.join(r['applied']):>8}")
         if has_pa:
@@ -368,7 +381,8 @@ def table(result: dict) -> str:
         lines.append(f"budget {pct} <= {result['budget_ms']:g} ms in every round: {rec['config']} at {rec['users']} "
                      f"users, {rec['throughput']:.1f} img/s ({pct} {rec[f'{pct}_ms']:.1f} ms median, "
                      f"{rec[f'{pct}_ms_worst_round']:.1f} ms worst round){'  (UNSTABLE)' if rec['unstable'] else ''}")
-    lines.append(f"±%: (max - min) / median over {result['rounds']} interleaved rounds; img/s and latencies are medians; "
+    lines.append(f"±%: (max - min) / median over {result['rounds']} interleaved rounds; "
+                 "img/s and latencies are medians; "
                  f"knee: fewest users reaching {result['knee_fraction']:.0%} of the configuration's peak")
     return "\n".join(lines)
 
@@ -444,6 +458,25 @@ def summarise(samples: list[dict], meta: dict, args) -> dict:
     return {**meta, "rows": rows, "knees": knee, "recommendation": rec}
 
 
+def reanalyse(args) -> int:
+    """The table, JSON/CSV and plot of measured points (``--from-points``) under this run's budget."""
+    samples = [json.loads(line) for line in args.from_points.read_text().splitlines() if line.strip()]
+    if not samples:
+        raise SystemExit(f"no points in {args.from_points}")
+    measured = json.loads(args.from_points.with_suffix(".json").read_text())
+    meta = {k: v for k, v in measured.items() if k not in ("rows", "knees", "recommendation")}
+    meta.update(tolerance=args.tolerance, budget_ms=args.budget_ms, percentile=args.percentile,
+                knee_fraction=args.knee_fraction, reanalysed_from=str(args.from_points))
+    result = summarise(samples, meta, args)
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.with_suffix(".jsonl").resolve() != args.from_points.resolve():
+        args.out.with_suffix(".jsonl").write_text(args.from_points.read_text())
+    write(result, args.out)
+    plot(result, args.out.with_suffix(".png"))
+    return 0
+
+
 # -- command line -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -456,15 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", choices=("real", "light"), default="real",
                     help="the server the sweep starts: the real cpu profile (default) or the light variant "
                          "(trivial compute: where the client and transport saturate, not the model)")
-    ap.add_argument("--users", type=ints, default=[1, 2, 4, 8], help="concurrent Locust users (each one request in flight)")
+    ap.add_argument("--users", type=ints, default=[1, 2, 4, 8],
+                    help="concurrent Locust users (each one request in flight)")
     ap.add_argument("--queue-delay-us", type=ints, default=[spec.CPU.resnet50.batching.max_queue_delay_us],
                     help="resnet50 max queue delays")
     ap.add_argument("--instances", type=ints, default=[spec.CPU.resnet50.instances], help="resnet50 instance counts")
-    ap.add_argument("--pre-instances", type=ints, default=[spec.CPU.preprocess.instances], help="preprocess instance counts")
+    ap.add_argument("--pre-instances", type=ints, default=[spec.CPU.preprocess.instances],
+                    help="preprocess instance counts")
     ap.add_argument("--max-batch", type=ints, default=[spec.CPU.max_batch_size],
                     help="max batch size of both steps and the ensemble (each value restarts the server)")
     ap.add_argument("--preferred", type=sizes, default=[spec.CPU.resnet50.batching.preferred_batch_sizes],
-                    help="preferred batch sizes of both steps: 8/16,none compares (8, 16) with none")
+                    help="preferred batch sizes of both steps: 8/16,none compares (8, 16) with none (Triton then "
+                         "prefers the max batch size)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each point is measured once per round")
     ap.add_argument("--tolerance", type=float, default=0.10,
                     help="flag a point UNSTABLE when its rounds' throughput or budget percentile differ by more "
@@ -479,10 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of each run left out of the figures")
     ap.add_argument("--perf-analyzer", action="store_true", help="also measure each point with perf_analyzer")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest_sweep.json")
+    ap.add_argument("--from-points", type=Path, metavar="JSONL",
+                    help="measure nothing: answer again from a sweep's .jsonl (another budget, percentile, "
+                         "tolerance or knee fraction) and write --out")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.from_points:
+        return reanalyse(args)
     configs = grid(args)
     if args.url and len(configs) > 1:
         ap.error("--queue-delay-us, --instances, --pre-instances, --max-batch and --preferred configure a server "
@@ -493,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ServerConfig(*(ap.get_default(k)[0] for k in ("queue_delay_us", "instances", "pre_instances",
                                                             "max_batch", "preferred")))
     varying = {f.name for f in dataclasses.fields(ServerConfig)
-               if len({getattr(c, f.name) for c in configs}) > 1 or getattr(configs[0], f.name) != getattr(defaults, f.name)}
+               if len({getattr(c, f.name) for c in configs}) > 1
+               or getattr(configs[0], f.name) != getattr(defaults, f.name)}
 
     from machine import hardware
 
@@ -504,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             "user_class": args.user_class, "seconds_per_point": args.seconds, "warmup_seconds": args.warmup,
             "rounds": args.rounds, "tolerance": args.tolerance, "budget_ms": args.budget_ms,
             "percentile": args.percentile, "knee_fraction": args.knee_fraction,
-            "grid": [dict(c.fields(), label=c.label(varying)) for c in configs], "users": args.users}
+            "grid": [dict(c.fields(), label=c.label(varying)) for c in configs], "users": args.users,
+            # Other processes' load moves every figure on a shared machine: 1, 5, 15-minute averages.
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     samples: list[dict] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tritonvision-sweep-") as tmp:
@@ -532,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             if servers:
                 servers.stop()
 
-    result = summarise(samples, {**meta, "complete": True, "wall_seconds": round(time.perf_counter() - started, 1)}, args)
+    result = summarise(samples, {**meta, "complete": True, "wall_seconds": round(time.perf_counter() - started, 1),
+                                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}, args)
     print(table(result))
     write(result, args.out)
     plotted = plot(result, args.out.with_suffix(".png"))

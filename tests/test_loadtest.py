@@ -207,7 +207,8 @@ def test_sweep_against_a_running_server_writes_point_by_point_table_json_csv_and
 def test_sweep_interleaves_rounds_reloads_the_queue_delay_in_place_and_recommends_within_budget(tmp_path):
     out = tmp_path / "sweep.json"
     proc = run([sys.executable, str(SWEEP), "--variant", "light", "--users", "1", "--queue-delay-us", "0,20000",
-                "--seconds", "1.5", "--warmup", "0.5", "--budget-ms", "15", "--no-progress", "--out", str(out)], timeout=300)
+                "--seconds", "1.5", "--warmup", "0.5", "--budget-ms", "15", "--percentile", "p50", "--no-progress",
+                "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     order = [json.loads(line)["config"] for line in out.with_suffix(".jsonl").read_text().splitlines()]
@@ -220,22 +221,27 @@ def test_sweep_interleaves_rounds_reloads_the_queue_delay_in_place_and_recommend
     assert not {"start", "restart"} & set(delayed["applied"]) and "restart" not in none["applied"]
     assert none["resnet50_queue_ms"] < 5 and delayed["resnet50_queue_ms"] >= 15
     assert delayed["p50_ms"] > none["p50_ms"] + 10
-    # Only the configuration without the delay can hold a 15 ms p99.
+    # Only the configuration without the delay can hold a 15 ms median: a lone request waits 20 ms in the other.
     assert result["recommendation"]["config"] == a and none["recommended"] and not delayed["recommended"]
     # The light variant is named wherever its figures go.
     assert "LIGHT VARIANT" in proc.stdout and result["variant"] == "light"
     assert {r["variant"] for r in csv.DictReader(out.with_suffix(".csv").open())} == {"light"}
 
 
-def test_sweep_restarts_the_server_for_a_max_batch_size_and_the_server_keeps_it(tmp_path):
+def test_sweep_restarts_only_for_a_max_batch_size_and_reloads_instance_counts(tmp_path):
     out = tmp_path / "sweep.json"
     proc = run([sys.executable, str(SWEEP), "--variant", "light", "--users", "6", "--max-batch", "1,32",
-                "--rounds", "1", "--seconds", "1.5", "--warmup", "0.5", "--no-progress", "--out", str(out)], timeout=300)
+                "--instances", "1,2", "--rounds", "1", "--seconds", "1.5", "--warmup", "0.5", "--no-progress",
+                "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one, full = json.loads(out.read_text())["rows"]
-    assert (one["max_batch"], full["max_batch"]) == (1, 32)
-    assert one["applied"] == ["start"] and full["applied"] == ["restart"]
-    assert one["resnet50_avg_batch"] == pytest.approx(1.0) and one["failures"] == 0
+    rows = json.loads(out.read_text())["rows"]
+    # The sweep checks the config each step serves after a reload (instances, delay, preferred sizes).
+    applied = {(r["max_batch"], r["instances"]): r["applied"] for r in rows}
+    assert applied == {(1, 1): ["start"], (1, 2): ["reload"], (32, 1): ["restart"], (32, 2): ["reload"]}
+    for r in rows:
+        assert r["failures"] == 0
+        if r["max_batch"] == 1:
+            assert r["resnet50_avg_batch"] == pytest.approx(1.0) and r["preprocess_avg_batch"] == pytest.approx(1.0)
 
 
 def test_sweep_keeps_what_it_measured_when_a_later_point_fails(grpc_url, tmp_path):
@@ -287,3 +293,21 @@ def test_recommendation_takes_the_most_throughput_that_held_the_budget_in_every_
     assert sweep.recommend(rows, None, "p99") is None
     sweep.mark(rows, knee, rec)
     assert [(r["config"], r["users"]) for r in rows if r["recommended"]] == [("B", 2)]
+
+
+def test_sweep_answers_again_from_measured_points_under_another_budget(tmp_path):
+    points = tmp_path / "measured.jsonl"
+    samples = [_sample(c, u, r, t, p) for c, u, t, p in (("A", 1, 20, 50), ("A", 4, 61, 150), ("B", 2, 80, 120))
+               for r in (1, 2, 3)]
+    points.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    points.with_suffix(".json").write_text(json.dumps({
+        "hardware": {"cpu": "test CPU", "cores": 2, "gpu": None}, "variant": "real", "url": None, "rounds": 3}))
+    answers = {}
+    for budget in ("100", "250"):
+        out = tmp_path / f"budget_{budget}.json"
+        proc = run([sys.executable, str(SWEEP), "--from-points", str(points), "--budget-ms", budget, "--out", str(out)])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(out.read_text())
+        answers[budget] = (result["recommendation"]["config"], result["recommendation"]["users"])
+        assert result["budget_ms"] == float(budget) and out.with_suffix(".png").exists()
+    assert answers == {"100": ("A", 1), "250": ("B", 2)}
