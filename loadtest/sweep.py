@@ -26,6 +26,7 @@ Writes, point by point (a failure late in a sweep keeps what was measured), ``re
 ``.jsonl`` (every round of every point), ``.json`` and ``.csv`` (the aggregated rows, the recommendation,
 the knees) and, with matplotlib, ``.png``. ``--perf-analyzer`` also measures each point with perf_analyzer
 (the tritonclient 2.51.0 wheel's binary) at the same concurrency and shows both in the table.
+``--from-points results/loadtest_sweep.jsonl --budget-ms 100`` answers again from measured points.
 """
 
 from __future__ import annotations
@@ -426,7 +427,9 @@ def plot(result: dict, path: Path) -> bool:
     ax.set_ylim(bottom=0)
     ax.set_xlabel(f"{pct} latency (ms), median of {result['rounds']} rounds; bars: min-max")
     ax.set_ylabel("throughput (img/s)")
-    ax.set_title(title(result) + "\nlabels: concurrent users", fontsize=9)
+    unstable = sum(r["unstable"] for r in rows)
+    note = f"; {unstable} of {len(rows)} points UNSTABLE (rounds > {result['tolerance']:.0%} apart)" if unstable else ""
+    ax.set_title(f"{title(result)}\nlabels: concurrent users{note}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -466,7 +469,7 @@ def reanalyse(args) -> int:
     measured = json.loads(args.from_points.with_suffix(".json").read_text())
     meta = {k: v for k, v in measured.items() if k not in ("rows", "knees", "recommendation")}
     meta.update(tolerance=args.tolerance, budget_ms=args.budget_ms, percentile=args.percentile,
-                knee_fraction=args.knee_fraction, reanalysed_from=str(args.from_points))
+                knee_fraction=args.knee_fraction, reanalysed_from=args.from_points.name)
     result = summarise(samples, meta, args)
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
