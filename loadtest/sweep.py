@@ -1,18 +1,32 @@
 #!/usr/bin/env python3
-"""Map the latency/throughput trade-off with Locust: concurrency x queue delay x instance count.
+"""Find the server configuration and concurrency with the most throughput under a latency budget.
 
-For each server configuration (the resnet50 step's max queue delay and instance count, from the spec with
-those two values replaced) the sweep starts the real tritonserver on that repository, then runs Locust
-headless (``loadtest/locustfile.py``) at each number of users. Per point it records Locust's throughput and
-latency percentiles and, from Triton's statistics over the same interval, the average batch each step ran
-and its queue time: how the dynamic batcher turned concurrency into batch size. With ``--url`` it loads a
-server you started instead (server knobs then cannot vary).
+The sweep varies what decides throughput on the server: each step's max batch size and preferred batch
+sizes, both steps' instance counts and resnet50's max queue delay, and the client's concurrency (Locust
+users, each with one request in flight). It starts the real tritonserver once, in explicit model-control
+mode, and applies each configuration by loading the steps again with a config override (no restart);
+only a change of max batch size, which the ensemble's own config depends on, restarts the server. Each
+row says which of the two it took.
 
-    python loadtest/sweep.py --variant light --users 1,4,16,32 --queue-delay-us 0,2000 --instances 1,2
+A neighbour's load on a shared machine moves every figure, so the sweep never measures one configuration
+after another: it runs ``--rounds`` rounds (3 by default), each visiting every configuration in a rotated
+order, and reports per point the median across rounds, the spread (max - min over median) and a flag where
+the rounds disagree by more than ``--tolerance``. Latencies are the project's own unrounded recording
+(``--latency-file`` of the locustfile), not Locust's two-significant-digit percentiles.
 
-Prints a table and writes ``results/loadtest_sweep.json``, ``.csv`` and, with matplotlib installed, a
-``.png`` of throughput against p95 latency, one curve per server configuration. ``--perf-analyzer`` also
-measures each point with perf_analyzer (the tritonclient 2.51.0 wheel's binary) as a cross-check.
+The answer: with ``--budget-ms 250 --percentile p99`` it names the point with the highest median
+throughput whose percentile stayed within the budget in every round (and nothing failed), and, per
+configuration, the knee: the fewest users reaching ``--knee-fraction`` of that configuration's peak
+throughput (past it, users add queueing, not throughput).
+
+    python loadtest/sweep.py --users 1,2,4,8 --queue-delay-us 0,20000 --budget-ms 400
+    python loadtest/sweep.py --variant light --users 1,8,32 --instances 1,2 --max-batch 8,32
+
+Writes, point by point (a failure late in a sweep keeps what was measured), ``results/loadtest_sweep``
+``.jsonl`` (every round of every point), ``.json`` and ``.csv`` (the aggregated rows, the recommendation,
+the knees) and, with matplotlib, ``.png``. ``--perf-analyzer`` also measures each point with perf_analyzer
+(the tritonclient 2.51.0 wheel's binary) at the same concurrency and shows both in the table.
+``--from-points results/loadtest_sweep.jsonl --budget-ms 100`` answers again from measured points.
 """
 
 from __future__ import annotations
@@ -22,6 +36,9 @@ import csv
 import dataclasses
 import json
 import logging
+import math
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,69 +53,212 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 # benchmarks' helpers.
 sys.path.insert(0, str(ROOT / "benchmarks"))
 log = logging.getLogger("loadtest.sweep")
+KINDS = {"UnaryUser": "unary", "ShmUser": "shm", "StreamUser": "stream"}
+PERCENTILES = ("p50", "p95", "p99")
 
 
-def server_profile(queue_delay_us: int, instances: int):
-    """The cpu profile with the resnet50 step's queue delay and instance count replaced."""
+# -- configurations ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """One point of the server grid. ``preferred`` applies to both steps (sizes above max_batch dropped)."""
+
+    queue_delay_us: int
+    instances: int  # resnet50
+    pre_instances: int  # preprocess
+    max_batch: int
+    preferred: tuple[int, ...]
+
+    def label(self, varying: set[str]) -> str:
+        parts = {
+            "queue_delay_us": f"delay {self.queue_delay_us} us",
+            "instances": f"resnet50 x{self.instances}",
+            "pre_instances": f"preprocess x{self.pre_instances}",
+            "max_batch": f"max batch {self.max_batch}",
+            "preferred": f"preferred {'/'.join(map(str, self.preferred)) or 'none'}",
+        }
+        return ", ".join(v for k, v in parts.items() if k in varying) or "spec defaults"
+
+    def fields(self) -> dict:
+        return {"queue_delay_us": self.queue_delay_us, "instances": self.instances, "pre_instances": self.pre_instances,
+                "max_batch": self.max_batch, "preferred": "/".join(map(str, self.preferred)) or "none"}
+
+
+def profile_for(config: ServerConfig):
+    """The cpu profile with this configuration's batching and instance counts."""
     from tritonvision import spec
 
-    step = spec.CPU.resnet50
-    step = dataclasses.replace(step, instances=instances,
-                               batching=dataclasses.replace(step.batching, max_queue_delay_us=queue_delay_us))
-    return dataclasses.replace(spec.CPU, resnet50=step)
+    def step(serving, instances: int, delay: int | None):
+        preferred = tuple(b for b in config.preferred if b <= config.max_batch)
+        batching = dataclasses.replace(
+            serving.batching, max_batch_size=config.max_batch, preferred_batch_sizes=preferred,
+            max_queue_delay_us=serving.batching.max_queue_delay_us if delay is None else delay)
+        return dataclasses.replace(serving, instances=instances, batching=batching)
+
+    return dataclasses.replace(spec.CPU, max_batch_size=config.max_batch,
+                               preprocess=step(spec.CPU.preprocess, config.pre_instances, None),
+                               resnet50=step(spec.CPU.resnet50, config.instances, config.queue_delay_us))
 
 
-def write_variant(dest: Path, variant: str, queue_delay_us: int, instances: int) -> Path:
-    from tritonvision_server import configs
-    from tritonvision_server.build import DEFAULT_ONNX
-    from tritonvision_server.onnx_export import export_onnx
-
-    profile = server_profile(queue_delay_us, instances)
-    if variant == "light":
-        return configs.write_light_repository(dest, profile)
-    onnx = export_onnx(DEFAULT_ONNX, "random:0")  # speed does not depend on the weights
-    return configs.write_repository(profile, dest, onnx_path=onnx)
+def grid(args) -> list[ServerConfig]:
+    return [ServerConfig(d, i, p, m, pref) for m in args.max_batch for pref in args.preferred
+            for p in args.pre_instances for i in args.instances for d in args.queue_delay_us]
 
 
-def run_locust(url: str, users: int, seconds: float, user_class: str, out: Path, extra: list[str]) -> dict:
-    """One headless Locust run; the figures of the requests named "classify" (bad images apart)."""
-    prefix = out / f"locust_{users}"
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-           "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--csv", str(prefix), "--only-summary",
-           "--loglevel", "WARNING", *extra, user_class]
-    log.debug("%s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
-    stats = prefix.with_name(prefix.name + "_stats.csv")
-    if not stats.exists():
-        raise RuntimeError(f"locust wrote no statistics (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-    rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
-    if "classify" not in rows:
-        raise RuntimeError(f"locust recorded no successful request:\n{proc.stderr[-2000:]}")
-    row = rows["classify"]
+def round_order(configs: list, n: int) -> list:
+    """Round ``n`` visits every configuration, starting one further along each round: no configuration is
+    always measured first (after a restart) or last, and a slow spell on the machine hits several."""
+    k = n % len(configs)
+    return configs[k:] + configs[:k]
+
+
+class Servers:
+    """The server the sweep loads: started once per max batch size, reconfigured in place otherwise."""
+
+    def __init__(self, variant: str, work: Path):
+        self.variant, self.work = variant, work
+        self.server = None
+        self.current: ServerConfig | None = None
+        self.onnx = None
+
+    def apply(self, config: ServerConfig) -> str:
+        """Make the server serve ``config``; returns how: "start", "restart", "reload" or "as is"."""
+        if self.server is not None and self.current == config:
+            return "as is"
+        if self.server is None or self.current.max_batch != config.max_batch:
+            how = "start" if self.server is None else "restart"
+            self.stop()
+            self.server = self._start(config)
+        else:
+            how = "reload"
+            self._reload(config)
+        self.current = config
+        return how
+
+    def _start(self, config: ServerConfig):
+        from tritonvision_server import configs
+        from tritonvision_server.launcher import TritonServer
+
+        repo = self.work / f"repository_mb{config.max_batch}"
+        profile = profile_for(config)
+        if self.variant == "light":
+            configs.write_light_repository(repo, profile)
+        else:
+            if self.onnx is None:
+                from tritonvision_server.build import DEFAULT_ONNX
+                from tritonvision_server.onnx_export import export_onnx
+
+                self.onnx = export_onnx(DEFAULT_ONNX, "random:0")  # speed does not depend on the weights
+            configs.write_repository(profile, repo, onnx_path=self.onnx)
+        # Explicit model control, every model loaded at start: the steps can then be loaded again with
+        # another config without a restart.
+        server = TritonServer(repo, log_file=self.work / f"tritonserver_mb{config.max_batch}.log",
+                              extra_args=["--model-control-mode=explicit", "--load-model=*"])
+        return server.start()
+
+    def _reload(self, config: ServerConfig) -> None:
+        import tritonclient.grpc as grpcclient
+        from google.protobuf import json_format
+        from tritonvision import spec
+        from tritonvision_server import configs
+
+        new, old = configs.configs(profile_for(config)), configs.configs(profile_for(self.current))
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        try:
+            for step in (spec.PREPROCESS, spec.RESNET50):
+                if new[step] != old[step]:
+                    # Triton reloads the ensemble that depends on the step by itself.
+                    client.load_model(step, config=json_format.MessageToJson(new[step]))
+                    served = client.get_model_config(step).config
+                    # Triton normalises no preferred sizes to the max batch size.
+                    want = (new[step].instance_group[0].count, new[step].dynamic_batching.max_queue_delay_microseconds,
+                            list(new[step].dynamic_batching.preferred_batch_size) or [new[step].max_batch_size])
+                    got = (served.instance_group[0].count, served.dynamic_batching.max_queue_delay_microseconds,
+                           list(served.dynamic_batching.preferred_batch_size))
+                    if got != want:
+                        raise RuntimeError(f"{step} serves (instances, delay, preferred) {got} after loading {want}")
+            deadline = time.monotonic() + 120
+            while not client.is_model_ready(spec.ENSEMBLE):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the ensemble is not ready after reloading for {config}")
+                time.sleep(0.2)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+# -- one measurement --------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of unrounded latencies."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def latency_figures(records: dict, kind: str, warmup: float) -> dict:
+    """Throughput and percentiles of the good requests from the locustfile's latency recording, after the
+    first ``warmup`` seconds (connections, first batches) are dropped."""
+    good = [(t, ms) for t, ms, ok in records.get(f"{kind} classify", []) if ok]
+    failures = sum(1 for name, rs in records.items() for _t, _ms, ok in rs if not ok)
+    refused = len(records.get(f"{kind} bad image refused", []))
+    if not good:
+        raise RuntimeError(f"no successful '{kind} classify' request was recorded ({failures} failures)")
+    first = min(t - ms / 1000.0 for t, ms in good)  # when the first request was sent
+    end = max(t for t, _ in good)
+    window = [(t, ms) for t, ms in good if t >= first + warmup]
+    if len(window) < 2:
+        window = good
+    span = end - min(t for t, _ in window) if len(window) > 1 else 0.0
+    lat = [ms for _, ms in window]
     return {
-        "requests": int(row["Request Count"]),
-        "failures": int(row["Failure Count"]),
-        "bad_image_failures": int(rows["bad image"]["Failure Count"]) if "bad image" in rows else 0,
-        "throughput": float(row["Requests/s"]),
-        "p50_ms": float(row["50%"]),
-        "p95_ms": float(row["95%"]),
-        "p99_ms": float(row["99%"]),
+        "requests": len(good),
+        "failures": failures,
+        "bad_images_refused": refused,
+        # The requests completed over the measured span, counted from the first in the window.
+        "throughput": (len(window) - 1) / span if span > 0 else 0.0,
+        **{f"{p}_ms": percentile(lat, float(p[1:])) for p in PERCENTILES},
     }
+
+
+def run_locust(url: str, users: int, args, out: Path) -> dict:
+    """One headless Locust run; its figures from the unrounded latency recording."""
+    prefix = out / f"locust_{users}"
+    latency_file = out / f"latency_{users}.json"
+    latency_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+           "-u", str(users), "-r", str(users), "-t", f"{math.ceil(args.seconds + args.warmup)}s", "--csv", str(prefix),
+           "--only-summary", "--loglevel", "WARNING", "--latency-file", str(latency_file),
+           "--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every),
+           args.user_class]
+    log.debug("%s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + 120)
+    if not latency_file.exists():
+        raise RuntimeError(f"locust recorded nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    records = json.loads(latency_file.read_text())["requests"]
+    figures = latency_figures(records, KINDS[args.user_class], args.warmup)
+    # Locust's own throughput over the whole run (ramp included), for comparison with the recording's.
+    stats = prefix.with_name(prefix.name + "_stats.csv")
+    rows = {row["Name"]: row for row in csv.DictReader(stats.open())} if stats.exists() else {}
+    row = rows.get(f"{KINDS[args.user_class]} classify")
+    figures["locust_rps"] = float(row["Requests/s"]) if row else None
+    return figures
 
 
 def measure_point(url: str, users: int, args, out: Path) -> dict:
     from tritonvision import Classifier, spec
 
-    extra = ["--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every)]
     with Classifier(url, timeout=30) as clf:
         clf.wait_until_ready(timeout=60)
         with clf.measure() as m:
-            figures = run_locust(url, users, args.seconds, args.user_class, out, extra)
+            figures = run_locust(url, users, args, out)
     steps = m.breakdown
     figures.update({
         f"{step}_{key}": round(getattr(steps[step], attr), 3)
         for step in (spec.PREPROCESS, spec.RESNET50)
-        for key, attr in (("avg_batch", "avg_batch"), ("queue_ms", "queue_ms"), ("infer_ms_per_image", "infer_ms_per_image"))
+        for key, attr in (("avg_batch", "avg_batch"), ("queue_ms", "queue_ms"))
     })
     if args.perf_analyzer:
         figures.update(perf_analyzer_point(url, users, args, out))
@@ -107,31 +267,128 @@ def measure_point(url: str, users: int, args, out: Path) -> dict:
 
 def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     import perf_analyzer
-
-    binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
     from tritonvision._images import sample_paths
 
-    image = sample_paths()[0].read_bytes()
-    data = perf_analyzer.input_data(image, out / "input_data.json")
+    binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
+    data = perf_analyzer.input_data(sample_paths()[0].read_bytes(), out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
     r = perf_analyzer.run(binary, env, url=url, model="classifier", data=data, concurrency=users,
-                          interval_ms=int(args.seconds * 1000), csv_path=csv_path)
-    return {"perf_analyzer_throughput": r["throughput"], "perf_analyzer_p50_ms": r["p50_ms"]}
+                          interval_ms=int(args.seconds * 1000 / 3), csv_path=csv_path)  # 3+ windows ~ one point
+    return {"pa_throughput": r["throughput"], "pa_p50_ms": r["p50_ms"], "pa_p99_ms": r["p99_ms"]}
 
 
-def table(rows: list[dict]) -> str:
-    head = (f"{'delay us':>8} {'inst':>4} {'users':>5} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'fail':>5} {'pre batch':>9} {'net batch':>9} {'net queue ms':>12}")
-    lines = [head, "-" * len(head)]
+# -- aggregation and the answer ---------------------------------------------------------------------------
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far the rounds disagree, as a fraction."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / med if med > 0 else 0.0
+
+
+def aggregate(samples: list[dict], args) -> list[dict]:
+    """One row per (configuration, users): medians across rounds, min/max, spread, instability flag."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["config"], s["users"]), []).append(s)
+    rows = []
+    budget_key = f"{args.percentile}_ms"
+    for (config, users), runs in groups.items():
+        row = {"config": config, **runs[0]["config_fields"], "users": users, "rounds": len(runs),
+               "applied": sorted({r["applied"] for r in runs})}
+        for key in ("throughput", "p50_ms", "p95_ms", "p99_ms", "locust_rps", "pa_throughput", "pa_p99_ms",
+                    "preprocess_avg_batch", "resnet50_avg_batch", "resnet50_queue_ms"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3)
+                row[f"{key}_min"], row[f"{key}_max"] = round(min(values), 3), round(max(values), 3)
+        row["failures"] = sum(r["failures"] for r in runs)
+        row["throughput_spread"] = round(spread([r["throughput"] for r in runs]), 3)
+        row[f"{args.percentile}_spread"] = round(spread([r[budget_key] for r in runs]), 3)
+        worst = max(row["throughput_spread"], row[f"{args.percentile}_spread"])
+        row["unstable"] = len(runs) > 1 and worst > args.tolerance
+        if row.get("pa_throughput"):
+            row["locust_vs_pa"] = round(row["throughput"] / row["pa_throughput"], 3)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["config"], r["users"]))
+    return rows
+
+
+def knees(rows: list[dict], fraction: float) -> dict[str, int]:
+    """Per configuration, the fewest users whose throughput reaches ``fraction`` of its peak."""
+    out = {}
+    for config in sorted({r["config"] for r in rows}):
+        points = sorted((r for r in rows if r["config"] == config), key=lambda r: r["users"])
+        peak = max(r["throughput"] for r in points)
+        out[config] = next(r["users"] for r in points if r["throughput"] >= fraction * peak)
+    return out
+
+
+def recommend(rows: list[dict], budget_ms: float | None, pct: str) -> dict | None:
+    """The point with the highest median throughput whose ``pct`` latency held the budget in every round
+    (its worst round, not its median) and that had no failures."""
+    if budget_ms is None:
+        return None
+    key = f"{pct}_ms_max"
+    fits = [r for r in rows if r.get(key, r[f"{pct}_ms"]) <= budget_ms and r["failures"] == 0]
+    if not fits:
+        return {"config": None, "users": None, "reason": f"no point kept {pct} within {budget_ms:g} ms in every round"}
+    best = max(fits, key=lambda r: r["throughput"])
+    return {"config": best["config"], "users": best["users"], "throughput": best["throughput"],
+            f"{pct}_ms": best[f"{pct}_ms"], f"{pct}_ms_worst_round": best.get(key), "unstable": best["unstable"]}
+
+
+def mark(rows: list[dict], knee: dict[str, int], rec: dict | None) -> None:
     for r in rows:
-        lines.append(f"{r['queue_delay_us']:>8} {r['instances']:>4} {r['users']:>5} {r['throughput']:>8.1f} {r['p50_ms']:>8.1f} "
-                     f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['failures']:>5} {r['preprocess_avg_batch']:>9.2f} "
-                     f"{r['resnet50_avg_batch']:>9.2f} {r['resnet50_queue_ms']:>12.2f}")
+        r["knee"] = knee.get(r["config"]) == r["users"]
+        r["recommended"] = bool(rec and rec.get("config") == r["config"] and rec.get("users") == r["users"])
+
+
+def title(result: dict) -> str:
+    hw = result["hardware"]
+    where = hw.get("gpu") or f"{hw.get('cores')}-core {hw.get('cpu', 'CPU')}"
+    variant = result["variant"]
+    what = {"real": "real model (cpu profile, ResNet-50 on ONNX Runtime)",
+            "light": "LIGHT VARIANT (trivial compute, not the model)",
+            None: f"server at {result['url']}"}[variant]
+    return f"classifier, {what}, on {where}"
+
+
+def table(result: dict) -> str:
+    rows, pct = result["rows"], result["percentile"]
+    has_pa = any(r.get("pa_throughput") for r in rows)
+    w = max([13, *(len(r["config"]) for r in rows)])
+    head = (f"{'configuration':<{w}} {'users':>5} {'img/s':>8} {'±%':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+            f"{'±%':>4} {'fail':>4} {'net batch':>9} {'applied':>8}")
+    if has_pa:
+        head += f" {'pa img/s':>9} {'loc/pa':>6}"
+    head += "  notes"
+    lines = [title(result), head, "-" * len(head)]
+    for r in rows:
+        notes = [n for n, on in (("RECOMMENDED", r["recommended"]), ("knee", r["knee"]),
+                                 (f"UNSTABLE >{result['tolerance']:.0%}", r["unstable"])) if on]
+        line = (f"{r['config']:<{w}} {r['users']:>5} {r['throughput']:>8.1f} {r['throughput_spread'] * 100:>4.0f} "
+                f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r[f'{pct}_spread'] * 100:>4.0f} "
+                f"{r['failures']:>4} {r.get('resnet50_avg_batch', 0):>9.2f} {'/'.join(r['applied']):>8}")
+        if has_pa:
+            pa = r.get("pa_throughput")
+            line += f" {pa:>9.1f} {r['locust_vs_pa']:>6.2f}" if pa else f" {'-':>9} {'-':>6}"
+        lines.append(line + "  " + ", ".join(notes))
+    rec = result.get("recommendation")
+    if rec is None:
+        lines.append("no --budget-ms given: no recommendation")
+    elif rec["config"] is None:
+        lines.append(rec["reason"])
+    else:
+        lines.append(f"budget {pct} <= {result['budget_ms']:g} ms in every round: {rec['config']} at {rec['users']} "
+                     f"users, {rec['throughput']:.1f} img/s ({pct} {rec[f'{pct}_ms']:.1f} ms median, "
+                     f"{rec[f'{pct}_ms_worst_round']:.1f} ms worst round){'  (UNSTABLE)' if rec['unstable'] else ''}")
+    lines.append(f"±%: (max - min) / median over {result['rounds']} interleaved rounds; "
+                 "img/s and latencies are medians; "
+                 f"knee: fewest users reaching {result['knee_fraction']:.0%} of the configuration's peak")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(result: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -140,87 +397,195 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         log.info("matplotlib is not installed (pip install 'tritonvision[loadtest]'); no plot")
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["queue_delay_us"], r["instances"]) for r in rows}):
-        points = sorted((r for r in rows if (r["queue_delay_us"], r["instances"]) == key), key=lambda r: r["users"])
-        ax.plot([r["p95_ms"] for r in points], [r["throughput"] for r in points], marker="o",
-                label=f"queue delay {key[0]} us, {key[1]} instance(s)")
-        for r in points:
-            ax.annotate(str(r["users"]), (r["p95_ms"], r["throughput"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("p95 latency (ms)")
+    rows, pct = result["rows"], result["percentile"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for config in sorted({r["config"] for r in rows}):
+        pts = sorted((r for r in rows if r["config"] == config), key=lambda r: r["users"])
+        x = [r[f"{pct}_ms"] for r in pts]
+        y = [r["throughput"] for r in pts]
+        xerr = [[r[f"{pct}_ms"] - r.get(f"{pct}_ms_min", r[f"{pct}_ms"]) for r in pts],
+                [r.get(f"{pct}_ms_max", r[f"{pct}_ms"]) - r[f"{pct}_ms"] for r in pts]]
+        yerr = [[r["throughput"] - r.get("throughput_min", r["throughput"]) for r in pts],
+                [r.get("throughput_max", r["throughput"]) - r["throughput"] for r in pts]]
+        line = ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=config)
+        for r in pts:
+            ax.annotate(str(r["users"]), (r[f"{pct}_ms"], r["throughput"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+            if r["knee"]:
+                ax.plot(r[f"{pct}_ms"], r["throughput"], marker="s", markersize=12, markerfacecolor="none",
+                        markeredgecolor=line[0].get_color())
+    if result.get("budget_ms") is not None:
+        ax.axvline(result["budget_ms"], color="red", linestyle="--", label=f"budget: {pct} {result['budget_ms']:g} ms")
+    rec = result.get("recommendation") or {}
+    for r in rows:
+        if r["recommended"]:
+            ax.plot(r[f"{pct}_ms"], r["throughput"], marker="*", markersize=20, color="gold", markeredgecolor="black",
+                    linestyle="none", label=f"recommended: {rec['config']}, {rec['users']} users")
+    ax.plot([], [], marker="s", markerfacecolor="none", markeredgecolor="grey", linestyle="none",
+            label=f"knee ({result['knee_fraction']:.0%} of peak)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(f"{pct} latency (ms), median of {result['rounds']} rounds; bars: min-max")
     ax.set_ylabel("throughput (img/s)")
-    ax.set_title("classifier: throughput vs latency (labels: concurrent users)")
+    unstable = sum(r["unstable"] for r in rows)
+    note = f"; {unstable} of {len(rows)} points UNSTABLE (rounds > {result['tolerance']:.0%} apart)" if unstable else ""
+    ax.set_title(f"{title(result)}\nlabels: concurrent users{note}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
+def write(result: dict, out: Path) -> None:
+    out.write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+    if rows:
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        with out.with_suffix(".csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["variant", *fields])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({"variant": result["variant"] or "external", **r,
+                                 "applied": "/".join(r["applied"])})
+
+
+def summarise(samples: list[dict], meta: dict, args) -> dict:
+    rows = aggregate(samples, args)
+    knee = knees(rows, args.knee_fraction) if rows else {}
+    rec = recommend(rows, args.budget_ms, args.percentile) if rows else None
+    mark(rows, knee, rec)
+    return {**meta, "rows": rows, "knees": knee, "recommendation": rec}
+
+
+def reanalyse(args) -> int:
+    """The table, JSON/CSV and plot of measured points (``--from-points``) under this run's budget."""
+    samples = [json.loads(line) for line in args.from_points.read_text().splitlines() if line.strip()]
+    if not samples:
+        raise SystemExit(f"no points in {args.from_points}")
+    measured = json.loads(args.from_points.with_suffix(".json").read_text())
+    meta = {k: v for k, v in measured.items() if k not in ("rows", "knees", "recommendation")}
+    meta.update(tolerance=args.tolerance, budget_ms=args.budget_ms, percentile=args.percentile,
+                knee_fraction=args.knee_fraction, reanalysed_from=args.from_points.name)
+    result = summarise(samples, meta, args)
+    print(table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.with_suffix(".jsonl").resolve() != args.from_points.resolve():
+        args.out.with_suffix(".jsonl").write_text(args.from_points.read_text())
+    write(result, args.out)
+    plot(result, args.out.with_suffix(".png"))
+    return 0
+
+
+# -- command line -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    sizes = lambda s: [tuple(int(b) for b in p.split("/")) if p != "none" else () for p in s.split(",")]  # noqa: E731
+    from tritonvision import spec
+
     ap.add_argument("--url", help="load this running server (gRPC host:port) instead of starting one")
-    ap.add_argument("--variant", choices=("real", "light"), default="light",
-                    help="the server the sweep starts: the real cpu profile or the light variant (trivial compute)")
-    ap.add_argument("--users", type=ints, default=[1, 4, 16], help="concurrent Locust users (each one request in flight)")
-    ap.add_argument("--queue-delay-us", type=ints, default=[0], help="resnet50 max queue delays to compare")
-    ap.add_argument("--instances", type=ints, default=[1], help="resnet50 instance counts to compare")
-    ap.add_argument("--user-class", default="UnaryUser", choices=("UnaryUser", "ShmUser", "StreamUser"))
+    ap.add_argument("--variant", choices=("real", "light"), default="real",
+                    help="the server the sweep starts: the real cpu profile (default) or the light variant "
+                         "(trivial compute: where the client and transport saturate, not the model)")
+    ap.add_argument("--users", type=ints, default=[1, 2, 4, 8],
+                    help="concurrent Locust users (each one request in flight)")
+    ap.add_argument("--queue-delay-us", type=ints, default=[spec.CPU.resnet50.batching.max_queue_delay_us],
+                    help="resnet50 max queue delays")
+    ap.add_argument("--instances", type=ints, default=[spec.CPU.resnet50.instances], help="resnet50 instance counts")
+    ap.add_argument("--pre-instances", type=ints, default=[spec.CPU.preprocess.instances],
+                    help="preprocess instance counts")
+    ap.add_argument("--max-batch", type=ints, default=[spec.CPU.max_batch_size],
+                    help="max batch size of both steps and the ensemble (each value restarts the server)")
+    ap.add_argument("--preferred", type=sizes, default=[spec.CPU.resnet50.batching.preferred_batch_sizes],
+                    help="preferred batch sizes of both steps: 8/16,none compares (8, 16) with none (Triton then "
+                         "prefers the max batch size)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each point is measured once per round")
+    ap.add_argument("--tolerance", type=float, default=0.10,
+                    help="flag a point UNSTABLE when its rounds' throughput or budget percentile differ by more "
+                         "than this fraction of the median")
+    ap.add_argument("--budget-ms", type=float, help="latency budget: recommend the best point within it")
+    ap.add_argument("--percentile", choices=PERCENTILES, default="p99", help="the percentile the budget applies to")
+    ap.add_argument("--knee-fraction", type=float, default=0.9)
+    ap.add_argument("--user-class", default="UnaryUser", choices=tuple(KINDS))
     ap.add_argument("--stream-in-flight", type=int, default=4)
     ap.add_argument("--bad-image-every", type=int, default=0, help="a corrupt image every N requests (0: none)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per point")
+    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per point and round")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of each run left out of the figures")
     ap.add_argument("--perf-analyzer", action="store_true", help="also measure each point with perf_analyzer")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest_sweep.json")
+    ap.add_argument("--from-points", type=Path, metavar="JSONL",
+                    help="measure nothing: answer again from a sweep's .jsonl (another budget, percentile, "
+                         "tolerance or knee fraction) and write --out")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.url and (args.queue_delay_us != [0] or args.instances != [1]):
-        ap.error("--queue-delay-us and --instances configure a server the sweep starts; drop --url")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.from_points:
+        return reanalyse(args)
+    configs = grid(args)
+    if args.url and len(configs) > 1:
+        ap.error("--queue-delay-us, --instances, --pre-instances, --max-batch and --preferred configure a server "
+                 "the sweep starts; drop --url")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    # Labels name what differs from the spec: what varies, or was set to something else.
+    defaults = ServerConfig(*(ap.get_default(k)[0] for k in ("queue_delay_us", "instances", "pre_instances",
+                                                            "max_batch", "preferred")))
+    varying = {f.name for f in dataclasses.fields(ServerConfig)
+               if len({getattr(c, f.name) for c in configs}) > 1
+               or getattr(configs[0], f.name) != getattr(defaults, f.name)}
 
-    from tritonvision_server.launcher import TritonServer
-
-    servers = [(None, None)] if args.url else [(d, i) for d in args.queue_delay_us for i in args.instances]
-    rows: list[dict] = []
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tritonvision-sweep-") as tmp, \
-            tqdm(total=len(servers) * len(args.users), unit="point", disable=args.no_progress) as bar:
-        for n, (delay, instances) in enumerate(servers):
-            work = Path(tmp) / f"server_{n}"
-            work.mkdir()
-            if args.url:
-                server, url = None, args.url
-            else:
-                repo = write_variant(work / "repository", args.variant, delay, instances)
-                server = TritonServer(repo, log_file=work / "tritonserver.log").start()
-                url = server.grpc_url
-            try:
-                for users in args.users:
-                    bar.set_description(f"delay {delay} us, {instances} inst, {users} users" if server else f"{users} users")
-                    point = measure_point(url, users, args, work)
-                    rows.append({"queue_delay_us": delay if server else "-", "instances": instances if server else "-",
-                                 "users": users, **point})
-                    bar.update(1)
-            finally:
-                if server is not None:
-                    server.stop()
-
-    print(table(rows))
     from machine import hardware
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"hardware": hardware(), "variant": None if args.url else args.variant, "url": args.url,
-              "user_class": args.user_class, "seconds_per_point": args.seconds,
-              "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    args.out.write_text(json.dumps(result, indent=2))
-    with args.out.with_suffix(".csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plotted = plot(rows, args.out.with_suffix(".png"))
-    log.info("wrote %s and .csv%s", args.out, " and .png" if plotted else "")
+    points_path = args.out.with_suffix(".jsonl")
+    points_path.write_text("")
+    meta = {"hardware": hardware(), "variant": None if args.url else args.variant, "url": args.url,
+            "user_class": args.user_class, "seconds_per_point": args.seconds, "warmup_seconds": args.warmup,
+            "rounds": args.rounds, "tolerance": args.tolerance, "budget_ms": args.budget_ms,
+            "percentile": args.percentile, "knee_fraction": args.knee_fraction,
+            "grid": [dict(c.fields(), label=c.label(varying)) for c in configs], "users": args.users,
+            # Other processes' load moves every figure on a shared machine: 1, 5, 15-minute averages.
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    samples: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tritonvision-sweep-") as tmp:
+        work = Path(tmp)
+        servers = None if args.url else Servers(args.variant, work)
+        bar = tqdm(total=args.rounds * len(configs) * len(args.users), unit="point", disable=args.no_progress)
+        try:
+            for n in range(args.rounds):
+                for config in round_order(configs, n):
+                    label = config.label(varying) if servers else f"server at {args.url}"
+                    applied = servers.apply(config) if servers else "external"
+                    url = servers.server.grpc_url if servers else args.url
+                    for users in args.users:
+                        bar.set_description(f"round {n + 1}, {label}, {users} users")
+                        figures = measure_point(url, users, args, work)
+                        sample = {"round": n + 1, "config": label, "config_fields": config.fields(), "users": users,
+                                  "applied": applied, **figures}
+                        samples.append(sample)
+                        with points_path.open("a") as fh:  # point by point: a late failure keeps these
+                            fh.write(json.dumps(sample) + "\n")
+                        write(summarise(samples, {**meta, "complete": False}, args), args.out)
+                        bar.update(1)
+        finally:
+            bar.close()
+            if servers:
+                servers.stop()
+
+    result = summarise(samples, {**meta, "complete": True, "wall_seconds": round(time.perf_counter() - started, 1),
+                                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}, args)
+    print(table(result))
+    write(result, args.out)
+    plotted = plot(result, args.out.with_suffix(".png"))
+    log.info("wrote %s, .csv, .jsonl%s", args.out, " and .png" if plotted else "")
     return 0
 
 
