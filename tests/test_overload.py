@@ -121,8 +121,8 @@ def test_locust_reports_overload_under_its_own_name(small_queue_server, tmp_path
     stats = prefix.with_name(prefix.name + "_stats.csv")
     assert stats.exists(), proc.stderr[-2000:]
     rows = {row["Name"]: row for row in csv.DictReader(stats.open())}
-    assert int(rows["classify"]["Request Count"]) > 0 and int(rows["classify"]["Failure Count"]) == 0
-    shed = rows["overloaded"]
+    assert int(rows["unary classify"]["Request Count"]) > 0 and int(rows["unary classify"]["Failure Count"]) == 0
+    shed = rows["unary overloaded"]
     assert int(shed["Request Count"]) > 0 and shed["Failure Count"] == shed["Request Count"]
 
 
