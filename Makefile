@@ -64,7 +64,8 @@ gpu-configs: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 
-## Locust sweep over concurrency (table, results/loadtest_sweep.{json,csv,png}); LOADTEST_ARGS for more.
+## Locust sweep: configurations x concurrency in interleaved rounds, a recommendation under --budget-ms
+## (table, results/loadtest_sweep.{json,jsonl,csv,png}); LOADTEST_ARGS for more (loadtest/sweep.py --help).
 loadtest: $(STAMP)
 	$(PY) loadtest/sweep.py $(LOADTEST_ARGS)
 
