@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import perf_analyzer  # noqa: E402
 from machine import hardware  # noqa: E402
+from tritonvision import spec  # noqa: E402
 
 log = logging.getLogger("bench_client")
 
@@ -94,7 +95,7 @@ def measure_variant(name: str, repo: Path, args, image: bytes, pa_binary: Path, 
                 bar.update(1)
                 csv_path = BUILD / f"pa_{name}_{shm}_{c}.csv"
                 csv_path.unlink(missing_ok=True)
-                r = perf_analyzer.run(pa_binary, pa_env, url=server.grpc_url, model="classifier", data=data,
+                r = perf_analyzer.run(pa_binary, pa_env, url=server.grpc_url, model=spec.ENSEMBLE, data=data,
                                       concurrency=c, interval_ms=int(args.seconds * 1000), csv_path=csv_path, shm=shm)
                 rows.append({"variant": name, "client": "perf_analyzer", "shm": shm, **r})
                 log.info("%s perf_analyzer shm=%s c=%d: %.1f img/s p50 %.2f ms", name, shm, c, r["throughput"], r["p50_ms"])
@@ -117,7 +118,7 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
     from tritonclient.grpc import service_pb2_grpc
     from tritonvision._transport._grpc import CHANNEL_ARGS, infer_request
 
-    request = infer_request("classifier", image, top_k)
+    request = infer_request(spec.ENSEMBLE, image, top_k)
     latencies: list[float] = []
     lock = threading.Lock()
     finished = threading.Event()

@@ -48,10 +48,11 @@ from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 import tritonvision as tv  # noqa: E402
+from tritonvision import spec  # noqa: E402
 from tritonvision._images import sample_paths  # noqa: E402
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not the rest of a JPEG"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = spec.image_suffixes()
 log = logging.getLogger("tritonvision.locust")
 
 

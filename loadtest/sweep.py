@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+from tritonvision import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -273,7 +274,7 @@ def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     data = perf_analyzer.input_data(sample_paths()[0].read_bytes(), out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
-    r = perf_analyzer.run(binary, env, url=url, model="classifier", data=data, concurrency=users,
+    r = perf_analyzer.run(binary, env, url=url, model=spec.ENSEMBLE, data=data, concurrency=users,
                           interval_ms=int(args.seconds * 1000 / 3), csv_path=csv_path)  # 3+ windows ~ one point
     return {"pa_throughput": r["throughput"], "pa_p50_ms": r["p50_ms"], "pa_p99_ms": r["p99_ms"]}
 

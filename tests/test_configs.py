@@ -86,3 +86,26 @@ def test_cpu_resnet50_runs_small_batches_spinning_and_large_ones_sleeping(cpu_re
     assert np.allclose(run(x)[:1], run(x[:1]), atol=1e-5)
     sleeping_only = OnnxRunner(onnx_path, intra_op_threads=1, spin_max_batch=0)
     assert sleeping_only.spinning is None and sleeping_only.session_for(1) is sleeping_only.sleeping
+
+
+def test_each_step_runs_on_the_backend_its_spec_names():
+    from dataclasses import replace
+
+    assert configs.preprocess_config(spec.GPU).backend == spec.GPU.preprocess.backend == "dali"
+    assert configs.resnet50_config(spec.GPU).platform == spec.GPU.resnet50.backend == "tensorrt_plan"
+    assert configs.resnet50_config(spec.CPU).backend == spec.CPU.resnet50.backend == "python"
+    # The backend is data: a gpu profile whose model step runs the ONNX file in the python backend.
+    hybrid = replace(spec.GPU, resnet50=replace(spec.GPU.resnet50, backend="python"))
+    cfg = configs.resnet50_config(hybrid)
+    assert cfg.backend == "python" and not cfg.platform and cfg.parameters["onnx_file"].string_value == configs.ONNX_FILE
+    with pytest.raises(ValueError, match="backend must be one of"):
+        replace(spec.GPU.resnet50, backend="onnxruntime")
+    with pytest.raises(ValueError, match="cannot run on the tensorrt_plan backend"):
+        configs.preprocess_config(replace(spec.GPU, preprocess=replace(spec.GPU.preprocess, backend="tensorrt_plan")))
+
+
+def test_image_file_suffixes_follow_the_accepted_formats():
+    from dataclasses import replace
+
+    assert spec.image_suffixes() >= {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    assert spec.image_suffixes(replace(spec.IMAGE_LIMITS, formats=("png",))) == {".png"}

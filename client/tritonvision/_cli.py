@@ -38,7 +38,7 @@ from .exceptions import (
     ServerUnavailableError,
     TritonVisionError,
 )
-from .spec import NUM_CLASSES
+from .spec import NUM_CLASSES, image_suffixes
 
 log = logging.getLogger("tritonvision")
 ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
@@ -51,7 +51,7 @@ EXIT_CODES = ("exit status: 0 done; 1 some images refused or timed out (bench: s
               "probe: not serving); 2 usage error or server error; 3 the server is overloaded and shed the "
               "request (try again later); 130 interrupted")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = image_suffixes()
 
 
 def expand(args: list[str]) -> list[str]:

@@ -30,6 +30,8 @@ __all__ = [
     "PREPROCESSING",
     "ImageLimits",
     "IMAGE_LIMITS",
+    "image_suffixes",
+    "BACKENDS",
     "Batching",
     "StepServing",
     "EngineBuild",
@@ -100,6 +102,15 @@ class ImageLimits:
 
 IMAGE_LIMITS = ImageLimits()
 
+# File name suffixes of each format, for the tools that pick image files out of a folder.
+_SUFFIXES = {"jpeg": (".jpg", ".jpeg", ".jpe"), "png": (".png",), "bmp": (".bmp",), "tiff": (".tif", ".tiff"),
+             "webp": (".webp",)}
+
+
+def image_suffixes(limits: ImageLimits = IMAGE_LIMITS) -> frozenset[str]:
+    """Lower-case file suffixes of the formats ``limits`` accepts (``.jpg``, ``.png``, ...)."""
+    return frozenset(s for fmt in limits.formats for s in _SUFFIXES.get(fmt, (f".{fmt}",)))
+
 # Ensemble interface, identical in both profiles.
 IMAGE = Tensor("IMAGE", "UINT8", (-1,))
 SCORES = Tensor("SCORES", "FP32", (NUM_CLASSES,))
@@ -138,11 +149,21 @@ class Batching:
 
 @dataclass(frozen=True)
 class StepServing:
-    """How one step model runs: instance count and kind, and its batching."""
+    """How one step model runs: instance count and kind, its batching, and the Triton backend that runs it."""
 
     instances: int
     kind: str  # "KIND_CPU" or "KIND_GPU"
     batching: Batching
+    # "python" (this project's python-backend models), "dali" (the DALI backend running dali.py) or
+    # "tensorrt_plan" (a TensorRT engine); the generated configs follow it.
+    backend: str = "python"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+BACKENDS = ("python", "dali", "tensorrt_plan")
 
 
 # Engine precision -> dtype of the engine's input (and so of PIXELS). INT8 engines keep an FP16 input:
@@ -245,9 +266,11 @@ GPU = Profile(
     pixels_dtype="FP16",
     max_batch_size=128,
     # Queues hold four full batches (~100 ms of work at ~5k img/s); requests beyond that are refused.
-    preprocess=StepServing(1, "KIND_GPU", Batching(128, (32, 64, 128), 500, max_queue_size=512, queue_timeout_us=1_000_000)),
+    preprocess=StepServing(1, "KIND_GPU", Batching(128, (32, 64, 128), 500, max_queue_size=512, queue_timeout_us=1_000_000),
+                           backend="dali"),
     # Two engine instances overlap one batch's compute with the next one's copies.
-    resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000)),
+    resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000),
+                         backend="tensorrt_plan"),
     cpu_threads=4,
     # Each graph also runs the batch sizes between the next smaller one and itself, padded (configs.graph_specs):
     # doubling sizes keep the padding under 2x where compute is cheapest.

@@ -85,11 +85,10 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
         config.input.append(_input(ACCEPTED))
     config.output.append(_output(profile.pixels))
     _serving(config, profile.preprocess)
-    if profile.name == "cpu":
-        config.backend = "python"
+    config.backend = profile.preprocess.backend
+    if profile.preprocess.backend == "python":
         _parameters(config, num_threads=profile.cpu_threads)
-    else:
-        config.backend = "dali"
+    elif profile.preprocess.backend == "dali":
         # Named explicitly so that a stale serialised model.dali left in the folder is never loaded instead.
         config.default_model_filename = DALI_FILE
         _parameters(config, num_threads=profile.cpu_threads)
@@ -101,6 +100,8 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
             config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE, accepted=accepted))
         config.model_warmup.append(_warmup(1, WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE, name="photo_12mp_batch1",
                                            accepted=accepted))
+    else:
+        raise ValueError(f"preprocess cannot run on the {profile.preprocess.backend} backend")
     return config
 
 
@@ -119,16 +120,18 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
     config.input.append(_input(profile.pixels))
     config.output.append(_output(SCORES, labels=True))
     _serving(config, profile.resnet50)
-    if profile.name == "cpu":
+    if profile.resnet50.backend == "python":
         config.backend = "python"
         _parameters(config, onnx_file=ONNX_FILE, intra_op_threads=profile.cpu_threads, spin_max_batch=profile.ort_spin_max_batch)
-    else:
+    elif profile.resnet50.backend == "tensorrt_plan":
         config.platform = "tensorrt_plan"
         config.default_model_filename = PLAN_FILE
         if profile.cuda_graph_batch_sizes:
             cuda = config.optimization.cuda
             cuda.graphs = True
             cuda.graph_spec.extend(graph_specs(profile.cuda_graph_batch_sizes))
+    else:
+        raise ValueError(f"resnet50 cannot run on the {profile.resnet50.backend} backend")
     return config
 
 
@@ -259,23 +262,24 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         (model_dir / "config.pbtxt").write_text(text)
     for name in (ENSEMBLE, RESNET50):
         (dest / name / LABELS_FILE).write_text(label_text)
-    python_steps = [PREPROCESS, RESNET50] if profile.name == "cpu" else []
+    steps = {PREPROCESS: profile.preprocess, RESNET50: profile.resnet50}
     if profile.validate is not None:
-        python_steps.append(VALIDATE)
-    for name in python_steps:
-        module = f"tritonvision_server.backends.{name}"
-        (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
-    if profile.name == "cpu":
-        if onnx_path is not None:
-            _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
-    else:
-        from .pipeline import dali_model_source
-
-        (dest / PREPROCESS / "1" / DALI_FILE).write_text(dali_model_source(profile))
+        steps[VALIDATE] = profile.validate
+    for name, step in steps.items():
+        if step.backend == "python":
+            module = f"tritonvision_server.backends.{name}"
+            (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
+    if profile.resnet50.backend == "python" and onnx_path is not None:
+        _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
+    if profile.resnet50.backend == "tensorrt_plan":
         # Version folders whose content is built on the GPU host (model.plan) or that stay empty (the
         # ensemble) still have to exist for Triton; git keeps them through a placeholder.
         for name in (ENSEMBLE, RESNET50):
             (dest / name / "1" / ".gitkeep").touch()
+    if profile.preprocess.backend == "dali":
+        from .pipeline import dali_model_source
+
+        (dest / PREPROCESS / "1" / DALI_FILE).write_text(dali_model_source(profile))
         (dest / PREPROCESS / "1" / ".gitkeep").unlink(missing_ok=True)
         for source, file in ((WARMUP_SOURCE, WARMUP_FILE), (WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE)):
             warmup = dest / PREPROCESS / file

@@ -302,10 +302,6 @@ class TritonServer:
                 self._log_fh.flush()
             log.debug("tritonserver: %s", line.rstrip())
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def stub_processes(self) -> dict[int, str]:
         """``{pid: command line}`` of the server's python-backend stubs (one per model instance)."""
         if self._proc is None:

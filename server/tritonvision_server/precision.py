@@ -32,7 +32,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from tritonvision.spec import PIXELS, SCORES, EngineBuild
+from tritonvision.spec import PIXELS, SCORES, EngineBuild, image_suffixes
 
 from tritonvision._extras import require
 
@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 CALIBRATION_METHOD = "entropy"
 # Kept in FP32 in the FP16 and INT8 files: the softmax over 1000 classes, whose output SCORES is FP32.
 FP32_OPS = ("Softmax",)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = image_suffixes()
 
 
 def onnx_path(fp32_onnx: Path, precision: str) -> Path:
