@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 import tritonvision as tv
-from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, top
-from sdk_helpers import registered
+from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, registered, top
 from tritonvision_server.launcher import free_port
 
 
@@ -114,3 +113,28 @@ def test_async_measure_breaks_the_block_down_per_step(grpc_url, photos):
     # Triton 2.51 counts a failed ensemble request twice in its failure counter.
     assert b[tv.spec.ENSEMBLE].requests == 3 and b[tv.spec.ENSEMBLE].failures >= 1
     assert b[tv.spec.RESNET50].inferences == 3 and b[tv.spec.RESNET50].infer_ms > 0
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_classify_batch_raises_the_first_error_in_input_order_once_every_image_finished(grpc_url, photos, twin, tmp_path):
+    # The missing file fails at once on the client, before the server refuses the text at index 1: both twins
+    # still wait for every image and raise index 1's error, the first in input order.
+    images = [photos["chelsea"], NOT_AN_IMAGE, str(tmp_path / "missing.jpg"), photos["coffee"]]
+
+    def sync():
+        with tv.Classifier(grpc_url, timeout=120) as clf:
+            with pytest.raises(tv.TritonVisionError) as err:
+                clf.classify_batch(images)
+            return err.value, clf.classify_batch(images, return_exceptions=True)
+
+    async def asynchronous():
+        async with tv.AsyncClassifier(grpc_url, timeout=120) as clf:
+            with pytest.raises(tv.TritonVisionError) as err:
+                await clf.classify_batch(images)
+            return err.value, await clf.classify_batch(images, return_exceptions=True)
+
+    error, results = sync() if twin == "sync" else asyncio.run(asynchronous())
+    assert isinstance(error, tv.InvalidImageError) and "missing.jpg" not in str(error), error
+    assert type(results[1]) is type(error) and str(results[1]) == str(error)
+    assert isinstance(results[2], tv.TritonVisionError) and "missing.jpg" in str(results[2])
+    assert [type(r) for r in (results[0], results[3])] == [list, list]

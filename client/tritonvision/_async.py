@@ -119,7 +119,8 @@ class AsyncClassifier(_ClassifierBase):
     async def classify_batch(
         self, images: Iterable[ImageInput], top_k: int = 5, *, timeout: float | None = None, return_exceptions: bool = False
     ) -> list[list[Prediction] | TritonVisionError]:
-        """Classify many images concurrently (at most ``max_in_flight`` requests at a time), in input order."""
+        """:meth:`Classifier.classify_batch` for asyncio: at most ``max_in_flight`` requests at a time; every
+        image finishes, then the results come in input order, or the first error in input order is raised."""
         slots = asyncio.Semaphore(self.max_in_flight)
 
         async def one(image):
@@ -127,11 +128,9 @@ class AsyncClassifier(_ClassifierBase):
                 try:
                     return await self.classify(image, top_k, timeout=timeout)
                 except TritonVisionError as exc:
-                    if return_exceptions:
-                        return exc
-                    raise
+                    return exc
 
-        return list(await asyncio.gather(*(one(image) for image in images)))
+        return self._batch_outcome(list(await asyncio.gather(*(one(image) for image in images))), return_exceptions)
 
     def classify_stream(
         self,

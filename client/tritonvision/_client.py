@@ -67,9 +67,20 @@ def resolve_shm(shm: ShmMode, url: str, allow_remote: bool = False) -> str | Non
 
 
 class _ClassifierBase:
-    """Settings and shared-memory state common to :class:`Classifier` and :class:`AsyncClassifier`."""
+    """Settings, shared-memory state and the decisions without I/O common to :class:`Classifier` and
+    :class:`AsyncClassifier` (the twins keep only their I/O loops)."""
 
     _pool: ShmPool | None = None
+
+    @staticmethod
+    def _batch_outcome(results: list, return_exceptions: bool) -> list:
+        """``classify_batch``'s answer once every image has finished: the results in input order, or, unless
+        ``return_exceptions``, the first error in input order raised (the same on both twins)."""
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, TritonVisionError):
+                    raise r
+        return results
 
     def _configure(self, url: str | None, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
                    shm: ShmMode, allow_remote_shm: bool = False, access_key: tuple[str, str] | None = None,
@@ -249,11 +260,7 @@ class Classifier(_ClassifierBase):
             self._submit(data, top_k, Deadline(budget), on_done(i))
         for _ in images:
             finished.acquire()
-        if not return_exceptions:
-            for r in results:
-                if isinstance(r, TritonVisionError):
-                    raise r
-        return results
+        return self._batch_outcome(results, return_exceptions)
 
     def classify_stream(
         self,
