@@ -66,3 +66,15 @@ def test_serve_is_the_server_package_s_command_and_the_sdk_cli_does_not_import_i
     assert out.strip() == "[]", out
     helped = subprocess.run([sys.executable, "-m", "tritonvision._cli", "serve", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "usage: tritonvision serve" in helped.stdout and "--grpc-tls-cert" in helped.stdout
+
+
+def test_client_shared_memory_flag_goes_only_to_a_server_that_knows_it(caplog):
+    from tritonvision_server.serve import client_shm_args
+
+    assert client_shm_args(False, None) == [] and client_shm_args(False, "/opt/tritonserver/bin/tritonserver") == []
+    assert client_shm_args(True, "/opt/tritonserver/bin/tritonserver") == ["--allow-client-shm=true"]
+    with pytest.raises(ValueError, match="bundled Triton 2.51 does not know the flag"):
+        client_shm_args(True, None)
+    # On the command line: a usage error before anything starts.
+    assert main(["serve", "--allow-client-shm", "--model-repository", "/nonexistent"]) == 2
+    assert "Triton 2.68+" in caplog.text

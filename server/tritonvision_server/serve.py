@@ -61,6 +61,17 @@ def _demo(url: str, images: list[str]) -> None:
                 log.info("demo: %s -> %s", Path(path).name, ", ".join(f"{p.label} ({p.score:.3f})" for p in result))
 
 
+def client_shm_args(allow: bool, tritonserver: str | None) -> list[str]:
+    """``--allow-client-shm=true`` when asked for; refused for the bundled Triton 2.51, which exits on a flag
+    it does not know (and lets clients use shared memory without it)."""
+    if not allow:
+        return []
+    if not tritonserver:
+        raise ValueError("--allow-client-shm is for Triton 2.68+ given with --tritonserver; the bundled Triton 2.51 "
+                         "does not know the flag and accepts client shared memory without it")
+    return ["--allow-client-shm=true"]
+
+
 def _access_key(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
@@ -84,12 +95,16 @@ def serve(
     tls: ServerTLS | None = None,
     demo: list[str] | None = None,
     health_interval: float = 1.0,
+    allow_client_shm: bool = False,
     verbose: bool = False,
 ) -> int:
     """Serve ``model_repository`` (default: the cpu profile's, built if needed) until Ctrl-C; the exit code.
 
     ``demo``: images to classify once ready (an empty list: the bundled samples; None: no demo).
+    ``allow_client_shm``: pass ``--allow-client-shm=true``, which Triton 2.68+ (NGC 26.04+) needs before it
+    accepts clients' shared memory; the bundled 2.51 does not know the flag (and needs none).
     """
+    server_args = list(server_args) + client_shm_args(allow_client_shm, tritonserver)
     repository = _repository(model_repository, profile, weights)
     server = TritonServer(
         repository,
@@ -148,6 +163,9 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
     p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--allow-client-shm", action="store_true",
+                   help="let clients send images through system/CUDA shared memory on Triton 2.68+ (NGC 26.04+; "
+                        "with --tritonserver); the bundled 2.51 needs no flag")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
                         "server (0: never)")
@@ -166,12 +184,17 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
         log.error("%s", exc)
         return 2
     try:
+        client_shm_args(args.allow_client_shm, args.tritonserver)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
         return serve(
             model_repository=args.model_repository, profile=args.profile, weights=args.weights, host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
-            verbose=args.verbose,
+            allow_client_shm=args.allow_client_shm, verbose=args.verbose,
         )
     except KeyboardInterrupt:
         return 130
