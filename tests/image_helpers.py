@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 
@@ -14,3 +15,14 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
+
+
+def undecodable_jpeg(jpeg: bytes) -> bytes:
+    """``jpeg`` with its scan naming Huffman tables that do not exist: every header is intact, so the header
+    check passes, and only decoding finds the damage."""
+    i = 2
+    while jpeg[i + 1] != 0xDA:
+        i += 2 + struct.unpack(">H", jpeg[i + 2 : i + 4])[0]
+    broken = bytearray(jpeg)
+    broken[i + 6] = 0x77
+    return bytes(broken)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_helpers import undecodable_jpeg
 from tritonvision import spec
 
 
@@ -131,16 +132,10 @@ def test_dali_command_bakes_the_hardware_decoder_share_into_the_pipeline(tmp_pat
 
 
 def test_a_bad_image_costs_one_rebuild_and_one_rerun_of_its_batch(photos):
-    import struct
-
     from tritonvision_server.pipeline import CpuPreprocessor, DecodeError
 
     good = photos["chelsea"]
-    i = 2
-    while good[i + 1] != 0xDA:
-        i += 2 + struct.unpack(">H", good[i + 2 : i + 4])[0]
-    bad = bytearray(good)
-    bad[i + 6] = 0x77  # the scan names Huffman tables that do not exist: only decoding finds it
+    bad = undecodable_jpeg(good)
     as_array = lambda b: np.frombuffer(bytes(b), np.uint8)  # noqa: E731
     pre = CpuPreprocessor(max_batch_size=32, num_threads=2)
     requests = [[as_array(good)], [as_array(bad)], [as_array(photos["coffee"])], [as_array(good), as_array(good)]]

@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import tritonvision as tv
+from image_helpers import undecodable_jpeg
 from tritonvision import spec
 
 
@@ -66,20 +67,8 @@ def test_a_refused_image_on_a_stream_is_not_sent_through_the_ensemble_again(trit
     assert refused(after, "header") - refused(unary, "header") == 1
 
 
-def _decode_only_damage(jpeg: bytes) -> bytes:
-    """The JPEG with its scan naming Huffman tables that do not exist: the header check passes, decoding fails."""
-    import struct
-
-    i = 2
-    while jpeg[i + 1] != 0xDA:
-        i += 2 + struct.unpack(">H", jpeg[i + 2 : i + 4])[0]
-    bad = bytearray(jpeg)
-    bad[i + 6] = 0x77
-    return bytes(bad)
-
-
 def test_images_only_decoding_finds_broken_are_counted_once_each_among_good_ones(triton_server, classifier, photos):
-    bad = _decode_only_damage(photos["chelsea"])
+    bad = undecodable_jpeg(photos["chelsea"])
     images = [photos["chelsea"], bad, photos["coffee"], bad, photos["chelsea"], photos["coffee"], bad, photos["coffee"]]
     before = settled(triton_server)
     # Sent together, so that the cpu preprocess step gets good and bad images in one dynamic batch.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from image_helpers import encode
+from image_helpers import encode, undecodable_jpeg
 from reference import reference_scores, top_k
 from tritonvision import Classifier, InvalidImageError, spec
 from tritonvision_server.launcher import ServerStartError, TritonServer
@@ -112,16 +112,6 @@ def _huge_header_jpeg(data: bytes, width: int, height: int) -> bytes:
         i += 2 + length
 
 
-def _undecodable_jpeg(data: bytes) -> bytes:
-    """A JPEG whose headers are intact but whose scan names an undefined Huffman table: only decoding finds it."""
-    i = 2
-    while data[i + 1] != 0xDA:
-        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
-    broken = bytearray(data)
-    broken[i + 6] = 0x77
-    return bytes(broken)
-
-
 def _bad_inputs(photos) -> dict[str, tuple[bytes, str]]:
     good = photos["chelsea"]
     rng = np.random.default_rng(7)
@@ -129,7 +119,7 @@ def _bad_inputs(photos) -> dict[str, tuple[bytes, str]]:
         "empty": (b"", "empty image"),
         "truncated_jpeg": (good[: len(good) // 2], "truncated JPEG"),
         # Passes the header check, fails in DALI: exercises the request-by-request retry of the batch.
-        "undecodable_jpeg": (_undecodable_jpeg(good), "could not decode the JPEG image"),
+        "undecodable_jpeg": (undecodable_jpeg(good), "could not decode the JPEG image"),
         "random_bytes": (rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "not a supported image"),
         "text_file": (b"name,score\ncat,0.9\n" * 50, "not a supported image"),
         "huge_header": (_huge_header_jpeg(good, 30_000, 30_000), "exceeds the limit"),
@@ -167,7 +157,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
 
 def test_undecodable_jpeg_among_concurrent_requests_fails_alone(classifier, photos):
     good = photos["chelsea"]
-    bad = _undecodable_jpeg(good)
+    bad = undecodable_jpeg(good)
     outcomes = {}
 
     def send(i, blob):
