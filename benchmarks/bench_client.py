@@ -42,9 +42,9 @@ SERVER_VERSION = "2.51.0"
 
 def photo() -> bytes:
     """The image every request sends: the repository's sample photo (no image libraries needed on a GPU host)."""
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
-    return next(p for p in sample_paths() if p.name == "chelsea.jpg").read_bytes()
+    return next(p for p in sample_images() if p.name == "chelsea.jpg").read_bytes()
 
 
 def repositories(variants: list[str]) -> dict[str, Path]:

@@ -141,9 +141,9 @@ def main(argv=None) -> int:
 
     build = ROOT / "build" / "bench"
     repo = build_cpu_repository(build / "model_repository_cpu", build / "resnet50.onnx", args.weights)
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
-    images = [p.read_bytes() for p in sample_paths()]
+    images = [p.read_bytes() for p in sample_images()]
 
     baseline = InProcess(build / "resnet50.onnx", images)
     with TritonServer(repo) as server:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         "hardware": hardware(),
         "versions": {"python": platform.python_version(), "dali": version("nvidia-dali-cuda130"), "onnxruntime": version("onnxruntime"),
                      "tritonclient": version("tritonclient"), "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"},
-        "images": [p.name for p in sample_paths()],
+        "images": [p.name for p in sample_images()],
         "in_process": base,
         "served": srv,
         "ratios": {

@@ -115,9 +115,9 @@ def main(argv=None) -> int:
     from tritonvision_server.configs import write_light_repository
     from tritonvision_server.launcher import TritonServer
 
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
-    images = [p.read_bytes() for p in sample_paths()]
+    images = [p.read_bytes() for p in sample_images()]
     failures: list[str] = []
     result = {"device": machine.gpu() or "none", "hardware": machine.hardware(), "python": platform.python_version()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,9 +73,9 @@ def images() -> dict[str, bytes]:
     import numpy as np
     from PIL import Image
 
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
-    small = next(p for p in sample_paths() if p.name == "chelsea.jpg").read_bytes()
+    small = next(p for p in sample_images() if p.name == "chelsea.jpg").read_bytes()
     big = Image.open(io.BytesIO(small)).resize((4032, 3024), Image.BICUBIC)
     noise = np.random.default_rng(0).integers(-12, 13, (3024, 4032, 3))
     grainy = Image.fromarray(np.clip(np.asarray(big, dtype=np.int16) + noise, 0, 255).astype(np.uint8))

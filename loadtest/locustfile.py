@@ -49,7 +49,7 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 import tritonvision as tv  # noqa: E402
 from tritonvision import spec  # noqa: E402
-from tritonvision._images import sample_paths  # noqa: E402
+from tritonvision import sample_images  # noqa: E402
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not the rest of a JPEG"
 IMAGE_SUFFIXES = spec.image_suffixes()
@@ -75,7 +75,7 @@ def _options(parser) -> None:
         action.include_in_web_ui = True
         action.is_secret = action.is_required = action.is_multiple = False
 
-    option("--images", default=_env("IMAGES", str(sample_paths()[0].parent)),
+    option("--images", default=_env("IMAGES", str(sample_images()[0].parent)),
            help="image file or folder to send, round-robin (default: the SDK's sample photos; env TRITONVISION_IMAGES)")
     option("--top-k", type=int, default=int(_env("TOP_K", "5")), help="classes per answer (env TRITONVISION_TOP_K)")
     option("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", "60")),

@@ -268,10 +268,10 @@ def measure_point(url: str, users: int, args, out: Path) -> dict:
 
 def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     import perf_analyzer
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
     binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
-    data = perf_analyzer.input_data(sample_paths()[0].read_bytes(), out / "input_data.json")
+    data = perf_analyzer.input_data(sample_images()[0].read_bytes(), out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
     r = perf_analyzer.run(binary, env, url=url, model=spec.ENSEMBLE, data=data, concurrency=users,

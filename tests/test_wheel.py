@@ -43,10 +43,10 @@ def test_wheel_installs_the_sdk_and_server_packages_with_their_data(wheel_venv, 
     code = (
         "import json, tritonvision, tritonvision_server, tritonvision._transport\n"
         "from tritonvision import Classifier, AsyncClassifier\n"
-        "from tritonvision._images import sample_paths\n"
+        "from tritonvision import sample_images\n"
         "from tritonvision_server import configs, imagecheck, repocheck, pipeline\n"
         "print(json.dumps({'sdk': tritonvision.__file__, 'server': tritonvision_server.__file__,\n"
-        "  'samples': [p.name for p in sample_paths()], 'labels': len(configs.labels()),\n"
+        "  'samples': [p.name for p in sample_images()], 'labels': len(configs.labels()),\n"
         "  'warmup': configs.WARMUP_LARGE_SOURCE.stat().st_size}))"
     )
     out = json.loads(_run(wheel_venv, str(wheel_venv / "bin" / "python"), "-c", code, cwd=tmp_path).stdout)
@@ -92,5 +92,5 @@ def test_installed_cli_classifies_the_shipped_samples_against_the_real_server(wh
 
 
 def _sample_args(venv: Path, cwd: Path) -> list[str]:
-    code = "from tritonvision._images import sample_paths; print('\\n'.join(map(str, sample_paths())))"
+    code = "from tritonvision import sample_images; print('\\n'.join(map(str, sample_images())))"
     return _run(venv, str(venv / "bin" / "python"), "-c", code, cwd=cwd).stdout.split()

@@ -7,9 +7,11 @@
 """
 
 from ._async import AsyncClassifier
-from ._client import DEFAULT_URL, Classifier, Measurement
+from ._client import Classifier, Measurement
+from ._images import sample_images
 from ._retry import RetryPolicy
 from ._stats import Breakdown, StageStats, Statistics
+from ._transport._channel import DEFAULT_URL
 from ._types import Classification, Prediction
 from .exceptions import (
     DeadlineExceededError,
@@ -47,5 +49,6 @@ __all__ = [
     "DeadlineExceededError",
     "SharedMemoryError",
     "MissingExtraError",
+    "sample_images",
     "__version__",
 ]

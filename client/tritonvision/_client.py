@@ -15,7 +15,7 @@ from typing import Literal
 from ._images import ImageInput, encoded_bytes
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Breakdown, Statistics
-from ._transport._channel import DEFAULT_URL, TARGET_SCHEMES, Connection, Pem
+from ._transport._channel import TARGET_SCHEMES, Connection, Pem
 from ._transport._grpc import GrpcTransport, with_access_key
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream

@@ -26,7 +26,7 @@ ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[byt
 JPEG_QUALITY = 95
 
 
-def sample_paths() -> list[Path]:
+def sample_images() -> list[Path]:
     """The sample photos shipped inside the package (JPEG), by name: for demos, benchmarks and load tests."""
     from importlib import resources
 

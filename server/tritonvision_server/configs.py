@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from tritonvision import spec
+from tritonvision import sample_images, spec
 from tritonvision.spec import ACCEPTED, ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALIDATE, Profile
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ DALI_FILE = "dali.py"
 # small one compiles the decoder paths at batch 1 and max batch; the 12-megapixel one (4032x3024, a phone
 # photo) makes the decoder allocate the buffers that real uploads need before the first one arrives.
 WARMUP_FILE = "warmup/photo.jpg"
-WARMUP_SOURCE = Path(str(resources.files("tritonvision").joinpath("samples", "chelsea.jpg")))
+WARMUP_SOURCE = next(p for p in sample_images() if p.name == "chelsea.jpg")
 WARMUP_LARGE_FILE = "warmup/photo_12mp.jpg"
 WARMUP_LARGE_SOURCE = Path(str(resources.files(__package__).joinpath("data", "warmup_12mp.jpg")))
 # The 1000 ImageNet class names in torchvision's order, shipped so that no build step needs torchvision.

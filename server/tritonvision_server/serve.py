@@ -50,9 +50,9 @@ def _repository(model_repository: str | Path | None, profile: str, weights: str)
 def _demo(url: str, images: list[str]) -> None:
     from tritonvision import Classifier, TritonVisionError
 
-    from tritonvision._images import sample_paths
+    from tritonvision import sample_images
 
-    paths = images or [str(p) for p in sample_paths()]
+    paths = images or [str(p) for p in sample_images()]
     with Classifier(url) as clf:
         for path, result in zip(paths, clf.classify_batch(paths, top_k=3, return_exceptions=True)):
             if isinstance(result, TritonVisionError):
