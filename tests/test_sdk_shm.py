@@ -54,7 +54,7 @@ def test_pool_is_released_at_garbage_collection_without_close(grpc_url, photos):
     clf = tv.Classifier(grpc_url, timeout=120, shm="system")
     clf.classify(photos["chelsea"], top_k=1)
     prefix = clf.shm_prefix
-    clf._transport.close()  # even with its transport already gone, the finalizer frees the local files
+    clf._transport._channel.close()  # even with its connection already gone, the finalizer frees the local files
     del clf
     gc.collect()
     from tritonvision._transport._shm import leftover_files

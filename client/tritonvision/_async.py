@@ -1,4 +1,4 @@
-"""The asyncio :class:`AsyncClassifier`, on tritonclient's gRPC aio client."""
+"""The asyncio :class:`AsyncClassifier`, on a ``grpc.aio`` channel."""
 
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 from ._client import Measurement, ShmMode, _ClassifierBase
-from ._images import ImageInput, encoded_bytes
+from ._images import ImageInput, encoded_bytes, stream_source
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
 from ._transport._astream import AsyncInferStream
 from ._transport._channel import Pem
-from ._transport._grpc import AsyncGrpcTransport, GrpcTransport
-from ._transport._shm import ShmPool
+from ._transport._grpc import AsyncGrpcTransport
 from ._types import Classification, Prediction
-from .exceptions import (
-    DeadlineExceededError,
-    InvalidImageError,
-    ModelNotReadyError,
-    TritonVisionError,
-)
+from .exceptions import DeadlineExceededError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
+
+
+async def _sources(images: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator:
+    """The stream's items: each image's bytes, or the error that refuses it on the client."""
+    if isinstance(images, AsyncIterable):
+        async for image in images:
+            yield stream_source(image)
+    else:
+        for image in images:
+            yield stream_source(image)
 
 
 class AsyncClassifier(_ClassifierBase):
@@ -60,54 +64,17 @@ class AsyncClassifier(_ClassifierBase):
                         root_certificates=root_certificates, private_key=private_key,
                         certificate_chain=certificate_chain, load_balancing=load_balancing,
                         tls_server_name=tls_server_name)
-        self._transport = AsyncGrpcTransport(self.connection, model=model)
-        self._registrar: GrpcTransport | None = None
-        if self.shm:
-            # Region registration is rare (a new region, a restarted server) and goes through the blocking
-            # client, in a worker thread; inference stays on the aio channel.
-            self._registrar = GrpcTransport(self.connection, model=model)
-            try:
-                self._pool = ShmPool(self._registrar, self.shm, device_id=cuda_device)
-            except BaseException:
-                self._registrar.close()
-                raise
-
-    async def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
-        """As :meth:`Classifier._recheck`."""
-        await self._transport.check_image(data, timeout)
-        return await self._infer(data, top_k, timeout)
+        self._transport = AsyncGrpcTransport(self.connection, model=model, shm=self.shm, device_id=cuda_device)
 
     async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
-        if self._pool is None:
-            return await self._transport.infer(data, top_k, timeout)
-        try:
-            return await self._infer_shm(data, top_k, timeout)
-        except (InvalidImageError, ModelNotReadyError):
-            # As in Classifier._infer: a restarted server forgot our regions; register again, once.
-            if not await asyncio.to_thread(self._pool.forgotten_by_server):
-                raise
-            log.info("the server lost its shared-memory registrations; registering again")
-        return await self._infer_shm(data, top_k, timeout)
+        return await self._transport.infer(data, top_k, timeout)
 
-    async def _infer_shm(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
-        region, ref = await asyncio.to_thread(self._pool.acquire, data)
-        try:
-            result = await self._transport.infer(ref, top_k, timeout)
-        except asyncio.CancelledError:
-            # The request may still be in the server, reading the region: never hand it out again.
-            self._pool.retire(region)
-            raise
-        except BaseException as exc:
-            self._pool.release(region, exc)
-            raise
-        self._pool.release(region)
-        return result
-
-    async def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
+    async def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None,
+                       retry: RetryPolicy | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first; retried while the server is unavailable."""
         data = encoded_bytes(image)
         deadline = Deadline(timeout if timeout is not None else self.timeout)
-        delays = self.retry.delays()
+        delays = (retry or self.retry).delays()
         while True:
             try:
                 return await self._infer(data, top_k, deadline.check())
@@ -143,17 +110,14 @@ class AsyncClassifier(_ClassifierBase):
     ) -> AsyncIterator[Classification]:
         """:meth:`Classifier.classify_stream` for asyncio: ``async for c in clf.classify_stream(frames)``.
         ``images`` may be an async iterable. Close the generator (``await gen.aclose()``) to end early."""
-        budget = timeout if timeout is not None else self.timeout
         stream = AsyncInferStream(
             self._transport,
             top_k=top_k,
             max_in_flight=max_in_flight,
-            timeout=budget,
-            pool=self._pool,
-            recheck=lambda data: self._recheck(data, top_k, budget),
+            timeout=timeout if timeout is not None else self.timeout,
             drain_timeout=drain_timeout,
         )
-        return stream.classify(images)
+        return stream.classify(_sources(images))
 
     async def is_ready(self) -> bool:
         return await self._transport.is_ready()
@@ -190,12 +154,8 @@ class AsyncClassifier(_ClassifierBase):
         m.breakdown = await self.settled_statistics() - m.before
 
     async def close(self) -> None:
-        try:
-            await self._transport.close()
-        finally:
-            if self._pool is not None:
-                await asyncio.to_thread(self._pool.close)
-                self._registrar.close()
+        """Free every shared-memory region and close the connection (idempotent)."""
+        await self._transport.close()
 
     async def __aenter__(self) -> "AsyncClassifier":
         return self

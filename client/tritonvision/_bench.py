@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._client import Classifier
-from ._retry import NO_RETRY, Deadline
+from ._retry import NO_RETRY
 from .exceptions import OverloadedError, TritonVisionError
 
 
@@ -66,9 +66,10 @@ def run(
             state["next"] = i + 1
         sent = time.perf_counter()
 
-        def done(preds, error):
+        def done(future):
             nonlocal errors, shed
             now = time.perf_counter()
+            error = future.exception()
             # A request that failed before it left (no server, a missing extra) would fail again at once:
             # end this slot rather than spin.
             failed_to_send = error is not None and getattr(submitting, "active", False)
@@ -92,7 +93,7 @@ def run(
 
         submitting.active = True
         try:
-            clf._submit(images[i % len(images)], top_k, Deadline(timeout), done, NO_RETRY.delays())
+            clf.submit(images[i % len(images)], top_k, timeout=timeout, retry=NO_RETRY).add_done_callback(done)
         finally:
             submitting.active = False
 
@@ -114,7 +115,7 @@ def _sequential(clf: Classifier, images, *, seconds, warmup, top_k, timeout, pro
         sent = now
         failure: TritonVisionError | None = None
         try:
-            clf._infer(images[i % len(images)], top_k, timeout)
+            clf.classify(images[i % len(images)], top_k, timeout=timeout, retry=NO_RETRY)
         except TritonVisionError as exc:
             failure = exc
         now = time.perf_counter()

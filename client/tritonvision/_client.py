@@ -9,10 +9,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Literal
 
-from ._images import ImageInput, encoded_bytes
+from ._images import ImageInput, encoded_bytes, stream_source
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Breakdown, Statistics
 from ._transport._channel import TARGET_SCHEMES, Connection, Pem
@@ -20,7 +21,7 @@ from ._transport._grpc import GrpcTransport, with_access_key
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
 from ._types import Classification, Prediction
-from .exceptions import DeadlineExceededError, InvalidImageError, ModelNotReadyError, SharedMemoryError, TritonVisionError
+from .exceptions import DeadlineExceededError, SharedMemoryError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
@@ -67,10 +68,14 @@ def resolve_shm(shm: ShmMode, url: str, allow_remote: bool = False) -> str | Non
 
 
 class _ClassifierBase:
-    """Settings, shared-memory state and the decisions without I/O common to :class:`Classifier` and
-    :class:`AsyncClassifier` (the twins keep only their I/O loops)."""
+    """Settings and the decisions without I/O common to :class:`Classifier` and :class:`AsyncClassifier`
+    (the twins keep only their I/O loops; the transport owns the connection and the shared memory)."""
 
-    _pool: ShmPool | None = None
+    _transport = None
+
+    @property
+    def _pool(self) -> ShmPool | None:
+        return self._transport.pool if self._transport is not None else None
 
     @staticmethod
     def _batch_outcome(results: list, return_exceptions: bool) -> list:
@@ -154,40 +159,19 @@ class Classifier(_ClassifierBase):
                         root_certificates=root_certificates, private_key=private_key,
                         certificate_chain=certificate_chain, load_balancing=load_balancing,
                         tls_server_name=tls_server_name)
-        self._transport = GrpcTransport(self.connection, model=model)
-        try:
-            self._pool = ShmPool(self._transport, self.shm, device_id=cuda_device) if self.shm else None
-        except BaseException:
-            self._transport.close()
-            raise
+        self._transport = GrpcTransport(self.connection, model=model, shm=self.shm, device_id=cuda_device)
 
     # -- one image ----------------------------------------------------------------------------------------
     def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
-        if self._pool is None:
-            return self._transport.infer(data, top_k, timeout)
-        with self._pool.lease(data) as ref:
-            try:
-                return self._transport.infer(ref, top_k, timeout)
-            except (InvalidImageError, ModelNotReadyError):
-                # A restarted server answers NOT_FOUND for our regions: register again and retry once.
-                if not self._pool.forgotten_by_server():
-                    raise
-                log.info("the server lost its shared-memory registrations; registering again")
-        with self._pool.lease(data) as ref:
-            return self._transport.infer(ref, top_k, timeout)
+        return self._transport.infer(data, top_k, timeout)
 
-    def _recheck(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
-        """The outcome of an image that failed on the stream, whose responses carry no status code: the
-        header-check step alone names a refused image (InvalidImageError) without a second run through the
-        ensemble; an image it accepts is sent again in full, and the status of that answer decides."""
-        self._transport.check_image(data, timeout)
-        return self._infer(data, top_k, timeout)
-
-    def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None) -> list[Prediction]:
-        """Top-k predictions for one image, best first."""
+    def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None,
+                 retry: RetryPolicy | None = None) -> list[Prediction]:
+        """Top-k predictions for one image, best first. ``timeout`` and ``retry`` override the classifier's
+        for this call."""
         data = encoded_bytes(image)
         deadline = Deadline(timeout if timeout is not None else self.timeout)
-        delays = self.retry.delays()
+        delays = (retry or self.retry).delays()
         while True:
             try:
                 return self._infer(data, top_k, deadline.check())
@@ -197,35 +181,50 @@ class Classifier(_ClassifierBase):
                 time.sleep(wait)
 
     # -- many images ----------------------------------------------------------------------------------------
-    def _submit(self, data: bytes, top_k: int, deadline: Deadline, callback, delays=None) -> None:
-        """Send one image without blocking; ``callback(predictions, error)`` runs once, on another thread."""
-        delays = delays if delays is not None else self.retry.delays()
-        region = None
-        try:
-            payload = data
-            if self._pool is not None:
-                region, payload = self._pool.acquire(data)
+    def _submit(self, data: bytes, top_k: int, deadline: Deadline, callback, delays) -> None:
+        """Send one image without blocking; ``callback(predictions, error)`` runs once, on another thread.
+        Retries (on a timer thread) follow ``delays``."""
 
-            def done(preds, error):
-                if region is not None:
-                    self._pool.release(region, error)
-                if error is not None:
-                    try:
-                        wait = backoff_or_raise(error, delays, deadline)
-                    except TritonVisionError as final:
-                        callback(None, final)
-                        return
-                    timer = threading.Timer(wait, self._submit, (data, top_k, deadline, callback, delays))
-                    timer.daemon = True
-                    timer.start()
-                    return
+        def done(preds, error):
+            if error is None:
                 callback(preds, None)
+                return
+            try:
+                wait = backoff_or_raise(error, delays, deadline)
+            except TritonVisionError as final:
+                callback(None, final)
+                return
+            timer = threading.Timer(wait, self._submit, (data, top_k, deadline, callback, delays))
+            timer.daemon = True
+            timer.start()
 
-            self._transport.async_infer(payload, top_k, done, deadline.check())
+        try:
+            self._transport.async_infer(data, top_k, done, deadline.check())
         except TritonVisionError as exc:
-            if region is not None:
-                self._pool.release(region, exc)
             callback(None, exc)
+
+    def submit(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None,
+               retry: RetryPolicy | None = None) -> Future:
+        """Send one image without blocking: a :class:`concurrent.futures.Future` of its top-k predictions
+        (or of its :class:`TritonVisionError`), retried as :meth:`classify` is. Done-callbacks run on a
+        gRPC thread: keep them short."""
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+
+        def done(preds, error):
+            if error is None:
+                future.set_result(preds)
+            else:
+                future.set_exception(error)
+
+        try:
+            data = encoded_bytes(image)
+        except TritonVisionError as exc:  # unreadable file: never sent
+            future.set_exception(exc)
+            return future
+        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        self._submit(data, top_k, deadline, done, (retry or self.retry).delays())
+        return future
 
     def classify_batch(
         self, images: Iterable[ImageInput], top_k: int = 5, *, timeout: float | None = None, return_exceptions: bool = False
@@ -240,24 +239,16 @@ class Classifier(_ClassifierBase):
         results: list = [None] * len(images)
         slots = threading.BoundedSemaphore(self.max_in_flight)
         finished = threading.Semaphore(0)
-        budget = timeout if timeout is not None else self.timeout
 
-        def on_done(i):
-            def done(preds, error):
-                results[i] = error if error is not None else preds
-                slots.release()
-                finished.release()
-
-            return done
+        def record(i: int, future: Future) -> None:
+            error = future.exception()
+            results[i] = error if error is not None else future.result()
+            slots.release()
+            finished.release()
 
         for i, image in enumerate(images):
             slots.acquire()
-            try:
-                data = encoded_bytes(image)
-            except TritonVisionError as exc:  # unreadable file: never sent
-                on_done(i)(None, exc)
-                continue
-            self._submit(data, top_k, Deadline(budget), on_done(i))
+            self.submit(image, top_k, timeout=timeout).add_done_callback(lambda f, i=i: record(i, f))
         for _ in images:
             finished.acquire()
         return self._batch_outcome(results, return_exceptions)
@@ -277,17 +268,14 @@ class Classifier(_ClassifierBase):
         a lost server raises. ``timeout`` bounds each image's wait. Close the generator (or exhaust it) to
         end the stream: images already sent are answered first (their results dropped), for up to
         ``drain_timeout`` seconds, after which the stream is cancelled."""
-        budget = timeout if timeout is not None else self.timeout
         stream = InferStream(
             self._transport,
             top_k=top_k,
             max_in_flight=max_in_flight,
-            timeout=budget,
-            pool=self._pool,
-            recheck=lambda data: self._recheck(data, top_k, budget),
+            timeout=timeout if timeout is not None else self.timeout,
             drain_timeout=drain_timeout,
         )
-        return stream.classify(images)
+        return stream.classify(stream_source(image) for image in images)
 
     # -- server state ---------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -326,11 +314,8 @@ class Classifier(_ClassifierBase):
         return snapshot
 
     def close(self) -> None:
-        try:
-            if self._pool is not None:
-                self._pool.close()
-        finally:
-            self._transport.close()
+        """Free every shared-memory region and close the connection (idempotent)."""
+        self._transport.close()
 
     def __enter__(self) -> "Classifier":
         return self

@@ -82,3 +82,13 @@ def encoded_bytes(image: ImageInput) -> bytes:
         "a PIL image or a uint8 numpy array"
     )
 
+
+
+def stream_source(image: ImageInput) -> bytes | InvalidImageError:
+    """What a stream sends for ``image``: its bytes, or the error that refuses it on the client (an
+    unreadable file, no bytes), which the stream yields in its place."""
+    try:
+        data = encoded_bytes(image)
+    except InvalidImageError as exc:
+        return exc
+    return data if data else InvalidImageError("empty image: 0 bytes")

@@ -18,6 +18,8 @@ which it is only in its message; that mapping module alone matches those fixed m
 
 from __future__ import annotations
 
+from .spec import refusal_reason
+
 __all__ = [
     "TritonVisionError",
     "InvalidImageError",
@@ -44,6 +46,13 @@ class TritonVisionError(Exception):
 
 class InvalidImageError(TritonVisionError):
     """The image was refused: not a supported format, corrupt, truncated, empty or too large."""
+
+    def __init__(self, message: str, *, status: str | None = None, reason: str | None = None):
+        super().__init__(message, status=status)
+        #: Why the server refused it: ``"header"`` (format, limits, truncation; checked before decoding) or
+        #: ``"decode"`` (decoding failed), read from the message's ``image refused (<reason>): `` start;
+        #: None for an image refused on the client (empty, unreadable file) or by another server.
+        self.reason = reason if reason is not None else refusal_reason(message)
 
 
 class ServerError(TritonVisionError):

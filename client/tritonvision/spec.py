@@ -31,6 +31,9 @@ __all__ = [
     "ImageLimits",
     "IMAGE_LIMITS",
     "image_suffixes",
+    "REFUSAL_REASONS",
+    "refusal_message",
+    "refusal_reason",
     "BACKENDS",
     "Batching",
     "StepServing",
@@ -110,6 +113,31 @@ _SUFFIXES = {"jpeg": (".jpg", ".jpeg", ".jpe"), "png": (".png",), "bmp": (".bmp"
 def image_suffixes(limits: ImageLimits = IMAGE_LIMITS) -> frozenset[str]:
     """Lower-case file suffixes of the formats ``limits`` accepts (``.jpg``, ``.png``, ...)."""
     return frozenset(s for fmt in limits.formats for s in _SUFFIXES.get(fmt, (f".{fmt}",)))
+
+# Why a step refuses an image: its header (format, limits, truncation; checked per request before any
+# decode), or decoding it failed. Exported as the label of tritonvision_refused_images_total{reason}.
+REFUSAL_REASONS = ("header", "decode")
+_REFUSED = "image refused"
+
+
+def refusal_message(reason: str, detail: str) -> str:
+    """The error message of a refused image: ``image refused (<reason>): <detail>``. The fixed start is
+    the contract that tells a client's bad image from a server failure where no status code comes with
+    the message (Triton's stream responses carry only the text)."""
+    if reason not in REFUSAL_REASONS:
+        raise ValueError(f"unknown refusal reason {reason!r}")
+    return f"{_REFUSED} ({reason}): {detail}"
+
+
+def refusal_reason(message: str) -> str | None:
+    """The reason of a refused image's error message (also inside the ensemble's "in ensemble '...', "
+    wrapping), else None."""
+    at = message.find(_REFUSED + " (")
+    if at < 0:
+        return None
+    reason = message[at + len(_REFUSED) + 2 :].split("): ", 1)[0]
+    return reason if reason in REFUSAL_REASONS else None
+
 
 # Ensemble interface, identical in both profiles.
 IMAGE = Tensor("IMAGE", "UINT8", (-1,))

@@ -1,8 +1,8 @@
 """The asyncio twin of :mod:`._stream`: classify an iterable over one ``grpc.aio`` bidirectional stream.
 
 Same contract: results in input order, at most ``max_in_flight`` images outstanding, a failed image does
-not end the stream (it is asked again with unary requests for its status code), and closing drains what
-was sent before it cancels. One task writes requests as the consumer pulls results; one reads responses.
+not end the stream (its message decides its error; it is never sent again), and closing drains what was
+sent before it cancels. One task writes requests as the consumer pulls results; one reads responses.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import grpc
 
-from .._images import ImageInput
 from .._types import Classification
-from ..exceptions import InternalServerError, InvalidImageError, ServerUnavailableError, TritonVisionError
-from ._errors import map_error, stream_error
+from ..exceptions import InternalServerError, ServerUnavailableError, TritonVisionError
+from ._errors import map_error
 from ._grpc import AsyncGrpcTransport, infer_request
-from ._stream import StreamBase, source_image, stream_item
+from ._stream import Source, StreamBase, stream_item
 
 log = logging.getLogger(__name__)
 
 
-async def _images(source: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator[ImageInput]:
+async def _items(source: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Source]:
     if isinstance(source, AsyncIterable):
         async for image in source:
             yield image
@@ -34,7 +33,7 @@ async def _images(source: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> A
 
 
 class AsyncInferStream(StreamBase):
-    """One stream; :meth:`classify` may run once. ``recheck`` is a coroutine function here."""
+    """One stream; :meth:`classify` may run once."""
 
     def __init__(self, transport: AsyncGrpcTransport, **settings):
         super().__init__(transport, **settings)
@@ -92,57 +91,45 @@ class AsyncInferStream(StreamBase):
             self._failure = ServerUnavailableError(f"the server went away ({self._failure.message})", status="UNAVAILABLE")
         return self._failure
 
-    async def _outcome(self, i: int, data: bytes, future: asyncio.Future) -> Classification:
+    async def _result(self, i: int, future: asyncio.Future) -> Classification:
         if self._failure is not None and not future.done():
             raise await self._settled_failure()
         try:
-            preds, message = await asyncio.wait_for(asyncio.shield(future), self._timeout)
+            item = await asyncio.wait_for(asyncio.shield(future), self._timeout)
         except asyncio.TimeoutError:
             # Its response may still come; the reader then drops it (and frees its region).
             self._waiting.pop(i, None)
             return Classification(i, error=self._deadline_error())
-        if message is None:
-            return Classification(i, predictions=preds)
-        shed = stream_error(message)
-        if shed is not None:
-            return Classification(i, error=shed)
-        log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
-        try:
-            return Classification(i, predictions=await self._recheck(data))
-        except TritonVisionError as exc:
-            return Classification(i, error=exc)
+        return self._outcome(i, item)
 
-    async def classify(self, images: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator[Classification]:
+    async def classify(self, images: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Classification]:
         """Results in input order, one per image."""
         if self._call is not None:
             raise RuntimeError("an AsyncInferStream runs once")
         self._call = self._transport.open_stream()
         self._reader = asyncio.create_task(self._read())
-        pending: deque[tuple[int, bytes | None, asyncio.Future | None, Classification | None]] = deque()
-        source = _images(images).__aiter__()
+        pending: deque[tuple[int, asyncio.Future | None, Classification | None]] = deque()
+        source = _items(images).__aiter__()
         exhausted, i = False, 0
         try:
             while True:
                 while not exhausted and len(pending) < self.max_in_flight:
                     try:
-                        image = await source.__anext__()
+                        data = await source.__anext__()
                     except StopAsyncIteration:
                         exhausted = True
                         break
-                    try:
-                        data = source_image(image)
-                    except InvalidImageError as exc:  # refused on the client: never sent
-                        pending.append((i, None, None, Classification(i, error=exc)))
+                    if isinstance(data, TritonVisionError):  # refused on the client: never sent
+                        pending.append((i, None, Classification(i, error=data)))
                     else:
                         if self._failure is not None:
                             raise await self._settled_failure()
-                        pending.append((i, data, await self._send(i, data), None))
-                        self.peak_in_flight = max(self.peak_in_flight, len(pending))
+                        pending.append((i, await self._send(i, data), None))
                     i += 1
                 if not pending:
                     return
-                index, data, future, ready = pending.popleft()
-                yield ready if ready is not None else await self._outcome(index, data, future)
+                index, future, ready = pending.popleft()
+                yield ready if ready is not None else await self._result(index, future)
         finally:
             await self._close()
 

@@ -1,6 +1,6 @@
 """How the SDK reaches a server: the gRPC target, TLS, metadata sent with every call, and the load-balancing
-policy. :class:`Connection` holds these decisions (no I/O); :func:`open_channel` and :func:`triton_client`
-make the channels that :mod:`._grpc` uses.
+policy. :class:`Connection` holds these decisions (no I/O); :func:`open_channel` makes the channel that
+:mod:`._grpc` uses.
 
 Targets are ``host:port`` (port 8001, Triton's gRPC port, when none is given) or any gRPC target URI:
 ``dns:///name:port`` re-resolved by gRPC (a Kubernetes headless Service's name resolves to every ready
@@ -26,7 +26,7 @@ URL_ENV = "TRITONVISION_URL"
 TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
 LOAD_BALANCING = ("pick_first", "round_robin")
 
-# tritonclient's defaults, plus a short reconnect backoff: gRPC otherwise waits up to two minutes before
+# tritonclient's message limits, plus a short reconnect backoff: gRPC otherwise waits up to two minutes before
 # reconnecting to a restarted server, and every retry in between would fail at once with UNAVAILABLE.
 MAX_MESSAGE_BYTES = 2**31 - 1
 CHANNEL_ARGS = [
@@ -136,11 +136,6 @@ class Connection:
             tls_server_name=tls_server_name or None,
         )
 
-    @property
-    def header_dict(self) -> dict[str, str] | None:
-        """The headers as tritonclient's calls take them."""
-        return dict(self.headers) if self.headers else None
-
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.ssl:
             return None
@@ -157,7 +152,7 @@ class Connection:
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the connection's headers to every call of the raw inference stub."""
+    """Adds the connection's headers to every call on the channel."""
 
     def __init__(self, headers: tuple[tuple[str, str], ...]):
         self._headers = headers
@@ -173,7 +168,7 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
 
 
 def open_channel(conn: Connection, aio: bool = False):
-    """A channel for the raw inference stub. Without headers no interceptor sits on the hot path."""
+    """The channel for every call to the server. Without headers no interceptor sits on the hot path."""
     module = grpc.aio if aio else grpc
     creds = conn.credentials()
     args = conn.channel_args()
@@ -182,12 +177,3 @@ def open_channel(conn: Connection, aio: bool = False):
         return module.secure_channel(conn.target, creds, options=args) if creds else module.insecure_channel(conn.target, options=args)
     channel = grpc.secure_channel(conn.target, creds, options=args) if creds else grpc.insecure_channel(conn.target, options=args)
     return grpc.intercept_channel(channel, _Metadata(conn.headers)) if conn.headers else channel
-
-
-def triton_client(conn: Connection, aio: bool = False):
-    """tritonclient's ``InferenceServerClient`` (health, statistics, shared memory) for the same server."""
-    if aio:
-        import tritonclient.grpc.aio as module
-    else:
-        import tritonclient.grpc as module
-    return module.InferenceServerClient(conn.target, creds=conn.credentials(), channel_args=conn.channel_args())

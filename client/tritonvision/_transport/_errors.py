@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from .. import exceptions as exc
+from ..spec import refusal_reason
 
 # Decided by status code (see QUEUE_REJECTIONS below for the one exception). Triton reports a model that is not loaded as UNAVAILABLE on infer and
 # NOT_FOUND on metadata calls; both mean "the classifier cannot serve".
@@ -79,10 +80,15 @@ def map_error(error: BaseException) -> exc.TritonVisionError:
     return STATUS_TO_ERROR.get(code, exc.InternalServerError)(message, status=code.name)
 
 
-def stream_error(message: str) -> exc.TritonVisionError | None:
-    """The error of a failed response on a stream, where Triton sends only a message: an overload when it
-    is a queue rejection, else None (the caller asks again by unary call for the status code). Asking
-    again would send the image a second time to a server that has just shed it."""
+def stream_error(message: str) -> exc.TritonVisionError:
+    """The error of a failed response on a stream, where Triton sends only a message, no status code: an
+    image the server refused (its message starts ``image refused (<reason>): ``, :func:`..spec.refusal_message`)
+    is :class:`InvalidImageError`, a queue rejection :class:`OverloadedError`, anything else
+    :class:`InternalServerError`. Never sent again to learn more: that would run a refused image through the
+    ensemble twice, or send a shed one back to a server that has no room for it."""
+    if refusal_reason(message) is not None:
+        # The status the server gave it (a refusal is always INVALID_ARGUMENT), which the stream drops.
+        return exc.InvalidImageError(message, status=grpc.StatusCode.INVALID_ARGUMENT.name)
     if is_queue_rejection(message):
         return exc.OverloadedError(message, status=grpc.StatusCode.UNAVAILABLE.name)
-    return None
+    return exc.InternalServerError(message)

@@ -1,39 +1,35 @@
-"""Every gRPC call the SDK makes goes through here: inference (unary, callback and asyncio) on the raw
-``GRPCInferenceService`` stub, the raw bidirectional stream for :mod:`._stream`, and health, statistics and
-shared-memory registration through tritonclient.
+"""Every gRPC call the SDK makes goes through here, on one channel and the raw ``GRPCInferenceService``
+stub: inference (unary, callback and asyncio), the bidirectional stream for :mod:`._stream`, and the
+control calls (readiness, statistics, shared-memory registration). tritonclient provides the protobufs
+and the shared-memory utilities, not the calls: its ``InferenceServerClient`` would be a second channel
+with errors of its own.
 
 Inference skips tritonclient's ``infer``/``async_infer`` on purpose: its ``InferInput``/numpy request
 building, ``InferResult`` wrapping and numpy decoding of the top-k strings made up most of the SDK's client
 CPU above a bare grpcio call (on two cores, ~370-480 us against ~250 us per request at concurrency 16; now
 ~300 us), and on a fast server that CPU is taken from the server. Requests are built as protobufs directly
 and the classification strings are parsed from the raw response bytes.
+
+A transport given a shared-memory kind owns its :class:`._shm.ShmPool`: callers hand it encoded bytes and
+never see a region.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Union
 
+from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._types import Prediction
-from ..exceptions import ModelNotReadyError
-from ..spec import ENSEMBLE, IMAGE, PREPROCESS, SCORES, VALIDATE
-from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel, triton_client  # noqa: F401
+from ..spec import ENSEMBLE, IMAGE, SCORES
+from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel  # noqa: F401
 from ._errors import map_error
-
-
-@dataclass(frozen=True)
-class ShmInput:
-    """An image already written to a registered shared-memory region."""
-
-    region: str
-    byte_size: int
-    offset: int = 0
-
+from ._shm import ShmInput, ShmPool
 
 Payload = Union[bytes, ShmInput]
 
@@ -74,25 +70,6 @@ def infer_request(
     # class_count asks Triton's classification extension for "score:index:label" strings. The top-k
     # strings are a few hundred bytes, so the output always comes back in the response, never in shm.
     request.outputs.add(name=SCORES.name).parameters["classification"].int64_param = top_k
-    return request
-
-
-# Marks a request that asks again about an image the stream already had refused: the server's steps do
-# not count it in tritonvision_refused_images_total a second time.
-RECHECK_PARAMETER = "tritonvision_recheck"
-
-
-# The step that checks an image's header first: validate (gpu profile), else preprocess (cpu profile).
-CHECK_STEPS = (VALIDATE, PREPROCESS)
-
-
-def check_request(step: str, data: bytes) -> service_pb2.ModelInferRequest:
-    """The image sent to the first step alone: it answers INVALID_ARGUMENT for an image the ensemble
-    refuses at that step, without running (and failing) the ensemble again."""
-    request = service_pb2.ModelInferRequest(model_name=step)
-    request.parameters[RECHECK_PARAMETER].bool_param = True
-    request.inputs.add(name=IMAGE.name, datatype=IMAGE.dtype, shape=(1, len(data)))
-    request.raw_input_contents.append(data)
     return request
 
 
@@ -152,61 +129,109 @@ def with_access_key(headers: Mapping[str, str] | None, access_key: tuple[str, st
     return {**{str(k).lower(): v for k, v in (headers or {}).items()}, **access_headers(access_key)}
 
 
-def _closed() -> None:
-    """The close of a client that is already closed."""
+def _json(message) -> dict:
+    """A control response as JSON-style data (int64 fields as strings), as tritonclient's ``as_json``."""
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _call(method, request, timeout: float | None = None):
+    try:
+        return method(request, timeout=timeout)
+    except Exception as exc:
+        raise map_error(exc) from exc
+
+
+class ShmCalls:
+    """The shared-memory registration calls (a :class:`._shm.Registrar`). A pool's finalizer keeps this
+    alive, not the transport that owns the pool: the pool is then collected with its transport, and its
+    regions are still unregistered."""
+
+    def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub):
+        self._stub = stub
+
+    def register_system_shm(self, name: str, key: str, byte_size: int) -> None:
+        request = service_pb2.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=byte_size)
+        _call(self._stub.SystemSharedMemoryRegister, request)
+
+    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        request = service_pb2.CudaSharedMemoryRegisterRequest(name=name, raw_handle=raw_handle, device_id=device_id,
+                                                              byte_size=byte_size)
+        _call(self._stub.CudaSharedMemoryRegister, request)
+
+    def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None:
+        if kind == "cuda":
+            _call(self._stub.CudaSharedMemoryUnregister, service_pb2.CudaSharedMemoryUnregisterRequest(name=name), timeout)
+        else:
+            _call(self._stub.SystemSharedMemoryUnregister, service_pb2.SystemSharedMemoryUnregisterRequest(name=name), timeout)
+
+    def registered_shm(self, kind: str = "system") -> list[str]:
+        if kind == "cuda":
+            status = _call(self._stub.CudaSharedMemoryStatus, service_pb2.CudaSharedMemoryStatusRequest())
+        else:
+            status = _call(self._stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest())
+        return sorted(status.regions)
 
 
 class GrpcTransport:
-    """Owns one channel for inference and streaming, and a ``tritonclient.grpc.InferenceServerClient`` for
-    health, statistics and shared-memory registration."""
+    """One channel to one server: inference, streaming and control calls, and, given ``shm``, the pool of
+    shared-memory regions its images travel in."""
 
-    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False, shm: str | None = None,
+                 device_id: int = 0):
         self.connection = _connection(url, ssl)
         self.url = self.connection.target
         self.model = model
-        self._headers = self.connection.header_dict
-        self._client = triton_client(self.connection)
         self._channel = open_channel(self.connection)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model_infer = self._stub.ModelInfer
+        self.shm_calls = ShmCalls(self._stub)
+        self.pool: ShmPool | None = None
+        if shm:
+            try:
+                self.pool = ShmPool(self.shm_calls, shm, device_id=device_id)
+            except BaseException:
+                self._channel.close()
+                raise
 
     # -- inference --------------------------------------------------------------------------------------
-    def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
+    def _infer(self, payload: Payload, top_k: int, timeout: float | None) -> list[Prediction]:
         try:
             return predictions(self._model_infer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout))
         except Exception as exc:
             raise map_error(exc) from exc
 
-    def async_infer(self, payload: Payload, top_k: int, callback, timeout: float | None = None) -> None:
-        """``callback(predictions, error)`` runs on a gRPC thread when the response arrives (or on this
-        thread, if it already has)."""
+    def infer(self, data: bytes, top_k: int, timeout: float | None = None) -> list[Prediction]:
+        """One image's top-k, through a shared-memory region when the transport has a pool."""
+        if self.pool is None:
+            return self._infer(data, top_k, timeout)
+        return self.pool.send(data, lambda ref: self._infer(ref, top_k, timeout))
+
+    def async_infer(self, data: bytes, top_k: int, callback, timeout: float | None = None) -> None:
+        """Send one image without blocking; ``callback(predictions, error)`` runs on a gRPC thread when the
+        response arrives (or on this thread, if it already has). Raises what fails before it is sent."""
+        region, payload = self.pool.acquire(data) if self.pool is not None else (None, data)
         try:
             future = self._model_infer.future(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
         except Exception as exc:
-            raise map_error(exc) from exc
+            error = map_error(exc)
+            if region is not None:
+                self.pool.release(region, error)
+            raise error from exc
 
         def done(call) -> None:
             try:
                 preds = predictions(call.result())
             except Exception as exc:  # noqa: BLE001 - the RPC's error, or a malformed response
-                callback(None, map_error(exc))
+                error = map_error(exc)
+                if region is not None:
+                    self.pool.release(region, error)
+                callback(None, error)
                 return
+            if region is not None:
+                self.pool.release(region)
             callback(preds, None)
 
         future.add_done_callback(done)
-
-    def check_image(self, data: bytes, timeout: float | None = None) -> bool:
-        """Whether the ensemble's first step accepts ``data``; raises its :class:`InvalidImageError` when it
-        does not. False where the server has none of :data:`CHECK_STEPS`."""
-        for step in CHECK_STEPS:
-            try:
-                self._model_infer(check_request(step, data), timeout=timeout)
-                return True
-            except Exception as exc:  # noqa: BLE001 - mapped below
-                error = map_error(exc)
-                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
-                    raise error from exc
-        return False
 
     def open_stream(self, requests, timeout: float | None = None):
         """Start ``ModelStreamInfer`` fed by the iterator ``requests``; returns the call (iterate it for
@@ -214,80 +239,50 @@ class GrpcTransport:
         return self._stub.ModelStreamInfer(requests, timeout=timeout)
 
     # -- health and statistics -------------------------------------------------------------------------
+
     def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and self._client.is_model_ready(
-                self.model, headers=self._headers, client_timeout=timeout
-            )
+            return (self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready
+                    and self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=timeout).ready)
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
 
     def statistics(self, timeout: float | None = None) -> dict:
         """Triton's statistics of every model (``ModelStatisticsResponse`` as JSON)."""
-        try:
-            return self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
-        except Exception as exc:
-            raise map_error(exc) from exc
+        return _json(_call(self._stub.ModelStatistics, service_pb2.ModelStatisticsRequest(name=""), timeout))
 
     # -- shared memory ---------------------------------------------------------------------------------
-    def register_system_shm(self, name: str, key: str, byte_size: int) -> None:
-        try:
-            self._client.register_system_shared_memory(name, key, byte_size, headers=self._headers)
-        except Exception as exc:
-            raise map_error(exc) from exc
-
-    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
-        try:
-            self._client.register_cuda_shared_memory(name, raw_handle, device_id, byte_size, headers=self._headers)
-        except Exception as exc:
-            raise map_error(exc) from exc
-
-    def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None:
-        unregister = (
-            self._client.unregister_cuda_shared_memory if kind == "cuda" else self._client.unregister_system_shared_memory
-        )
-        try:
-            unregister(name, headers=self._headers, client_timeout=timeout)
-        except Exception as exc:
-            raise map_error(exc) from exc
-
     def registered_shm(self, kind: str = "system") -> list[str]:
         """Names of the regions the server has registered (of every client)."""
-        status = (
-            self._client.get_cuda_shared_memory_status if kind == "cuda" else self._client.get_system_shared_memory_status
-        )
-        try:
-            return sorted(status(headers=self._headers, as_json=True).get("regions", {}))
-        except Exception as exc:
-            raise map_error(exc) from exc
+        return self.shm_calls.registered_shm(kind)
 
     def close(self) -> None:
+        """Unregister and free the pool's regions, then close the channel (idempotent)."""
         try:
-            self._channel.close()
+            if self.pool is not None:
+                self.pool.close()
         finally:
-            # tritonclient closes its channel once more in __del__. Under gevent (Locust) grpc counts open
-            # channels, and that second close miscounts and can hang the interpreter at exit: close once.
-            self._client.close()
-            self._client.close = _closed
+            self._channel.close()
 
 
 class AsyncGrpcTransport:
-    """The asyncio twin of :class:`GrpcTransport`: a ``grpc.aio`` channel for inference and a
-    ``tritonclient.grpc.aio.InferenceServerClient`` for the rest."""
+    """The asyncio twin of :class:`GrpcTransport` on a ``grpc.aio`` channel. With ``shm``, its pool
+    registers regions through a blocking :class:`GrpcTransport` of its own (see :mod:`._shm`)."""
 
-    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False):
+    def __init__(self, url: str | Connection, *, model: str = ENSEMBLE, ssl: bool = False, shm: str | None = None,
+                 device_id: int = 0):
         self.connection = _connection(url, ssl)
         self.url = self.connection.target
         self.model = model
-        self._headers = self.connection.header_dict
-        self._client = triton_client(self.connection, aio=True)
+        self._registrar = GrpcTransport(self.connection, model=model, shm=shm, device_id=device_id) if shm else None
+        self.pool: ShmPool | None = self._registrar.pool if self._registrar is not None else None
         self._channel = open_channel(self.connection, aio=True)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         # The connection's headers go with every call as its metadata (see open_channel).
         self._metadata = self.connection.headers or None
         self._model_infer = functools.partial(self._stub.ModelInfer, metadata=self._metadata)
 
-    async def infer(self, payload: Payload, top_k: int, timeout: float | None = None) -> list[Prediction]:
+    async def _infer(self, payload: Payload, top_k: int, timeout: float | None) -> list[Prediction]:
         try:
             return predictions(
                 await self._model_infer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
@@ -295,17 +290,10 @@ class AsyncGrpcTransport:
         except Exception as exc:
             raise map_error(exc) from exc
 
-    async def check_image(self, data: bytes, timeout: float | None = None) -> bool:
-        """As :meth:`GrpcTransport.check_image`."""
-        for step in CHECK_STEPS:
-            try:
-                await self._model_infer(check_request(step, data), timeout=timeout)
-                return True
-            except Exception as exc:  # noqa: BLE001 - mapped below
-                error = map_error(exc)
-                if not isinstance(error, ModelNotReadyError):  # NOT_FOUND: this profile has no such step
-                    raise error from exc
-        return False
+    async def infer(self, data: bytes, top_k: int, timeout: float | None = None) -> list[Prediction]:
+        if self.pool is None:
+            return await self._infer(data, top_k, timeout)
+        return await self.pool.asend(data, lambda ref: self._infer(ref, top_k, timeout))
 
     def open_stream(self, timeout: float | None = None):
         """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,
@@ -314,15 +302,17 @@ class AsyncGrpcTransport:
 
     async def is_ready(self, timeout: float | None = 2.0) -> bool:
         try:
-            return await self._client.is_server_ready(headers=self._headers, client_timeout=timeout) and await self._client.is_model_ready(
-                self.model, headers=self._headers, client_timeout=timeout
-            )
+            server = await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout, metadata=self._metadata)
+            model = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self.model), timeout=timeout,
+                                                metadata=self._metadata)
+            return server.ready and model.ready
         except Exception:  # noqa: BLE001 - unreachable means not ready
             return False
 
     async def statistics(self, timeout: float | None = None) -> dict:
         try:
-            return await self._client.get_inference_statistics("", headers=self._headers, as_json=True, client_timeout=timeout)
+            return _json(await self._stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name=""), timeout=timeout,
+                                                          metadata=self._metadata))
         except Exception as exc:
             raise map_error(exc) from exc
 
@@ -330,4 +320,6 @@ class AsyncGrpcTransport:
         try:
             await self._channel.close()
         finally:
-            await self._client.close()
+            if self._registrar is not None:
+                # Unregistering waits for regions a cancelled request may still read: not on the event loop.
+                await asyncio.to_thread(self._registrar.close)

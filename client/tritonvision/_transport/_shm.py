@@ -8,28 +8,35 @@ Nothing may leak: :meth:`ShmPool.close` unregisters every region from the server
 is gone) and destroys it locally; a ``weakref.finalize`` runs the same at interpreter exit and when the
 pool is garbage-collected unclosed. A region whose creation, write or registration fails is destroyed
 on the spot.
+
+The pool also owns the rule that a request through a region needs: :meth:`ShmPool.send` and
+:meth:`ShmPool.asend` lease a region around one call and, when a restarted server has forgotten our
+registrations, register again and call once more. Registration goes through a *registrar*, blocking calls
+on a blocking channel (also for asyncio clients: registration is rare, and the pool's cleanup must work
+without an event loop, at exit or from a finalizer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from .._extras import require
-from ..exceptions import ServerUnavailableError, SharedMemoryError, TritonVisionError
-from ._grpc import GrpcTransport, ShmInput
+from ..exceptions import InvalidImageError, ModelNotReadyError, ServerUnavailableError, SharedMemoryError, TritonVisionError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 KEY_PREFIX = "tritonvision_client_"
 SHM_DIR = "/dev/shm"
@@ -39,6 +46,24 @@ KINDS = ("system", "cuda")
 
 def _round_up(n: int) -> int:
     return max(MIN_REGION_BYTES, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class ShmInput:
+    """An image already written to a registered shared-memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+class Registrar(Protocol):
+    """The server calls a pool makes (:class:`._grpc.ShmCalls`)."""
+
+    def register_system_shm(self, name: str, key: str, byte_size: int) -> None: ...
+    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None: ...
+    def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None: ...
+    def registered_shm(self, kind: str = "system") -> list[str]: ...
 
 
 @dataclass(eq=False)
@@ -64,8 +89,8 @@ class _System:
     def write(self, handle, data: bytes) -> None:
         self.shm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
 
-    def register(self, transport: GrpcTransport, region: Region) -> None:
-        transport.register_system_shm(region.name, "/" + region.name, region.byte_size)
+    def register(self, registrar: Registrar, region: Region) -> None:
+        registrar.register_system_shm(region.name, "/" + region.name, region.byte_size)
 
     def destroy(self, handle) -> None:
         self.shm.destroy_shared_memory_region(handle)
@@ -89,9 +114,9 @@ class _Cuda:
     def write(self, handle, data: bytes) -> None:
         self.cudashm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
 
-    def register(self, transport: GrpcTransport, region: Region) -> None:
+    def register(self, registrar: Registrar, region: Region) -> None:
         raw = self.cudashm.get_raw_handle(region.handle)
-        transport.register_cuda_shm(region.name, raw, self.device_id, region.byte_size)
+        registrar.register_cuda_shm(region.name, raw, self.device_id, region.byte_size)
 
     def destroy(self, handle) -> None:
         self.cudashm.destroy_shared_memory_region(handle)
@@ -101,7 +126,7 @@ class _Cuda:
 class _State:
     """What the finalizer needs; it must not hold the pool itself."""
 
-    transport: GrpcTransport
+    registrar: Registrar
     backend: Any
     regions: dict[str, Region] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,7 +140,7 @@ def _unregister(state: _State, region: Region) -> None:
     waited, pause = 0.0, 0.02
     while True:
         try:
-            state.transport.unregister_shm(state.backend.kind, region.name)
+            state.registrar.unregister_shm(state.backend.kind, region.name)
             return
         except TritonVisionError as exc:
             # Triton refuses to unregister a region a request is reading ("... it is currently in use"):
@@ -153,13 +178,13 @@ class ShmPool:
     request completes in a callback.
     """
 
-    def __init__(self, transport: GrpcTransport, kind: str = "system", *, device_id: int = 0):
+    def __init__(self, registrar: Registrar, kind: str = "system", *, device_id: int = 0):
         if kind not in KINDS:
             raise ValueError(f"shared memory kind must be one of {KINDS}, not {kind!r}")
         backend = _System() if kind == "system" else _Cuda(device_id)
         self.kind = kind
         self.prefix = f"{KEY_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}_"
-        self._state = _State(transport, backend)
+        self._state = _State(registrar, backend)
         self._free: list[Region] = []
         self._count = 0
         self._finalizer = weakref.finalize(self, _release_all, self._state)
@@ -188,10 +213,10 @@ class ShmPool:
         try:
             # A region the server lost (it restarted) may still be registered under our name elsewhere:
             # nothing else uses our unique names, so unregistering first is safe and makes this idempotent.
-            self._state.transport.unregister_shm(self.kind, region.name)
+            self._state.registrar.unregister_shm(self.kind, region.name)
         except TritonVisionError:
             pass
-        self._state.backend.register(self._state.transport, region)
+        self._state.backend.register(self._state.registrar, region)
         region.registered = True
 
     def acquire(self, data: bytes) -> tuple[Region, ShmInput]:
@@ -251,7 +276,7 @@ class ShmPool:
         """Whether the server no longer knows regions this pool registered (it restarted between two
         calls, which then fail with NOT_FOUND for an unknown region). If so, every region is marked
         unknown, to be registered again on next use."""
-        known = set(self._state.transport.registered_shm(self._state.backend.kind))
+        known = set(self._state.registrar.registered_shm(self._state.backend.kind))
         with self._state.lock:
             lost = [r for r in self._state.regions.values() if r.registered and r.name not in known]
         if lost:
@@ -271,6 +296,42 @@ class ShmPool:
             self.retire(region)
             raise
         self.release(region)
+
+    def send(self, data: bytes, call: Callable[[ShmInput], T]) -> T:
+        """``call(ref)`` with ``data`` in a leased region. A server restarted since our regions were
+        registered answers NOT_FOUND/INVALID_ARGUMENT for them: then register again and call once more."""
+        for last in (False, True):
+            with self.lease(data) as ref:
+                try:
+                    return call(ref)
+                except (InvalidImageError, ModelNotReadyError):
+                    if last or not self.forgotten_by_server():
+                        raise
+            log.info("the server lost its shared-memory registrations; registering again")
+        raise AssertionError("unreachable")
+
+    async def asend(self, data: bytes, call: Callable[[ShmInput], Awaitable[T]]) -> T:
+        """:meth:`send` for a coroutine ``call``; the pool's blocking work runs in a worker thread."""
+        for last in (False, True):
+            region, ref = await asyncio.to_thread(self.acquire, data)
+            try:
+                result = await call(ref)
+            except asyncio.CancelledError:
+                # The request may still be in the server, reading the region: never hand it out again.
+                self.retire(region)
+                raise
+            except (InvalidImageError, ModelNotReadyError) as exc:
+                self.release(region, exc)
+                if last or not await asyncio.to_thread(self.forgotten_by_server):
+                    raise
+                log.info("the server lost its shared-memory registrations; registering again")
+                continue
+            except BaseException as exc:
+                self.release(region, exc)
+                raise
+            self.release(region)
+            return result
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Unregister and destroy every region (idempotent)."""

@@ -1,18 +1,17 @@
 """Classify an iterable of images over one bidirectional gRPC stream.
 
 One :class:`InferStream` owns the stream: the request queue that feeds gRPC, the reader thread that
-collects responses, the in-order hand-over of results, and closing. At most ``max_in_flight`` images are
-outstanding (sent, or answered but not yet handed to the caller), so a slow consumer or a slow server
-holds the producer back instead of filling memory.
+collects responses, the in-order hand-over of results, the shared-memory regions of the images in flight
+(from the transport's pool), and closing. At most ``max_in_flight`` images are outstanding (sent, or
+answered but not yet handed to the caller), so a slow consumer or a slow server holds the producer back
+instead of filling memory. The stream takes encoded bytes; an item that is already an error (an image the
+client could not read) yields its failed result in its place, never sent.
 
-Per-image failures do not end the stream. Triton's stream responses carry an error *message* but no
-status code, and the SDK decides error types by status code only, so a failed image is asked about
-again as a unary request whose status code names the error: first to the header-check step alone (a
-refused image is answered there without running the ensemble again), then, if that step accepts it, to
-the ensemble (if that second try succeeds, its result is used).
-A failure of the stream itself (the server went away) ends it with the mapped error.
+Per-image failures do not end the stream. Triton's stream responses carry an error *message* but no status
+code; the message alone decides the error (:func:`._errors.stream_error`: the server's refusals start with a
+fixed text), and no image is sent twice. A failure of the stream itself (the server went away) ends it with
+the mapped error.
 """
-
 from __future__ import annotations
 
 import logging
@@ -20,17 +19,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from typing import Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional, Union
 
 import grpc
 
-from .._images import ImageInput, encoded_bytes
 from .._types import Classification, Prediction
-from ..exceptions import DeadlineExceededError, InvalidImageError, ServerUnavailableError, TritonVisionError
+from ..exceptions import DeadlineExceededError, ServerUnavailableError, TritonVisionError
 from ._errors import map_error, stream_error
 from ._grpc import GrpcTransport, infer_request, predictions
-from ._shm import Region, ShmPool
+from ._shm import Region
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,8 @@ _END = object()
 
 # What the stream answered for one image: its predictions, or Triton's error message.
 Item = tuple[Optional[list[Prediction]], Optional[str]]
+# What a stream is fed: an image's encoded bytes, or the error that kept it from being sent.
+Source = Union[bytes, TritonVisionError]
 
 
 def stream_item(response) -> tuple[int, Item]:
@@ -51,14 +51,6 @@ def stream_item(response) -> tuple[int, Item]:
         return i, (None, str(exc))
 
 
-def source_image(image: ImageInput) -> bytes:
-    """The bytes to send, or :class:`InvalidImageError` raised on the client (the image is never sent)."""
-    data = encoded_bytes(image)
-    if not data:
-        raise InvalidImageError("empty image: 0 bytes")
-    return data
-
-
 class StreamBase:
     """What the blocking and the asyncio streams share: settings, the regions of images in flight, and
     what becomes of those regions when the stream ends."""
@@ -70,8 +62,6 @@ class StreamBase:
         top_k: int,
         max_in_flight: int = 16,
         timeout: float | None = None,
-        pool: ShmPool | None = None,
-        recheck: Callable | None = None,
         drain_timeout: float = 10.0,
     ):
         if max_in_flight < 1:
@@ -82,14 +72,11 @@ class StreamBase:
         self._transport = transport
         self._top_k = top_k
         self._timeout = timeout
-        self._pool = pool
-        self._recheck = recheck or (lambda data: transport.infer(data, top_k, timeout))
+        self._pool = transport.pool
         self._regions: dict[int, Region] = {}
         self._failure: TritonVisionError | None = None
         self._closing = False
         self._call = None
-        #: Most images outstanding at once during the run (for tests of the backpressure bound).
-        self.peak_in_flight = 0
 
     def _give_back_region(self, i: int, error: BaseException | None) -> None:
         region = self._regions.pop(i, None)
@@ -111,6 +98,13 @@ class StreamBase:
 
     def _deadline_error(self) -> DeadlineExceededError:
         return DeadlineExceededError(f"no response within {self._timeout:g} s", status="DEADLINE_EXCEEDED")
+
+    @staticmethod
+    def _outcome(i: int, item: Item) -> Classification:
+        preds, message = item
+        if message is None:
+            return Classification(i, predictions=preds)
+        return Classification(i, error=stream_error(message))
 
 
 class InferStream(StreamBase):
@@ -159,19 +153,6 @@ class InferStream(StreamBase):
             self._regions[i] = region
         self._requests.put(infer_request(self._transport.model, payload, self._top_k, str(i), timeout=self._timeout))
 
-    def _outcome(self, i: int, data: bytes, item) -> Classification:
-        preds, message = item
-        if message is None:
-            return Classification(i, predictions=preds)
-        shed = stream_error(message)
-        if shed is not None:
-            return Classification(i, error=shed)
-        log.debug("image %d failed on the stream (%s); asking again for its status code", i, message)
-        try:
-            return Classification(i, predictions=self._recheck(data))
-        except TritonVisionError as exc:
-            return Classification(i, error=exc)
-
     def _wait_for(self, i: int, sent_at: float) -> object:
         """The response of image ``i``, a :class:`DeadlineExceededError`, or raise the stream's failure."""
         with self._cond:
@@ -186,36 +167,33 @@ class InferStream(StreamBase):
                 self._cond.wait(left)
             return self._responses.pop(i)
 
-    def classify(self, images: Iterable[ImageInput]) -> Iterator[Classification]:
+    def classify(self, images: Iterable[Source]) -> Iterator[Classification]:
         """Results in input order, one per image."""
         if self._call is not None:
             raise RuntimeError("an InferStream runs once")
         self._start()
-        pending: deque[tuple[int, bytes | None, float, Classification | None]] = deque()
+        pending: deque[tuple[int, float, Classification | None]] = deque()
         source = enumerate(images)
         exhausted = False
         try:
             while True:
                 while not exhausted and len(pending) < self.max_in_flight:
                     try:
-                        i, image = next(source)
+                        i, data = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    try:
-                        data = source_image(image)
-                    except InvalidImageError as exc:  # refused on the client: never sent
-                        pending.append((i, None, 0.0, Classification(i, error=exc)))
+                    if isinstance(data, TritonVisionError):  # refused on the client: never sent
+                        pending.append((i, 0.0, Classification(i, error=data)))
                         continue
                     self._send(i, data)
-                    pending.append((i, data, time.monotonic(), None))
-                    self.peak_in_flight = max(self.peak_in_flight, len(pending))
+                    pending.append((i, time.monotonic(), None))
                 if not pending:
                     return
-                i, data, sent_at, ready = pending.popleft()
+                i, sent_at, ready = pending.popleft()
                 if ready is None:
                     item = self._wait_for(i, sent_at)
-                    ready = Classification(i, error=item) if isinstance(item, TritonVisionError) else self._outcome(i, data, item)
+                    ready = Classification(i, error=item) if isinstance(item, TritonVisionError) else self._outcome(i, item)
                 yield ready
         finally:
             self.close()

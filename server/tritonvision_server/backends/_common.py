@@ -6,6 +6,8 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
+from tritonvision.spec import refusal_message
+
 
 def parameters(args: dict) -> tuple[dict, dict[str, str]]:
     """The model config and its string parameters."""
@@ -21,9 +23,6 @@ def output_dtype(config: dict, name: str):
 # Refused images, by the step that refused them: a client's error, exported on Triton's metrics port next
 # to nv_inference_request_failure, which counts them as failures of the ensemble like any server error.
 REFUSED_METRIC = "tritonvision_refused_images_total"
-# A request carrying this parameter asks again about an image the client already had refused (the SDK's
-# stream learns the status code that way); it is not counted twice.
-RECHECK_PARAMETER = "tritonvision_recheck"
 _refused: dict[str, object] = {}
 _family = None
 
@@ -45,18 +44,16 @@ def count_refusal(reason: str) -> None:
     metric.increment(1)
 
 
-def is_recheck(request) -> bool:
-    try:
-        return bool(json.loads(request.parameters() or "{}").get(RECHECK_PARAMETER))
-    except (AttributeError, ValueError):
-        return False
+def refusal(reason: str, detail: str):
+    """The error response of a refused image (INVALID_ARGUMENT, ``image refused (<reason>): <detail>``),
+    counted in ``tritonvision_refused_images_total``. The message's fixed start lets a client that gets no
+    status code (a stream response) tell it from a server failure without sending the image again."""
+    count_refusal(reason)
+    return error_response(refusal_message(reason, detail))
 
 
-def error_response(message: str, *, invalid_argument: bool = True, reason: str | None = None, request=None):
-    """An error response; with ``reason``, a refused image counted in ``tritonvision_refused_images_total``
-    (unless ``request`` is the SDK asking again about an image already refused)."""
-    if invalid_argument and reason is not None and (request is None or not is_recheck(request)):
-        count_refusal(reason)
+def error_response(message: str, *, invalid_argument: bool = True):
+    """An error response: INVALID_ARGUMENT for the request's own fault, else INTERNAL."""
     # TritonError codes reach the client as the matching gRPC status (INVALID_ARGUMENT for bad input).
     code = pb_utils.TritonError.INVALID_ARG if invalid_argument else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvision.spec import IMAGE, NUM_CLASSES
 
 from ..imagecheck import InvalidImage, inspect_rows
-from ._common import error_response, output_dtype, parameters
+from ._common import output_dtype, parameters, refusal
 
 
 class LightPreprocess:
@@ -37,7 +37,7 @@ class LightPreprocess:
             try:
                 inspect_rows(array)
             except InvalidImage as exc:
-                responses.append(error_response(str(exc), reason="header", request=request))
+                responses.append(refusal("header", str(exc)))
                 continue
             pixels = np.broadcast_to(self.pixels, (len(array), *self.pixels.shape[1:]))
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.name, np.ascontiguousarray(pixels))]))

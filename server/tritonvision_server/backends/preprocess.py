@@ -17,7 +17,7 @@ from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
 from ..pipeline import CpuPreprocessor, DecodeError
-from ._common import error_response, output_dtype, parameters
+from ._common import error_response, output_dtype, parameters, refusal
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class TritonPythonModel:
             try:
                 samples, formats = self._samples(request)
             except InvalidImage as exc:
-                responses[i] = error_response(str(exc), reason="header", request=request)
+                responses[i] = refusal("header", str(exc))
                 continue
             work.append((i, samples, formats))
         if work:
@@ -65,8 +65,7 @@ class TritonPythonModel:
             for (i, _, formats), outcome in zip(work, outcomes):
                 if isinstance(outcome, DecodeError):
                     # Refused once, and counted once: run_requests sets a failed request aside for good.
-                    responses[i] = error_response(decode_error_message(formats[0]), reason="decode",
-                                                  request=requests[i])
+                    responses[i] = refusal("decode", decode_error_message(formats[0]))
                 else:
                     responses[i] = self._response(outcome)
         return responses

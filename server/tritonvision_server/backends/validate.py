@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvision.spec import ACCEPTED, IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
-from ._common import error_response
+from ._common import refusal
 
 
 class TritonPythonModel:
@@ -27,7 +27,7 @@ class TritonPythonModel:
             try:
                 inspect_rows(rows)
             except InvalidImage as exc:
-                responses.append(error_response(str(exc), reason="header", request=request))
+                responses.append(refusal("header", str(exc)))
                 continue
             verdict = np.ones((rows.shape[0] if rows.ndim > 1 else 1, 1), dtype=np.uint8)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(ACCEPTED.name, verdict)]))
