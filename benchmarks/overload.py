@@ -116,7 +116,6 @@ def service_time_ms(clf, image: bytes, n: int = 20) -> float:
 def open_loop(clf, image: bytes, rate: float, seconds: float, deadline: float, progress=None) -> list[tuple]:
     """Send at ``rate`` per second for ``seconds``; returns (sent, finished, outcome) of every request."""
     from tritonvision import OverloadedError
-    from tritonvision._retry import Deadline
 
     records: list[tuple] = []
     lock = threading.Lock()
@@ -133,8 +132,9 @@ def open_loop(clf, image: bytes, rate: float, seconds: float, deadline: float, p
         outstanding.acquire()
         sent = time.monotonic()
 
-        def done(preds, error, sent=sent):
+        def done(future, sent=sent):
             finished = time.monotonic()
+            error = future.exception()
             if error is None:
                 outcome = "ok"
             elif isinstance(error, OverloadedError):
@@ -145,7 +145,7 @@ def open_loop(clf, image: bytes, rate: float, seconds: float, deadline: float, p
                 records.append((sent - start, finished - start, outcome))
             outstanding.release()
 
-        clf._submit(image, 5, Deadline(deadline), done)
+        clf.submit(image, 5, timeout=deadline).add_done_callback(done)
         n += 1
         if progress is not None:
             progress(1)
