@@ -15,6 +15,14 @@ for classification); with ``--shared-memory system`` perf_analyzer also receives
 memory, while the SDK sends only the image through it (the top-k strings come back in the response).
 
     .venv/bin/python benchmarks/bench_client.py [--concurrency 1,4,16] [--seconds 6] [--variants real,light]
+
+``--interleave N`` measures only the client's own cost, on the light variant: at each concurrency, N rounds
+of the SDK and the bare grpcio loop one after the other (in rotating order, each in a fresh process, so
+that a noisy machine weighs on both alike), and, with ``--baseline-sdk DIR`` (the ``client/`` directory of
+another checkout, e.g. ``git archive <rev> client | tar -x -C /tmp/before``), that SDK in the same rounds.
+It reports the median of each and the median of the per-round ratios SDK / bare:
+
+    .venv/bin/python benchmarks/bench_client.py --interleave 5 --baseline-sdk /tmp/before/client
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,6 +178,81 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
             "p95_ms": float(pct[2]), "p99_ms": float(pct[3]), "mean_ms": float(lat.mean())}
 
 
+def worker(args) -> int:
+    """One closed-loop run in this process (``--worker sdk|grpcio``); prints its result as JSON."""
+    image = photo()
+    if args.worker == "grpcio":
+        r = grpcio_floor(args.url, image, concurrency=args.concurrency[0], seconds=args.seconds, warmup=args.warmup)
+    else:
+        import tritonvision
+        from tritonvision import Classifier
+        from tritonvision._bench import run as sdk_run
+
+        with Classifier(args.url, timeout=60) as clf:
+            r = sdk_run(clf, [image], concurrency=args.concurrency[0], seconds=args.seconds, warmup=args.warmup).to_dict()
+        r["sdk"] = str(Path(tritonvision.__file__).parents[1])
+    print(json.dumps(r))
+    return 0
+
+
+def _spawn_worker(kind: str, url: str, concurrency: int, args, sdk_path: Path | None = None) -> dict:
+    env = dict(os.environ)
+    if sdk_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(sdk_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, __file__, "--worker", kind, "--url", url, "--concurrency", str(concurrency),
+           "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved(args) -> int:
+    """SDK vs the bare grpcio loop (and a baseline SDK) in alternating rounds on the light variant."""
+    from tqdm import tqdm
+    from tritonvision_server.launcher import TritonServer
+
+    clients = [("grpcio", None), ("sdk", None)] + ([("baseline", args.baseline_sdk)] if args.baseline_sdk else [])
+    repo = repositories(["light"])["light"]
+    rows: list[dict] = []
+    started = time.time()
+    with TritonServer(repo, log_file=BUILD / "tritonserver_interleave.log") as server:
+        total = len(args.concurrency) * args.interleave * len(clients)
+        with tqdm(total=total, desc="runs", unit="run", file=sys.stderr) as bar:
+            for c in args.concurrency:
+                for rnd in range(args.interleave):
+                    shift = rnd % len(clients)
+                    for name, path in clients[shift:] + clients[:shift]:
+                        r = _spawn_worker("grpcio" if name == "grpcio" else "sdk", server.grpc_url, c, args, path)
+                        rows.append({"client": name, "round": rnd, **r})
+                        bar.update(1)
+    summary = []
+    for c in args.concurrency:
+        by = {name: {r["round"]: r["throughput"] for r in rows if r["client"] == name and r["concurrency"] == c}
+              for name, _ in clients}
+        line = {"concurrency": c}
+        for name, _ in clients:
+            line[name] = statistics.median(by[name].values())
+            if name != "grpcio":
+                line[f"{name}/grpcio"] = statistics.median(by[name][k] / by["grpcio"][k] for k in by[name])
+        summary.append(line)
+    result = {"hardware": hardware(), "versions": versions(), "mode": "interleaved", "rounds": args.interleave,
+              "seconds_per_run": args.seconds, "baseline_sdk": str(args.baseline_sdk) if args.baseline_sdk else None,
+              "wall_seconds": time.time() - started, "summary": summary, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    hw = result["hardware"]
+    print(f"\n{hw['cpu']} ({hw['cores']} cores); light variant, plain gRPC, {args.interleave} interleaved rounds of "
+          f"{args.seconds:g} s; medians (img/s) and the median of per-round ratios\n")
+    names = [name for name, _ in clients]
+    head = f"{'conc':>4}  " + "  ".join(f"{n:>9}" for n in names) + "  " + "  ".join(
+        f"{n + '/grpcio':>16}" for n in names if n != "grpcio")
+    print(head + "\n" + "-" * len(head))
+    for line in summary:
+        print(f"{line['concurrency']:>4}  " + "  ".join(f"{line[n]:>9.1f}" for n in names) + "  " + "  ".join(
+            f"{line[n + '/grpcio']:>16.3f}" for n in names if n != "grpcio"))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
 def table(rows: list[dict]) -> str:
     index = {(r["variant"], r["client"], r["shm"], r["concurrency"]): r for r in rows}
     head = (f"{'variant':<7} {'shm':<7} {'conc':>4}  {'SDK img/s':>9} {'PA img/s':>9} {'SDK/PA':>6}  "
@@ -193,9 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--variants", default="real,light", type=lambda s: s.split(","))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_client.json")
+    ap.add_argument("--interleave", type=int, metavar="ROUNDS", help="SDK vs bare grpcio only, in alternating rounds")
+    ap.add_argument("--baseline-sdk", type=Path, metavar="DIR", help="with --interleave: another SDK's client/ directory")
+    ap.add_argument("--worker", choices=("sdk", "grpcio"), help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.worker:
+        return worker(args)
+    if args.interleave:
+        BUILD.mkdir(parents=True, exist_ok=True)
+        return interleaved(args)
     from tqdm import tqdm
 
     BUILD.mkdir(parents=True, exist_ok=True)

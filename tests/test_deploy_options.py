@@ -178,7 +178,15 @@ def test_summary_latencies_alerts_and_dashboard():
     alerts = {r["alert"]: r for r in group["rules"]}
     assert set(alerts) == {"TritonvisionQueueTimeOverBudget", "TritonvisionFailureRatio", "TritonvisionPodRestarts"}
     assert "> 20000" in alerts["TritonvisionQueueTimeOverBudget"]["expr"]
-    assert 'namespace="ml",pod=~"tv-tritonvision-.*"' in alerts["TritonvisionFailureRatio"]["expr"]
+    failure_ratio = alerts["TritonvisionFailureRatio"]["expr"]
+    assert 'namespace="ml",pod=~"tv-tritonvision-.*"' in failure_ratio
+    # Server failures only: refused images (clients' errors) are subtracted, also before the first one, from
+    # the ensemble's failures counted once per request.
+    assert 'sum(rate(tritonvision_refused_images_total{namespace="ml",pod=~"tv-tritonvision-.*"}[10m])) or vector(0)' in failure_ratio
+    assert 'model="classifier"}[10m])) / 2\n' in failure_ratio
+    once = render({**EVERYTHING, "metrics": {**EVERYTHING["metrics"], "prometheusRule": {"enabled": True, "ensembleFailuresPerRequest": 1}}})
+    (group,) = once["PrometheusRule"]["spec"]["groups"]
+    assert 'model="classifier"}[10m])) / 1\n' in next(r["expr"] for r in group["rules"] if r["alert"] == "TritonvisionFailureRatio")
     dashboard = json.loads(m["ConfigMap"]["data"]["tritonvision.json"])
     assert m["ConfigMap"]["metadata"]["labels"]["grafana_dashboard"] == "1"
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])

@@ -4,14 +4,18 @@ metrics port, and a refused image on a stream is never sent again (its error com
 from __future__ import annotations
 
 import re
+from pathlib import Path
 import time
 import urllib.request
 
 import pytest
+import yaml
 
 import tritonvision as tv
 from image_helpers import undecodable_jpeg
 from tritonvision import spec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def metrics(server) -> dict[str, float]:
@@ -122,3 +126,27 @@ def test_the_refusal_message_is_one_contract_for_server_and_client():
     assert spec.refusal_reason("image refused (elsewhere): x") is None
     with pytest.raises(ValueError):
         spec.refusal_message("because", "x")
+
+
+def ensemble_successes(m: dict) -> float:
+    return sum(v for k, v in m.items() if k.startswith("nv_inference_request_success{") and f'model="{spec.ENSEMBLE}"' in k)
+
+
+def all_refused(m: dict) -> float:
+    return sum(v for k, v in m.items() if k.startswith("tritonvision_refused_images_total{"))
+
+
+def test_the_alert_s_server_failures_are_zero_when_only_clients_sent_bad_images(triton_server, classifier, photos):
+    # The chart's TritonvisionFailureRatio takes server failures as (ensemble failures / k - refused images)
+    # over (ensemble successes + ensemble failures / k), k = ensembleFailuresPerRequest, 2 by default.
+    k = yaml.safe_load((ROOT / "deploy/helm/tritonvision/values.yaml").read_text())["metrics"]["prometheusRule"]["ensembleFailuresPerRequest"]
+    bad = undecodable_jpeg(photos["coffee"])
+    images = [photos["chelsea"], b"GIF89a not an image", bad, photos["coffee"], b"\x89PNG\r\n\x1a\n broken", bad]
+    before = settled(triton_server)
+    results = classifier.classify_batch(images, top_k=1, return_exceptions=True)
+    list(classifier.classify_stream(images, max_in_flight=3))
+    after = settled(triton_server)
+    assert sum(isinstance(r, Exception) for r in results) == 4
+    d = {f.__name__: f(after) - f(before) for f in (ensemble_failures, ensemble_successes, all_refused)}
+    assert d["ensemble_failures"] / k - d["all_refused"] == 0, d
+    assert d["ensemble_successes"] + d["ensemble_failures"] / k == 2 * len(images), d
