@@ -20,7 +20,8 @@ memory, while the SDK sends only the image through it (the top-k strings come ba
 of the SDK and the bare grpcio loop one after the other (in rotating order, each in a fresh process, so
 that a noisy machine weighs on both alike), and, with ``--baseline-sdk DIR`` (the ``client/`` directory of
 another checkout, e.g. ``git archive <rev> client | tar -x -C /tmp/before``), that SDK in the same rounds.
-It reports the median of each and the median of the per-round ratios SDK / bare:
+It reports the median of each, the median of the per-round ratios SDK / bare, and each client's CPU time
+per answered request (what a noisy machine disturbs least):
 
     .venv/bin/python benchmarks/bench_client.py --interleave 5 --baseline-sdk /tmp/before/client
 """
@@ -179,17 +180,37 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
 
 
 def worker(args) -> int:
-    """One closed-loop run in this process (``--worker sdk|grpcio``); prints its result as JSON."""
+    """One closed-loop run in this process (``--worker sdk|grpcio``); prints its result as JSON, with the
+    process's CPU time per answered request (user + system: the client's own cost, which on a shared host
+    is taken from the server, and which a noisy machine disturbs much less than throughput)."""
+    import resource
+
     image = photo()
+    c = args.concurrency[0]
+
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return u.ru_utime + u.ru_stime
+
     if args.worker == "grpcio":
-        r = grpcio_floor(args.url, image, concurrency=args.concurrency[0], seconds=args.seconds, warmup=args.warmup)
+        def loop(seconds, warmup):
+            return grpcio_floor(args.url, image, concurrency=c, seconds=seconds, warmup=warmup)
     else:
         import tritonvision
         from tritonvision import Classifier
         from tritonvision._bench import run as sdk_run
 
-        with Classifier(args.url, timeout=60) as clf:
-            r = sdk_run(clf, [image], concurrency=args.concurrency[0], seconds=args.seconds, warmup=args.warmup).to_dict()
+        clf = Classifier(args.url, timeout=60)
+
+        def loop(seconds, warmup):
+            return sdk_run(clf, [image], concurrency=c, seconds=seconds, warmup=warmup).to_dict()
+
+    loop(args.warmup, 0.0)  # connection, first calls, caches: not measured
+    before = cpu()
+    r = loop(args.seconds, 0.0)
+    r["client_cpu_us_per_request"] = (cpu() - before) / max(r["requests"], 1) * 1e6
+    if args.worker == "sdk":
+        clf.close()
         r["sdk"] = str(Path(tritonvision.__file__).parents[1])
     print(json.dumps(r))
     return 0
@@ -226,13 +247,14 @@ def interleaved(args) -> int:
                         bar.update(1)
     summary = []
     for c in args.concurrency:
-        by = {name: {r["round"]: r["throughput"] for r in rows if r["client"] == name and r["concurrency"] == c}
-              for name, _ in clients}
         line = {"concurrency": c}
         for name, _ in clients:
-            line[name] = statistics.median(by[name].values())
+            mine = {r["round"]: r for r in rows if r["client"] == name and r["concurrency"] == c}
+            bare = {r["round"]: r for r in rows if r["client"] == "grpcio" and r["concurrency"] == c}
+            line[name] = statistics.median(r["throughput"] for r in mine.values())
+            line[f"{name}_cpu_us"] = statistics.median(r["client_cpu_us_per_request"] for r in mine.values())
             if name != "grpcio":
-                line[f"{name}/grpcio"] = statistics.median(by[name][k] / by["grpcio"][k] for k in by[name])
+                line[f"{name}/grpcio"] = statistics.median(mine[k]["throughput"] / bare[k]["throughput"] for k in mine)
         summary.append(line)
     result = {"hardware": hardware(), "versions": versions(), "mode": "interleaved", "rounds": args.interleave,
               "seconds_per_run": args.seconds, "baseline_sdk": str(args.baseline_sdk) if args.baseline_sdk else None,
@@ -243,12 +265,14 @@ def interleaved(args) -> int:
     print(f"\n{hw['cpu']} ({hw['cores']} cores); light variant, plain gRPC, {args.interleave} interleaved rounds of "
           f"{args.seconds:g} s; medians (img/s) and the median of per-round ratios\n")
     names = [name for name, _ in clients]
-    head = f"{'conc':>4}  " + "  ".join(f"{n:>9}" for n in names) + "  " + "  ".join(
-        f"{n + '/grpcio':>16}" for n in names if n != "grpcio")
+    head = (f"{'conc':>4}  " + "  ".join(f"{n:>9}" for n in names) + "  "
+            + "  ".join(f"{n + '/grpcio':>16}" for n in names if n != "grpcio") + "  "
+            + "  ".join(f"{n + ' CPU us':>15}" for n in names))
     print(head + "\n" + "-" * len(head))
     for line in summary:
-        print(f"{line['concurrency']:>4}  " + "  ".join(f"{line[n]:>9.1f}" for n in names) + "  " + "  ".join(
-            f"{line[n + '/grpcio']:>16.3f}" for n in names if n != "grpcio"))
+        print(f"{line['concurrency']:>4}  " + "  ".join(f"{line[n]:>9.1f}" for n in names) + "  "
+              + "  ".join(f"{line[n + '/grpcio']:>16.3f}" for n in names if n != "grpcio") + "  "
+              + "  ".join(f"{line[n + '_cpu_us']:>15.0f}" for n in names))
     print(f"\nwritten to {args.out}")
     return 0
 

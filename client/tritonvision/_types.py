@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from .exceptions import TritonVisionError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: made k times per answer, a third cheaper to build
 class Prediction:
     """One class of the top-k: its ImageNet label, class index and softmax score."""
 
