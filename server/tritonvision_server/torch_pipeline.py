@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import warnings
 from dataclasses import dataclass
 
 from tritonvision.spec import NUM_CLASSES, PREPROCESSING
@@ -25,6 +26,11 @@ from tritonvision._extras import require
 log = logging.getLogger(__name__)
 
 torch = require("torch", extra="gpu-torch", what="the gpu-torch profile")
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns on every call (the GPU
+# hosts' torchvision for torch 2.11 does not); the decoders still work, and a warning per batch would flood
+# the server log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 # --- decoding -----------------------------------------------------------------------------------------------
