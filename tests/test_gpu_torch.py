@@ -158,3 +158,34 @@ def test_serving_gpu_torch_without_cuda_exits_with_the_reason(caplog):
         pytest.skip("this machine has CUDA")
     assert main(["serve", "--profile", "gpu-torch", "--model-repository", "/nonexistent"]) == 1
     assert "needs a CUDA GPU" in caplog.text and "--torch-device cpu" in caplog.text
+
+
+def test_serve_gpu_torch_with_the_cpu_override_builds_its_repository_and_serves(tmp_path, photos):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tritonvision_server.launcher import free_port
+
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--profile", "gpu-torch", "--weights", TEST_WEIGHTS,
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    # The override through the environment; the repository is built under the working directory's build/.
+    env = dict(os.environ, TRITONVISION_TORCH_DEVICE="cpu")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Classifier(f"127.0.0.1:{ports[1]}", timeout=180) as clf:
+            clf.wait_until_ready(timeout=240)
+            assert clf.classify(photos["coffee"])
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    repo = tmp_path / "build" / "model_repository_gpu_torch_cpu"
+    assert (repo / spec.RESNET50 / "1" / configs.TORCH_WEIGHTS_FILE).exists()
+    assert configs.parse((repo / spec.RESNET50 / "config.pbtxt").read_text()).parameters["device"].string_value == "cpu"
+    # No CUDA pools were asked of a server without CUDA.
+    assert "--cuda-memory-pool-byte-size" not in out
