@@ -52,6 +52,16 @@ def test_torch_preprocessing_matches_the_cpu_profile_dali_pipeline(odd_photos):
     assert diff.mean() < 0.2 * GREY_LEVEL
 
 
+def test_images_of_one_size_resized_together_equal_each_resized_alone(odd_photos):
+    names = ["chelsea", "tiny_57x43", "chelsea", "coffee", "tiny_57x43", "chelsea"]
+    images = tp.decode([np.frombuffer(odd_photos[n], np.uint8) for n in names], "cpu")
+    together = tp.resize_crop(images)
+    alone = torch.cat([tp.resize_crop([img]) for img in images])
+    assert together.shape == (len(names), 3, 224, 224)
+    assert torch.equal(together, alone), "grouping by size must not change or reorder any image"
+    assert not torch.equal(together[0], together[1])
+
+
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (256, 256), (257, 333), (97, 301), (511, 129), (57, 43),
                                   (4032, 3024), (225, 1000)])
 def test_geometry_is_torchvisions_resize_and_center_crop(size):

@@ -202,16 +202,30 @@ def crop_offsets(height: int, width: int, crop: int = PREPROCESSING.crop) -> tup
     return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
-def resize_crop(image):
-    """One upright ``[3, H, W]`` uint8 image -> ``[3, crop, crop]`` float32 grey levels (0..255, whole numbers)."""
-    h, w = image.shape[-2:]
-    new_h, new_w = resized_size(h, w)
-    top, left = crop_offsets(new_h, new_w)
+def resize_crop(images):
+    """Upright ``[3, H, W]`` uint8 images -> ``[N, 3, crop, crop]`` float32 grey levels (0..255, whole numbers).
+
+    Images of one size are resized together in one call (a batch of phone photos is mostly one or two sizes),
+    so the number of kernel launches follows the number of distinct sizes, not of images."""
     crop = PREPROCESSING.crop
-    x = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
-                                        align_corners=False, antialias=True)
-    # PIL resizes in uint8 and rounds; doing the same halves the difference to the reference.
-    return x[0, :, top : top + crop, left : left + crop].round_().clamp_(0, 255)
+    if not images:
+        raise ValueError("no images")
+    out = torch.empty(len(images), 3, crop, crop, device=images[0].device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    for (h, w), members in groups.items():
+        new_h, new_w = resized_size(h, w)
+        top, left = crop_offsets(new_h, new_w)
+        x = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+        x = torch.nn.functional.interpolate(x.float(), size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        # PIL resizes in uint8 and rounds; doing the same halves the difference to the reference.
+        x = x[:, :, top : top + crop, left : left + crop].round_().clamp_(0, 255)
+        if len(members) == len(images):
+            return x
+        out[torch.tensor(members, device=out.device)] = x
+    return out
 
 
 class Normaliser:
@@ -229,9 +243,7 @@ class Normaliser:
 
 def preprocess(images: list, device, dtype=None):
     """Decoded images (each ``[3, H, W]`` uint8 on ``device``) -> ``[N, 3, crop, crop]`` pixels of ``dtype``."""
-    dtype = dtype or torch.float32
-    batch = torch.stack([resize_crop(img) for img in images])
-    return Normaliser(batch.device, dtype)(batch)
+    return Normaliser(images[0].device, dtype or torch.float32)(resize_crop(images))
 
 
 # --- the model ----------------------------------------------------------------------------------------------

@@ -60,19 +60,18 @@ class TritonPythonModel:
             return responses
         try:
             images = tp.decode(rows, self.device)
-            ok = [(i, start, n) for i, start, n, formats in work
-                  if not any(isinstance(img, Exception) for img in images[start : start + n])]
+            ok = []  # (request index, first row, row count) of the requests whose images all decoded
             for i, start, n, formats in work:
-                failed = next((img for img in images[start : start + n] if isinstance(img, Exception)), None)
-                if failed is not None:
+                if any(isinstance(img, tp.DecodeFailed) for img in images[start : start + n]):
                     responses[i] = error_response(
                         f"could not decode the {formats[0].upper()} image: the data is corrupt or truncated",
                         reason="decode", request=requests[i])
+                else:
+                    ok.append((i, start, n))
             if not ok:
                 return responses
             with tp.torch.inference_mode():
-                batch = tp.torch.stack([tp.resize_crop(images[start + k]) for _, start, n in ok for k in range(n)])
-                pixels = self.normalise(batch)
+                pixels = self.normalise(tp.resize_crop([images[start + k] for _, start, n in ok for k in range(n)]))
         except Exception as exc:  # noqa: BLE001 - anything but a decode failure: fail this batch only
             log.exception("preprocessing failed")
             for i, _, _, _ in work:
