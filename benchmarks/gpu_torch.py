@@ -8,6 +8,9 @@
    and the SDK at concurrency 1..256 over plain gRPC, system shared memory and CUDA shared memory;
 4. the per-step breakdown from Triton's statistics at the highest concurrency.
 
+Before measuring the ensemble, its answers for the sample photos are checked against the same weights run in
+FP32 on the CPU in this process (top-1 equal, scores within 5e-3): a broken GPU hand-over fails the run.
+
 Then the targets: ensemble >= 0.8 x min(model-only FP16+graphs, preprocessing-only) at batch 128, and batch-1
 p50 through Triton within 2 ms of model-only batch-1 latency. Prints a compact table; writes JSON.
 
@@ -143,8 +146,35 @@ def preprocess_only(device, images: list[bytes], batch_sizes, seconds) -> list[d
     return rows
 
 
+def reference_scores(images: list[bytes], state_dict: Path):
+    """FP32 scores of ``images`` computed in this process on the CPU: what the served ensemble must agree with."""
+    import numpy as np
+    import torch
+
+    from tritonvision_server import torch_pipeline as tp
+
+    model, _ = tp.load_resnet50(state_dict, "cpu", "fp32")
+    pixels = tp.preprocess(tp.decode([np.frombuffer(b, np.uint8) for b in images], "cpu"), "cpu")
+    with torch.inference_mode():
+        return model(pixels).numpy()
+
+
+def agreement(url: str, images: list[bytes], state_dict: Path) -> dict:
+    """The served answers against :func:`reference_scores`: a broken hand-over between the steps (garbage pixels
+    through DLPack) would still produce throughput figures, so they are checked first."""
+    import tritonvision as tv
+
+    ref = reference_scores(images, state_dict)
+    with tv.Classifier(url, timeout=300) as clf:
+        served = [clf.classify(image, top_k=5) for image in images]
+    top1 = [preds[0].index == int(ref[i].argmax()) for i, preds in enumerate(served)]
+    diff = max(abs(p.score - float(ref[i][p.index])) for i, preds in enumerate(served) for p in preds)
+    # FP16 pixels and model against FP32, nvJPEG against libjpeg: scores of ~0.01-0.06 move by ~1e-3 at most.
+    return {"top1_equal": top1, "max_score_diff": diff, "ok": all(top1) and diff <= 5e-3}
+
+
 def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concurrencies, transports, seconds,
-                   perf_analyzer: Path | None, server_args, work: Path) -> dict:
+                   perf_analyzer: Path | None, server_args, work: Path, state_dict: Path) -> dict:
     import tritonvision as tv
     from tritonvision import _bench
 
@@ -156,6 +186,10 @@ def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concur
         with tv.Classifier(url, timeout=300) as clf:  # first requests: nvJPEG and cuDNN set-up, not measured
             for image in images * 2:
                 clf.classify(image)
+        out["agreement"] = agreement(url, images, state_dict)
+        log.info("served vs in-process FP32 on the CPU: %s", out["agreement"])
+        if not out["agreement"]["ok"]:
+            out["errors"].append(f"the served scores disagree with the in-process reference: {out['agreement']}")
         if perf_analyzer is not None:
             try:
                 import perf_analyzer as pa
@@ -247,6 +281,7 @@ def print_table(result: dict) -> None:
     for stage in (served.get("breakdown") or {}).get("stages", []):
         print(f"  step {stage['model']:<11} batch {stage['avg_batch']:.1f} queue {stage['queue_ms']:.2f} "
               f"in {stage['input_ms']:.2f} infer {stage['infer_ms']:.2f} out {stage['output_ms']:.2f} ms")
+    print(f"served vs in-process reference: {served.get('agreement')}")
     print(f"targets: {json.dumps(result['targets'])}")
     for e in result.get("errors", []):
         print(f"ERROR {e}")
@@ -290,8 +325,11 @@ def main(argv=None) -> int:
     if not args.skip_triton:
         parts.append(("triton", lambda: through_triton(
             repo, images, concurrencies=(1, 8, 32, 128, 256), sdk_concurrencies=(1, 2) if smoke else (1, 16, 64, 256),
-            transports=("grpc", "system") if smoke else ("grpc", "system", "cuda"), seconds=seconds,
-            perf_analyzer=None if smoke else (args.perf_analyzer_dir or work / "perf_analyzer"), server_args=() if smoke else GPU_TORCH_SERVER_ARGS, work=work)))
+            transports=("grpc", "system") if smoke else ("grpc", "system", "cuda"),
+            # On the CPU a request takes 0.1-0.5 s: a window must hold several.
+            seconds=max(seconds, 2.0) if smoke else seconds,
+            perf_analyzer=None if smoke else (args.perf_analyzer_dir or work / "perf_analyzer"),
+            server_args=() if smoke else GPU_TORCH_SERVER_ARGS, work=work, state_dict=state_dict)))
     for name, run in parts:
         start = time.perf_counter()
         try:

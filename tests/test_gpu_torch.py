@@ -189,3 +189,25 @@ def test_serve_gpu_torch_with_the_cpu_override_builds_its_repository_and_serves(
     assert configs.parse((repo / spec.RESNET50 / "config.pbtxt").read_text()).parameters["device"].string_value == "cpu"
     # No CUDA pools were asked of a server without CUDA.
     assert "--cuda-memory-pool-byte-size" not in out
+
+
+@pytest.mark.gpu
+def test_gpu_torch_on_cuda_answers_like_the_cpu_override(torch_classifier, photos):
+    """nvJPEG, FP16 and CUDA graphs, with the pixels handed over through DLPack in GPU memory."""
+    from tritonvision_server.build import build_gpu_torch_repository
+    from tritonvision_server.launcher import TritonServer
+    from tritonvision_server.serve import GPU_TORCH_SERVER_ARGS
+
+    repo = build_gpu_torch_repository(BUILD / "model_repository_gpu_torch", TEST_WEIGHTS, device="cuda",
+                                      state_dict=BUILD / "resnet50_state_dict.pt")
+    with TritonServer(repo, extra_args=list(GPU_TORCH_SERVER_ARGS), startup_timeout=300) as server, \
+            Classifier(server.grpc_url, timeout=120) as gpu:
+        for name, data in photos.items():
+            got, want = gpu.classify(data, top_k=5), torch_classifier.classify(data, top_k=5)
+            assert got[0].index == want[0].index, (name, got, want)
+            # FP16 model and pixels, nvJPEG against libjpeg-turbo.
+            assert abs(got[0].score - want[0].score) <= 2e-3, (name, got[0], want[0])
+        good = photos["chelsea"]
+        results = gpu.classify_batch([good, undecodable_jpeg(good), good], return_exceptions=True)
+        assert isinstance(results[1], InvalidImageError)
+        assert [p.index for p in results[0]] == [p.index for p in results[2]]

@@ -26,6 +26,7 @@ def test_gpu_torch_benchmark_smoke_runs_every_part_and_writes_its_json(tmp_path)
     sdk = result["triton"]["sdk"]
     assert {(r["transport"], r["concurrency"]) for r in sdk} == {("grpc", 1), ("grpc", 2), ("system", 1), ("system", 2)}
     assert all(r["throughput"] > 0 and r["errors"] == 0 for r in sdk)
+    assert result["triton"]["agreement"]["ok"] and all(result["triton"]["agreement"]["top1_equal"])
     stages = {s["model"]: s for s in result["triton"]["breakdown"]["stages"]}
     assert stages["resnet50"]["inferences"] > 0 and stages["preprocess"]["inferences"] > 0
     targets = result["targets"]
