@@ -17,6 +17,18 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(array: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
+    """``array`` as a quality-92 JPEG, converted to ``mode`` (``CMYK``, ``L``) first when given."""
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92, **kwargs)
+    return buf.getvalue()
+
+
 def undecodable_jpeg(jpeg: bytes) -> bytes:
     """``jpeg`` with its scan naming Huffman tables that do not exist: every header is intact, so the header
     check passes, and only decoding finds the damage."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_helpers import undecodable_jpeg
+from image_helpers import jpeg, undecodable_jpeg
 from tritonvision import spec
 
 
@@ -24,38 +24,6 @@ def _reference(data: bytes) -> np.ndarray:
         transforms.Normalize(p.mean, p.std),
     ])
     return t(image).numpy()
-
-
-def _jpeg(array: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
-    from PIL import Image
-
-    image = Image.fromarray(array)
-    if mode:
-        image = image.convert(mode)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=92, **kwargs)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def odd_photos(photos) -> dict[str, bytes]:
-    """Real photos at odd sizes and aspect ratios, EXIF-rotated, CMYK and greyscale."""
-    import skimage.data
-    from PIL import Image
-
-    chelsea, coffee, astronaut = skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut()
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    return {
-        **photos,
-        "odd_333x257": _jpeg(coffee[:257, :333]),
-        "tall_97x301": _jpeg(astronaut[:301, 200:297]),
-        "wide_511x129": _jpeg(chelsea[100:229, :511 if chelsea.shape[1] >= 511 else None]),
-        "tiny_57x43": _jpeg(coffee[100:143, 100:157]),
-        "exif_rotated": _jpeg(coffee[:300, :451], exif=exif.tobytes()),
-        "cmyk": _jpeg(chelsea, mode="CMYK"),
-        "greyscale": _jpeg(astronaut, mode="L"),
-    }
 
 
 @pytest.mark.parametrize("pixels_dtype", ["FP32", "FP16"])
@@ -82,7 +50,7 @@ def test_exif_rotation_is_applied_not_ignored(odd_photos):
     from tritonvision_server.pipeline import CpuPreprocessor
 
     data = odd_photos["exif_rotated"]
-    unrotated = _jpeg(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    unrotated = jpeg(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     pre = CpuPreprocessor(max_batch_size=1, num_threads=1)
     out = pre([np.frombuffer(data, np.uint8)])[0]
     assert np.abs(out - _reference(unrotated)).max() > 0.5

@@ -44,6 +44,8 @@ __all__ = [
     "PROFILES",
     "CPU",
     "GPU",
+    "GPU_TORCH",
+    "TORCH_PRECISIONS",
 ]
 
 # Model names in the repository. Clients only ever talk to the ensemble.
@@ -203,6 +205,10 @@ ENGINE_PRECISIONS: dict[str, str] = {"fp16": "FP16", "int8": "FP16", "tf32": "FP
 ENGINE_ONNX: dict[str, str] = {"fp16": "fp16", "int8": "int8", "tf32": "fp32", "fp32": "fp32"}
 
 
+# Model-step precisions of gpu-torch: fp16 weights and activations, fp32 with TF32 convolutions, plain fp32.
+TORCH_PRECISIONS = ("fp16", "tf32", "fp32")
+
+
 @dataclass(frozen=True)
 class EngineBuild:
     """How the TensorRT engine of the gpu profile is built (``build_engines.py engine``)."""
@@ -229,7 +235,8 @@ class EngineBuild:
 
 @dataclass(frozen=True)
 class Profile:
-    """One deployment target. ``cpu`` runs everywhere (python backend); ``gpu`` is the NGC image (DALI + TensorRT)."""
+    """One deployment target. ``cpu`` runs everywhere (python backend); ``gpu`` is the NGC image (DALI + TensorRT);
+    ``gpu-torch`` is the bundled server's python backend with PyTorch on any CUDA machine."""
 
     name: str
     pixels_dtype: str
@@ -250,6 +257,10 @@ class Profile:
     engine: EngineBuild | None = None
     validate: StepServing | None = None
     hw_decoder_load: float = 0.65
+    # gpu-torch only: the device the PyTorch steps run on ("cuda"; "cpu" is the override that runs the same
+    # code on a machine without CUDA, for CI) and the precision of the model step (one of TORCH_PRECISIONS).
+    torch_device: str | None = None
+    torch_precision: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine.input_dtype != self.pixels_dtype:
@@ -259,6 +270,10 @@ class Profile:
             )
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
+        if self.torch_device not in (None, "cuda", "cpu"):
+            raise ValueError(f"torch_device must be 'cuda' or 'cpu', got {self.torch_device!r}")
+        if self.torch_precision not in TORCH_PRECISIONS:
+            raise ValueError(f"torch_precision must be one of {TORCH_PRECISIONS}, got {self.torch_precision!r}")
 
     @property
     def pixels(self) -> Tensor:
@@ -272,6 +287,20 @@ class Profile:
 
         engine = replace(self.engine, precision=precision)
         return replace(self, engine=engine, pixels_dtype=engine.input_dtype)
+
+    def on_cpu(self) -> "Profile":
+        """A gpu-torch profile whose steps run the same PyTorch code on the CPU (one CPU instance each, no CUDA
+        graphs): what CI serves on a machine without a GPU, where the cores, not the instances, are the limit."""
+        if self.torch_device is None:
+            raise ValueError(f"the {self.name} profile does not run PyTorch steps")
+        from dataclasses import replace
+
+        def cpu_step(step: StepServing) -> StepServing:
+            # ResNet-50 is ~100x slower on a CPU: the queue timeout of the cpu profile's steps, not the GPU's.
+            batching = replace(step.batching, queue_timeout_us=CPU.resnet50.batching.queue_timeout_us)
+            return replace(step, kind="KIND_CPU", instances=1, batching=batching)
+
+        return replace(self, torch_device="cpu", preprocess=cpu_step(self.preprocess), resnet50=cpu_step(self.resnet50))
 
 
 CPU = Profile(
@@ -309,4 +338,21 @@ GPU = Profile(
     validate=StepServing(4, "KIND_CPU", Batching(128, (), 0, max_queue_size=512, queue_timeout_us=1_000_000)),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (CPU, GPU)}
+GPU_TORCH = Profile(
+    name="gpu-torch",
+    pixels_dtype="FP16",
+    max_batch_size=128,
+    # Both steps are python-backend models with GPU instances. Two preprocess instances (stub processes)
+    # overlap one batch's CPU work (per-request header checks, reading the requests) with the other's nvJPEG
+    # decode; two model instances overlap one graph replay with the next batch's hand-over. Queues as in gpu.
+    preprocess=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 500, max_queue_size=512, queue_timeout_us=1_000_000)),
+    resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000)),
+    # Threads of the CPU fallback decoder (non-JPEG formats) in each preprocess instance.
+    cpu_threads=4,
+    # The model step captures one CUDA graph per size and pads a batch to the next one (torch_pipeline.GraphRunner).
+    cuda_graph_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128),
+    torch_device="cuda",
+    torch_precision="fp16",
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (CPU, GPU, GPU_TORCH)}

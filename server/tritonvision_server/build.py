@@ -6,6 +6,8 @@ Subcommands, each idempotent:
                FP16 / INT8 (Q/DQ) files the engines of those precisions are built from
 - ``configs``  render the gpu profile's committed ``model_repository/`` configs and labels
 - ``cpu``      ``onnx`` + the cpu profile's repository (python-backend steps) under ``build/``
+- ``gpu-torch`` the gpu-torch profile's repository (PyTorch python-backend steps, the ResNet-50 state dict)
+               under ``build/``; ``--device cpu`` builds the CPU override that runs without a GPU
 - ``dali``     write the GPU-decoder pipeline as ``preprocess/1/dali.py`` and check that this machine's DALI
                autoserialises it the way the Triton DALI backend will
 - ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``,
@@ -36,6 +38,12 @@ DEFAULT_ONNX = DEFAULT_BUILD / "resnet50.onnx"
 DEFAULT_CPU_REPOSITORY = DEFAULT_BUILD / "model_repository_cpu"
 DEFAULT_GPU_REPOSITORY = Path("model_repository")
 DEFAULT_ENGINES = DEFAULT_BUILD / "engines"
+DEFAULT_TORCH_WEIGHTS = DEFAULT_BUILD / "resnet50_state_dict.pt"
+
+
+def default_gpu_torch_repository(device: str = "cuda") -> Path:
+    """Where ``gpu-torch`` is built: one folder per device, since the configs differ (instance kind, device)."""
+    return DEFAULT_BUILD / ("model_repository_gpu_torch" if device == "cuda" else f"model_repository_gpu_torch_{device}")
 
 
 def build_cpu_repository(dest: Path = DEFAULT_CPU_REPOSITORY, onnx: Path = DEFAULT_ONNX, weights: str = "random",
@@ -45,6 +53,26 @@ def build_cpu_repository(dest: Path = DEFAULT_CPU_REPOSITORY, onnx: Path = DEFAU
 
     export_onnx(onnx, weights, force=force)
     return configs.write_repository(spec.CPU, dest, onnx_path=onnx)
+
+
+def gpu_torch_profile(device: str = "cuda", precision: str | None = None) -> spec.Profile:
+    """The gpu-torch profile on ``device`` (``cpu``: the override), with another model precision when asked."""
+    from dataclasses import replace
+
+    profile = spec.GPU_TORCH if device == "cuda" else spec.GPU_TORCH.on_cpu()
+    return replace(profile, torch_precision=precision) if precision else profile
+
+
+def build_gpu_torch_repository(dest: Path | None = None, weights: str = "random", *, device: str = "cuda",
+                               precision: str | None = None, state_dict: Path = DEFAULT_TORCH_WEIGHTS,
+                               force: bool = False) -> Path:
+    """Write the ResNet-50 state dict if needed (the same weights as the ONNX export) and the gpu-torch
+    repository that serves it on ``device``."""
+    from .onnx_export import export_state_dict
+
+    export_state_dict(state_dict, weights, force=force)
+    dest = Path(dest) if dest is not None else default_gpu_torch_repository(device)
+    return configs.write_repository(gpu_torch_profile(device, precision), dest, torch_weights=state_dict)
 
 
 def gpu_profile(precision: str | None = None) -> spec.Profile:
@@ -206,6 +234,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=DEFAULT_CPU_REPOSITORY)
     p.add_argument("--force", action="store_true")
 
+    p = sub.add_parser("gpu-torch", help="the gpu-torch profile's repository (PyTorch steps on the bundled server)")
+    p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH (default: imagenet)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default), or cpu: the same code on CPU instances, for machines without a GPU")
+    p.add_argument("--precision", choices=spec.TORCH_PRECISIONS, default=None,
+                   help=f"the model step's precision on CUDA (default from the spec: {spec.GPU_TORCH.torch_precision})")
+    p.add_argument("--state-dict", type=Path, default=DEFAULT_TORCH_WEIGHTS)
+    p.add_argument("--output", type=Path, default=None, help="default: build/model_repository_gpu_torch[_cpu]")
+    p.add_argument("--force", action="store_true")
+
     p = sub.add_parser("dali", help="write preprocess/1/dali.py (GPU decoder) and check that DALI autoserialises it")
     p.add_argument("--precision", choices=sorted(spec.ENGINE_PRECISIONS), default=None,
                    help="engine precision the pixels must match (default from the spec)")
@@ -243,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             configs.write_repository(spec.GPU, args.output)
         elif args.command == "cpu":
             build_cpu_repository(args.output, args.onnx, args.weights, args.force)
+        elif args.command == "gpu-torch":
+            build_gpu_torch_repository(args.output, args.weights, device=args.device, precision=args.precision,
+                                       state_dict=args.state_dict, force=args.force)
         elif args.command == "dali":
             build_dali(args.output, _with_hw_decoder_load(gpu_profile(args.precision), args.hw_decoder_load))
         elif args.command == "engine":

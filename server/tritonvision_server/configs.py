@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 LABELS_FILE = "labels.txt"
 ONNX_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
+# gpu-torch: ResNet-50's state dict, from the same weights as the ONNX file (onnx_export.export_state_dict).
+TORCH_WEIGHTS_FILE = "model.pt"
 # The DALI backend autoserialises this Python file with the server's own DALI (see pipeline.dali_model_source).
 DALI_FILE = "dali.py"
 # Real photos shipped in the packages: DALI cannot warm up on random bytes. Triton reads warm-up data from
@@ -86,7 +88,12 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
     config.output.append(_output(profile.pixels))
     _serving(config, profile.preprocess)
     config.backend = profile.preprocess.backend
-    if profile.preprocess.backend == "python":
+    if profile.preprocess.backend == "python" and profile.torch_device is not None:
+        # The encoded bytes must be in host memory for nvJPEG (and the header check): keep the python
+        # backend's default of moving inputs to the CPU (a client's CUDA shared memory input lands there too).
+        _parameters(config, num_threads=profile.cpu_threads, device=profile.torch_device,
+                    FORCE_CPU_ONLY_INPUT_TENSORS="yes")
+    elif profile.preprocess.backend == "python":
         _parameters(config, num_threads=profile.cpu_threads)
     elif profile.preprocess.backend == "dali":
         # Named explicitly so that a stale serialised model.dali left in the folder is never loaded instead.
@@ -120,7 +127,15 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
     config.input.append(_input(profile.pixels))
     config.output.append(_output(SCORES, labels=True))
     _serving(config, profile.resnet50)
-    if profile.resnet50.backend == "python":
+    if profile.resnet50.backend == "python" and profile.torch_device is not None:
+        config.backend = "python"
+        # FORCE_CPU_ONLY_INPUT_TENSORS "no": PIXELS stay where preprocess left them (GPU memory, handed over
+        # through DLPack) instead of being copied to the host and back (python_backend r24.10 README).
+        _parameters(config, weights_file=TORCH_WEIGHTS_FILE, device=profile.torch_device,
+                    precision=profile.torch_precision,
+                    cuda_graph_batch_sizes=",".join(map(str, profile.cuda_graph_batch_sizes)),
+                    FORCE_CPU_ONLY_INPUT_TENSORS="no")
+    elif profile.resnet50.backend == "python":
         config.backend = "python"
         _parameters(config, onnx_file=ONNX_FILE, intra_op_threads=profile.cpu_threads, spin_max_batch=profile.ort_spin_max_batch)
     elif profile.resnet50.backend == "tensorrt_plan":
@@ -252,8 +267,10 @@ from {module} import TritonPythonModel  # noqa: F401
 '''
 
 
-def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = None, label_names: list[str] | None = None) -> Path:
-    """Write ``dest`` as a model repository of ``profile`` (configs, labels, cpu-profile model code and ONNX)."""
+def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = None, label_names: list[str] | None = None,
+                     torch_weights: Path | None = None) -> Path:
+    """Write ``dest`` as a model repository of ``profile`` (configs, labels, python-backend model code, and the
+    ONNX file (cpu) or ResNet-50 state dict (gpu-torch) when given)."""
     dest = Path(dest)
     label_text = "\n".join(label_names if label_names is not None else labels()) + "\n"
     for name, text in render(profile).items():
@@ -267,10 +284,14 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
         steps[VALIDATE] = profile.validate
     for name, step in steps.items():
         if step.backend == "python":
-            module = f"tritonvision_server.backends.{name}"
+            # gpu-torch's steps are PyTorch models of their own (backends/torch_*.py).
+            prefix = "torch_" if profile.torch_device is not None and name != VALIDATE else ""
+            module = f"tritonvision_server.backends.{prefix}{name}"
             (dest / name / "1" / "model.py").write_text(_BACKEND_STUB.format(module=module))
     if profile.resnet50.backend == "python" and onnx_path is not None:
         _link_or_copy(Path(onnx_path), dest / RESNET50 / "1" / ONNX_FILE)
+    if profile.torch_device is not None and torch_weights is not None:
+        _link_or_copy(Path(torch_weights), dest / RESNET50 / "1" / TORCH_WEIGHTS_FILE)
     if profile.resnet50.backend == "tensorrt_plan":
         # Version folders whose content is built on the GPU host (model.plan) or that stay empty (the
         # ensemble) still have to exist for Triton; git keeps them through a placeholder.

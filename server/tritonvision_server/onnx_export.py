@@ -135,3 +135,27 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
     }, indent=2))
     log.info("exported ResNet-50 (%s weights) to %s in %.1f s", used, path, time.perf_counter() - start)
     return path
+
+
+def export_state_dict(path: Path, weights: str | Weights = "random", *, force: bool = False,
+                      allow_random_fallback: bool = True) -> Path:
+    """Write ResNet-50's state dict to ``path`` (and ``path.json``) from the same weights as :func:`export_onnx`
+    (the gpu-torch profile loads it in PyTorch); skipped when a file of the same weights exists."""
+    path = Path(path)
+    weights = Weights.parse(weights) if isinstance(weights, str) else weights
+    meta_path = path.with_suffix(path.suffix + ".json")
+    if not force and path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
+            log.info("%s is up to date (weights %s); skipping", path, meta["weights"])
+            return path
+    torch = require("torch", extra="build", what="the ResNet-50 state dict")
+    model, used = _model(weights, allow_random_fallback=allow_random_fallback)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), str(tmp))
+    tmp.replace(path)
+    meta_path.write_text(json.dumps({"requested": str(weights), "weights": str(used), "export_version": EXPORT_VERSION},
+                                    indent=2))
+    log.info("wrote ResNet-50's state dict (%s weights) to %s", used, path)
+    return path

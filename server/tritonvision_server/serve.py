@@ -1,4 +1,5 @@
-"""``tritonvision serve``: build the cpu repository if needed, start Triton, show it working, serve until Ctrl-C."""
+"""``tritonvision serve``: build the cpu (or gpu-torch) repository if needed, start Triton, show it working,
+serve until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -34,13 +35,36 @@ def server_tls(cert: str | None, key: str | None, client_ca: str | None = None) 
     return ServerTLS(Path(cert).resolve(), Path(key).resolve(), Path(client_ca).resolve() if client_ca else None)
 
 
-def _repository(model_repository: str | Path | None, profile: str, weights: str) -> Path:
+TORCH_DEVICE_ENV = "TRITONVISION_TORCH_DEVICE"
+# gpu-torch: the python backend hands GPU tensors between stub and server through Triton's CUDA memory pool
+# (64 MiB by default); one FP16 batch of 128 is 38.5 MB of pixels, and two instances of each step have
+# batches in flight at once. Pinned memory, which launcher.py turns off for CPU-only hosts, speeds the
+# host-side copies. Later flags override earlier ones, so --server-arg can still change these.
+GPU_TORCH_SERVER_ARGS = ("--cuda-memory-pool-byte-size=0:1073741824", "--pinned-memory-pool-byte-size=268435456")
+
+
+def gpu_torch_device(requested: str) -> str:
+    """The device gpu-torch is served on; a clear error when it is ``cuda`` and PyTorch sees no GPU."""
+    if requested == "cpu":
+        return "cpu"
+    from .torch_pipeline import device_for
+
+    device_for("cuda")  # raises the explanation
+    return "cuda"
+
+
+def _repository(model_repository: str | Path | None, profile: str, weights: str, torch_device: str = "cuda") -> Path:
     from .build import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
 
     if model_repository:
         return Path(model_repository)
     if profile == "gpu":
         return DEFAULT_GPU_REPOSITORY
+    if profile == "gpu-torch":
+        from .build import build_gpu_torch_repository
+
+        # Cheap when up to date: the state dict is kept and only the configs are rewritten.
+        return build_gpu_torch_repository(weights=weights, device=torch_device)
     if not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
         log.info("no cpu model repository yet: building it (weights: %s)", weights)
     # Cheap when up to date: the ONNX export is skipped and only the configs are rewritten.
@@ -96,6 +120,7 @@ def serve(
     demo: list[str] | None = None,
     health_interval: float = 1.0,
     allow_client_shm: bool = False,
+    torch_device: str = "cuda",
     verbose: bool = False,
 ) -> int:
     """Serve ``model_repository`` (default: the cpu profile's, built if needed) until Ctrl-C; the exit code.
@@ -103,9 +128,19 @@ def serve(
     ``demo``: images to classify once ready (an empty list: the bundled samples; None: no demo).
     ``allow_client_shm``: pass ``--allow-client-shm=true``, which Triton 2.68+ (NGC 26.04+) needs before it
     accepts clients' shared memory; the bundled 2.51 does not know the flag (and needs none).
+    ``torch_device``: gpu-torch only, ``cpu`` runs its PyTorch steps on the CPU (the override for machines
+    without a GPU); with ``cuda`` and no GPU the exit code is 1, with the reason.
     """
     server_args = list(server_args) + client_shm_args(allow_client_shm, tritonserver)
-    repository = _repository(model_repository, profile, weights)
+    if profile == "gpu-torch":
+        try:
+            torch_device = gpu_torch_device(torch_device)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            return 1
+        if torch_device == "cuda":
+            server_args = list(GPU_TORCH_SERVER_ARGS) + server_args
+    repository = _repository(model_repository, profile, weights, torch_device)
     server = TritonServer(
         repository,
         host=host,
@@ -145,14 +180,22 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run tritonserver with the classifier (cpu profile by default): "
                                 "build the repository if needed, start Triton, serve until Ctrl-C.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Triton's verbose log")
-    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--model-repository", default=None, help="default: build/model_repository_cpu (cpu), model_repository (gpu)")
+    p.add_argument("--profile", choices=("cpu", "gpu", "gpu-torch"), default="cpu",
+                   help="cpu (default), gpu (the NGC image: DALI + TensorRT), or gpu-torch (PyTorch on the GPU, this "
+                        "bundled server)")
+    p.add_argument("--model-repository", default=None,
+                   help="default: build/model_repository_cpu (cpu), model_repository (gpu), "
+                        "build/model_repository_gpu_torch[_cpu] (gpu-torch)")
+    p.add_argument("--torch-device", choices=("cuda", "cpu"), default=os.environ.get(TORCH_DEVICE_ENV, "cuda"),
+                   help=f"gpu-torch: where its PyTorch steps run (env {TORCH_DEVICE_ENV}); cpu runs the same models "
+                        "without a GPU, slowly, for tests")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--tritonserver", default=None, help="a tritonserver binary to run instead of the bundled one")
-    p.add_argument("--weights", default="imagenet", help="cpu profile: weights to build with if the repository is missing")
+    p.add_argument("--weights", default="imagenet",
+                   help="cpu and gpu-torch: weights to build with if the repository is missing")
     p.add_argument("--demo", nargs="*", default=None, metavar="IMAGE",
                    help="classify these images (default: the bundled samples) once ready")
     p.add_argument("--startup-timeout", type=float, default=180.0)
@@ -194,7 +237,7 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
-            allow_client_shm=args.allow_client_shm, verbose=args.verbose,
+            allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, verbose=args.verbose,
         )
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,88 @@
+"""gpu-torch profile ``preprocess``: header checks, then nvJPEG batch decode and resize/crop/normalise in PyTorch.
+
+Each request is header-checked on its own first (:mod:`..imagecheck`), as in the other profiles. The accepted
+images of the whole dynamic batch are decoded in one nvJPEG call (the CPU decoder for formats nvJPEG does not
+take); an image that fails to decode fails only its own request (:func:`..torch_pipeline.decode` retries a
+failed batch image by image). The pixels stay in GPU memory and leave through DLPack: the python backend
+hands them to ``resnet50`` (whose inputs are not forced to the CPU) without a copy through host memory.
+
+Model parameters: ``device`` (``cuda``: the instance's GPU; ``cpu``: the override that runs the same code
+without a GPU) and ``num_threads`` (PyTorch's CPU threads).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from tritonvision.spec import IMAGE
+
+from ..imagecheck import InvalidImage, inspect_rows
+from ._common import error_response, output_dtype, parameters
+
+log = logging.getLogger(__name__)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from .. import torch_pipeline as tp
+
+        self.tp = tp
+        config, params = parameters(args)
+        self.pixels_name = config["output"][0]["name"]
+        self.dtype = tp.torch.float16 if output_dtype(config, self.pixels_name) == np.float16 else tp.torch.float32
+        self.device = tp.device_for(params.get("device", "cuda"), args.get("model_instance_device_id"))
+        tp.torch.set_num_threads(int(params.get("num_threads", "2")))
+        self.normalise = tp.Normaliser(self.device, self.dtype)
+        log.info("preprocess runs on %s", self.device)
+
+    def _rows(self, request):
+        array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
+        formats = [info.format for info in inspect_rows(array)]
+        rows = array.reshape(1, -1) if array.ndim == 1 else array
+        return list(rows), formats
+
+    def execute(self, requests):
+        tp = self.tp
+        responses = [None] * len(requests)
+        work, rows = [], []  # (request index, first row, row count, formats)
+        for i, request in enumerate(requests):
+            try:
+                request_rows, formats = self._rows(request)
+            except InvalidImage as exc:
+                responses[i] = error_response(str(exc), reason="header", request=request)
+                continue
+            work.append((i, len(rows), len(request_rows), formats))
+            rows += request_rows
+        if not work:
+            return responses
+        try:
+            images = tp.decode(rows, self.device)
+            ok = []  # (request index, first row, row count) of the requests whose images all decoded
+            for i, start, n, formats in work:
+                if any(isinstance(img, tp.DecodeFailed) for img in images[start : start + n]):
+                    responses[i] = error_response(
+                        f"could not decode the {formats[0].upper()} image: the data is corrupt or truncated",
+                        reason="decode", request=requests[i])
+                else:
+                    ok.append((i, start, n))
+            if not ok:
+                return responses
+            with tp.torch.inference_mode():
+                pixels = self.normalise(tp.resize_crop([images[start + k] for _, start, n in ok for k in range(n)]))
+        except Exception as exc:  # noqa: BLE001 - anything but a decode failure: fail this batch only
+            log.exception("preprocessing failed")
+            for i, _, _, _ in work:
+                if responses[i] is None:
+                    responses[i] = error_response(f"preprocessing failed: {exc}", invalid_argument=False)
+            return responses
+        offset = 0
+        for i, _, n in ok:
+            # A slice along the batch axis is contiguous; from_dlpack syncs the producing stream (r24.10
+            # PbTensor::FromDLPack), so the pixels are complete when Triton takes them.
+            part = pixels[offset : offset + n]
+            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(self.pixels_name, part)])
+            offset += n
+        return responses

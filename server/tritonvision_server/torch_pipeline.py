@@ -1,0 +1,387 @@
+"""The gpu-torch profile's compute in plain PyTorch: decode, geometry, normalisation, and the ResNet-50 runner.
+
+Device-agnostic: the same functions run on ``cuda`` (nvJPEG batch decode, CUDA graphs) and on ``cpu`` (the
+libjpeg decoder, eager execution), so everything but the speed is tested on machines without a GPU.
+
+Geometry is torchvision's ``Resize(256) + CenterCrop(224)`` to the pixel: the resized size truncates the long
+side (``int(256 * long / short)``) and the crop offset rounds half-to-even, as in ``torchvision.transforms``
+and in the DALI graph of the other profiles (:mod:`.dali_graph`). Resizing is bilinear with antialiasing in
+float, rounded to whole grey levels as PIL does, then normalised with the spec's mean and std.
+
+Checked with torch 2.14.1 / torchvision 0.29.1 (CPU, here) and written for torch 2.11 / CUDA 13 (the GPU hosts).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import warnings
+from dataclasses import dataclass
+
+from tritonvision.spec import NUM_CLASSES, PREPROCESSING
+
+from tritonvision._extras import require
+
+log = logging.getLogger(__name__)
+
+torch = require("torch", extra="gpu-torch", what="the gpu-torch profile")
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns on every call (the GPU
+# hosts' torchvision for torch 2.11 does not); the decoders still work, and a warning per batch would flood
+# the server log.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+
+# --- decoding -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JpegInfo:
+    """What the decoder choice needs from a JPEG's header: colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK)
+    and the EXIF orientation (1 = upright; 2..8 as in the EXIF standard)."""
+
+    components: int
+    orientation: int = 1
+
+
+def _exif_orientation(segment: bytes) -> int:
+    """The orientation tag (0x0112) of IFD0 in an APP1 ``Exif`` segment's payload; 1 when absent or unreadable."""
+    if not segment.startswith(b"Exif\0\0") or len(segment) < 14:
+        return 1
+    tiff = segment[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        for k in range(count):
+            entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:  # SHORT, stored in the first two bytes of the value field
+                (value,) = struct.unpack(order + "H", entry[8:10])
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
+def jpeg_info(data: bytes) -> JpegInfo | None:
+    """The components and EXIF orientation of a JPEG, or None for anything that is not a readable JPEG.
+
+    nvJPEG (and torchvision's GPU path) ignores EXIF orientation, so it is read here and applied to the
+    decoded tensor (:func:`orient`)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    orientation, i, n = 1, 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            return None  # no frame header before the scan
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker == 0xE1 and orientation == 1:
+            orientation = _exif_orientation(data[i + 4 : i + 2 + length])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 10 > n:
+                return None
+            return JpegInfo(components=data[i + 9], orientation=orientation)
+        i += 2 + length
+    return None
+
+
+def orient(image, orientation: int):
+    """``image`` ([C, H, W]) turned as a viewer shows it for EXIF ``orientation`` (PIL's ``exif_transpose``)."""
+    h, w = -2, -1
+    if orientation == 2:
+        return image.flip(w)
+    if orientation == 3:
+        return image.flip(h, w)
+    if orientation == 4:
+        return image.flip(h)
+    if orientation == 5:
+        return image.transpose(h, w)
+    if orientation == 6:
+        return torch.rot90(image, -1, (h, w))
+    if orientation == 7:
+        return image.transpose(h, w).flip(h, w)
+    if orientation == 8:
+        return torch.rot90(image, 1, (h, w))
+    return image
+
+
+class DecodeFailed(ValueError):
+    """An image that the decoder refused; the message says which format."""
+
+
+def _as_tensor(row):
+    import numpy as np
+
+    row = np.ascontiguousarray(row, dtype=np.uint8)
+    if not row.flags.writeable:  # torch.from_numpy warns on read-only arrays (the stub's input views)
+        row = row.copy()
+    return torch.from_numpy(row)
+
+
+def _decode_other(data: bytes, device):
+    """Formats nvJPEG does not take (PNG, BMP, TIFF, WebP, CMYK JPEG): PIL on the CPU, as the reference does."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            array = np.asarray(rgb)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+        raise DecodeFailed(f"could not decode the image: {exc}") from exc
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(device, non_blocking=True)
+
+
+def decode(rows, device) -> list:
+    """Decode encoded images (1-D uint8 arrays) to ``[3, H, W]`` uint8 tensors on ``device``, upright.
+
+    Baseline and progressive JPEGs with 1 or 3 components go through torchvision's ``decode_jpeg``: one batched
+    nvJPEG call on CUDA, libjpeg on the CPU. When the batched call fails (it returns nothing then), each
+    JPEG is decoded alone, so only the broken ones fail. Everything else is decoded by PIL. An image that
+    cannot be decoded is returned as its :class:`DecodeFailed` in its slot."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    out: list = [None] * len(rows)
+    jpegs, infos = [], []
+    for i, row in enumerate(rows):
+        data = memoryview(row).tobytes() if not isinstance(row, bytes) else row
+        info = jpeg_info(data)
+        if info is not None and info.components in (1, 3):
+            jpegs.append((i, _as_tensor(row)))
+            infos.append(info)
+        else:
+            try:
+                out[i] = _decode_other(data, device)
+            except DecodeFailed as exc:
+                out[i] = exc
+    if jpegs:
+        tensors = [t for _, t in jpegs]
+        try:
+            if device.type == "cuda":
+                images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+            else:
+                images = [decode_jpeg(t, mode=ImageReadMode.RGB) for t in tensors]
+        except RuntimeError:
+            images = []
+            for t in tensors:
+                try:
+                    images.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as exc:
+                    images.append(DecodeFailed(f"could not decode the JPEG image: {exc}"))
+        for (i, _), info, image in zip(jpegs, infos, images):
+            out[i] = image if isinstance(image, Exception) else orient(image, info.orientation)
+    return out
+
+
+# --- geometry and normalisation -----------------------------------------------------------------------------
+
+
+def resized_size(height: int, width: int, size: int = PREPROCESSING.resize_shorter) -> tuple[int, int]:
+    """torchvision's ``Resize(size)`` output: the short side ``size``, the long side truncated."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def crop_offsets(height: int, width: int, crop: int = PREPROCESSING.crop) -> tuple[int, int]:
+    """torchvision's ``CenterCrop`` top-left corner (Python's half-to-even ``round``)."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
+def resize_crop(images):
+    """Upright ``[3, H, W]`` uint8 images -> ``[N, 3, crop, crop]`` float32 grey levels (0..255, whole numbers).
+
+    Images of one size are resized together in one call (a batch of phone photos is mostly one or two sizes),
+    so the number of kernel launches follows the number of distinct sizes, not of images."""
+    crop = PREPROCESSING.crop
+    if not images:
+        raise ValueError("no images")
+    out = torch.empty(len(images), 3, crop, crop, device=images[0].device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    for (h, w), members in groups.items():
+        new_h, new_w = resized_size(h, w)
+        top, left = crop_offsets(new_h, new_w)
+        x = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+        x = torch.nn.functional.interpolate(x.float(), size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        # PIL resizes in uint8 and rounds; doing the same halves the difference to the reference.
+        x = x[:, :, top : top + crop, left : left + crop].round_().clamp_(0, 255)
+        if len(members) == len(images):
+            return x
+        out[torch.tensor(members, device=out.device)] = x
+    return out
+
+
+class Normaliser:
+    """``(x / 255 - mean) / std`` of a ``[N, 3, crop, crop]`` batch of grey levels, as one fused op per batch."""
+
+    def __init__(self, device, dtype):
+        p = PREPROCESSING
+        self.mean = torch.tensor(p.mean_255, device=device).view(1, 3, 1, 1)
+        self.inv_std = (1.0 / torch.tensor(p.std_255, device=device)).view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    def __call__(self, batch):
+        return ((batch - self.mean) * self.inv_std).to(self.dtype)
+
+
+def preprocess(images: list, device, dtype=None):
+    """Decoded images (each ``[3, H, W]`` uint8 on ``device``) -> ``[N, 3, crop, crop]`` pixels of ``dtype``."""
+    return Normaliser(images[0].device, dtype or torch.float32)(resize_crop(images))
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+
+def load_resnet50(weights_path, device, precision: str = "fp16"):
+    """torchvision ResNet-50 with the state dict at ``weights_path`` (written by :func:`.onnx_export.export_state_dict`,
+    from the same weights as the ONNX file), followed by a softmax in FP32 like the exported graph.
+
+    On CUDA: channels-last, FP16 weights for ``fp16``, TF32 convolutions for ``tf32``. On the CPU the model
+    runs in FP32 whatever ``precision`` says (CPU FP16 convolutions are slow and not what is being tested)."""
+    require("torchvision", extra="gpu-torch", what="the gpu-torch profile")
+    from torchvision.models import resnet50
+
+    device = torch.device(device)
+    model = resnet50()
+    model.load_state_dict(torch.load(str(weights_path), map_location="cpu", weights_only=True))
+    model.eval().to(device)
+    dtype = torch.float32
+    if device.type == "cuda":
+        set_tf32(precision == "tf32")
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+        if precision == "fp16":
+            model = model.half()
+            dtype = torch.float16
+    return Classifier(model, dtype), dtype
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for FP32 convolutions and matmuls (process-wide in PyTorch)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+class Classifier(torch.nn.Module):
+    """ResNet-50 on pixels of any float dtype -> FP32 softmax scores."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.channels_last = next(model.parameters()).is_cuda
+
+    def forward(self, pixels):
+        x = pixels.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().softmax(dim=1)
+
+
+def graph_batch_size(n: int, sizes) -> int:
+    """The smallest captured batch size that holds ``n`` images (the largest one when none does: the batch
+    is then run in chunks of it)."""
+    sizes = sorted(sizes)
+    return next((s for s in sizes if s >= n), sizes[-1])
+
+
+class GraphRunner:
+    """Runs ``fn`` (pixels -> scores) over batches of any size; with ``batch_sizes`` it pads each batch to the
+    next of those sizes, and on CUDA with ``capture`` it replays a CUDA graph captured for each size.
+
+    A graph replays one fixed sequence of kernels on fixed buffers: the batch is copied into that size's
+    static input, the graph replayed, and the first ``n`` rows of its static output copied out. Without
+    ``batch_sizes`` (the CPU) a batch runs eagerly as it is, unpadded."""
+
+    def __init__(self, fn, batch_sizes=(), *, device="cpu", input_dtype=None, capture: bool = True,
+                 warmup: int = 3):
+        self.fn = fn
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.device = torch.device(device)
+        self.input_dtype = input_dtype or torch.float32
+        self.graphs: dict[int, tuple] = {}
+        self.padded_images = 0  # images of padding run so far (a measure of the waste)
+        if capture and self.batch_sizes and self.device.type == "cuda":
+            self._capture(warmup)
+
+    def _capture(self, warmup: int) -> None:
+        crop = PREPROCESSING.crop
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        with torch.inference_mode():
+            # Largest first: the smaller graphs reuse its memory from the shared pool.
+            for size in reversed(self.batch_sizes):
+                static_in = torch.zeros(size, 3, crop, crop, device=self.device, dtype=self.input_dtype)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):  # cuDNN picks its algorithms before capture
+                        self.fn(static_in)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    static_out = self.fn(static_in)
+                self.graphs[size] = (graph, static_in, static_out)
+        torch.cuda.synchronize(self.device)
+        log.info("captured CUDA graphs for batch sizes %s", list(self.batch_sizes))
+
+    def _run(self, chunk):
+        n = chunk.shape[0]
+        if not self.batch_sizes:
+            return self.fn(chunk)
+        size = graph_batch_size(n, self.batch_sizes)
+        self.padded_images += size - n
+        if size in self.graphs:
+            graph, static_in, static_out = self.graphs[size]
+            static_in[:n].copy_(chunk)
+            if n < size:
+                static_in[n:].zero_()  # padding rows of a previous, larger batch would be harmless, but zeros are cheap
+            graph.replay()
+            return static_out[:n].clone()
+        if n < size:
+            chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
+        return self.fn(chunk)[:n]
+
+    def __call__(self, pixels):
+        """Scores ``[N, 1000]`` (FP32, on the runner's device) for pixels ``[N, 3, crop, crop]``."""
+        with torch.inference_mode():
+            if pixels.shape[0] == 0:
+                return torch.empty(0, NUM_CLASSES, device=self.device)
+            limit = self.batch_sizes[-1] if self.batch_sizes else pixels.shape[0]
+            parts = [self._run(pixels[i : i + limit]) for i in range(0, pixels.shape[0], limit)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_for(requested: str, device_id: int | str | None = None):
+    """The torch device a step runs on: ``cuda:<id>`` (the instance's GPU) or ``cpu``; a clear error when
+    CUDA is asked for and this PyTorch sees no GPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the gpu-torch profile needs a CUDA GPU visible to PyTorch (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, CUDA build {torch.version.cuda}); run it on a GPU host, or run the same "
+            "models on the CPU (slow; for tests): `tritonvision serve --profile gpu-torch --torch-device cpu` "
+            "(or TRITONVISION_TORCH_DEVICE=cpu)"
+        )
+    return torch.device(f"cuda:{int(device_id or 0)}")

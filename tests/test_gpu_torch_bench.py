@@ -1,0 +1,34 @@
+"""benchmarks/gpu_torch.py, the measurement owed on a GPU host: its smoke mode runs every part on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("torch")
+
+
+def test_gpu_torch_benchmark_smoke_runs_every_part_and_writes_its_json(tmp_path):
+    out = tmp_path / "gpu_torch.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_torch.py"), "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] and not result["errors"]
+    assert {r["batch"] for r in result["model"]} == {1, 2} and all(r["img_s"] > 0 for r in result["model"])
+    assert {r["batch"] for r in result["preprocess"]} == {1, 2}
+    sdk = result["triton"]["sdk"]
+    assert {(r["transport"], r["concurrency"]) for r in sdk} == {("grpc", 1), ("grpc", 2), ("system", 1), ("system", 2)}
+    assert all(r["throughput"] > 0 and r["errors"] == 0 for r in sdk)
+    assert result["triton"]["agreement"]["ok"] and all(result["triton"]["agreement"]["top1_equal"])
+    stages = {s["model"]: s for s in result["triton"]["breakdown"]["stages"]}
+    assert stages["resnet50"]["inferences"] > 0 and stages["preprocess"]["inferences"] > 0
+    targets = result["targets"]
+    assert targets["triton_batch1_p50_ms"] > 0 and "throughput_ratio" in targets
+    assert "targets:" in proc.stdout and "model only" in proc.stdout

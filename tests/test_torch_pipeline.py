@@ -1,0 +1,189 @@
+"""The gpu-torch profile's PyTorch compute on the CPU: geometry against torchvision and the DALI pipeline,
+EXIF orientation, per-image decode failures, the CUDA-graph runner's padding, and the model's weights."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from image_helpers import jpeg, undecodable_jpeg
+from reference import torchvision_pixels
+from tritonvision import spec
+
+tp = pytest.importorskip("tritonvision_server.torch_pipeline")
+torch = tp.torch
+
+# One grey level of 255 after normalisation (the DALI pipeline's tolerance in test_pipeline.py): torchvision's
+# reference resizes in uint8 in PIL, this pipeline in float (rounded to whole grey levels) with PyTorch.
+GREY_LEVEL = 1.0 / 255 / min(spec.PREPROCESSING.std)
+FP16_ROUNDING = 2e-3  # |pixel| <= 2.7 after normalisation: FP16's spacing there is 2**-9
+
+
+def _pixels(photos: dict[str, bytes], names, dtype=torch.float32) -> np.ndarray:
+    images = tp.decode([np.frombuffer(photos[n], np.uint8) for n in names], "cpu")
+    return tp.preprocess(images, "cpu", dtype).float().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["FP32", "FP16"])
+def test_torch_preprocessing_matches_torchvision_reference_within_one_grey_level(odd_photos, dtype):
+    names = sorted(odd_photos)
+    out = _pixels(odd_photos, names, dtype)
+    assert out.shape == (len(names), 3, 224, 224)
+    diffs = {n: float(np.abs(out[i] - torchvision_pixels(odd_photos[n])).max()) for i, n in enumerate(names)}
+    print(f"max abs diff vs torchvision: {diffs}")
+    tolerance = GREY_LEVEL + (FP16_ROUNDING if dtype == torch.float16 else 1e-5)
+    assert max(diffs.values()) <= tolerance, diffs
+    # Most pixels agree exactly: a systematic shift (a half-pixel offset, a wrong mean) would not.
+    mean = float(np.mean([np.abs(out[i] - torchvision_pixels(odd_photos[n])).mean() for i, n in enumerate(names)]))
+    assert mean < 0.2 * GREY_LEVEL, mean
+
+
+def test_torch_preprocessing_matches_the_cpu_profile_dali_pipeline(odd_photos):
+    from tritonvision_server.pipeline import CpuPreprocessor
+
+    names = sorted(odd_photos)
+    dali = CpuPreprocessor(max_batch_size=len(names), num_threads=2)([np.frombuffer(odd_photos[n], np.uint8) for n in names])
+    diff = np.abs(_pixels(odd_photos, names) - dali)
+    print(f"max abs diff vs DALI per photo: {dict(zip(names, diff.reshape(len(names), -1).max(axis=1).round(4)))}")
+    # Both round to whole grey levels after resizing; they differ by at most one (measured: 0 or 1 per photo).
+    assert diff.max() <= GREY_LEVEL + 1e-5
+    assert diff.mean() < 0.2 * GREY_LEVEL
+
+
+def test_images_of_one_size_resized_together_equal_each_resized_alone(odd_photos):
+    names = ["chelsea", "tiny_57x43", "chelsea", "coffee", "tiny_57x43", "chelsea"]
+    images = tp.decode([np.frombuffer(odd_photos[n], np.uint8) for n in names], "cpu")
+    together = tp.resize_crop(images)
+    alone = torch.cat([tp.resize_crop([img]) for img in images])
+    assert together.shape == (len(names), 3, 224, 224)
+    assert torch.equal(together, alone), "grouping by size must not change or reorder any image"
+    assert not torch.equal(together[0], together[1])
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (256, 256), (257, 333), (97, 301), (511, 129), (57, 43),
+                                  (4032, 3024), (225, 1000)])
+def test_geometry_is_torchvisions_resize_and_center_crop(size):
+    from PIL import Image
+    from torchvision import transforms
+
+    width, height = size
+    resized = transforms.Resize(256)(Image.new("RGB", (width, height)))
+    assert tp.resized_size(height, width) == (resized.height, resized.width)
+    # CenterCrop's offsets, read off a crop of an image whose pixels are their own coordinates.
+    ys, xs = np.mgrid[: resized.height, : resized.width]
+    coords = torch.from_numpy(np.stack([ys, xs]))
+    cropped = transforms.CenterCrop(224)(coords)
+    assert tp.crop_offsets(resized.height, resized.width) == (int(cropped[0, 0, 0]), int(cropped[1, 0, 0]))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_as_pil_does(orientation):
+    import skimage.data
+    from PIL import Image, ImageOps
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = jpeg(skimage.data.coffee()[:300, :451], exif=exif.tobytes())
+    assert tp.jpeg_info(data) == tp.JpegInfo(components=3, orientation=orientation)
+    (decoded,) = tp.decode([np.frombuffer(data, np.uint8)], "cpu")
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).transpose(2, 0, 1)
+    assert tuple(decoded.shape) == expected.shape
+    # Same libjpeg-turbo underneath; a wrong turn would differ by ~100 grey levels on average.
+    assert np.abs(decoded.numpy().astype(int) - expected).mean() < 1.0
+
+
+def test_jpeg_info_reads_components_and_routes_cmyk_and_other_formats_to_pil(odd_photos, photos):
+    from image_helpers import encode
+
+    assert tp.jpeg_info(odd_photos["cmyk"]).components == 4
+    assert tp.jpeg_info(odd_photos["greyscale"]).components == 1
+    assert tp.jpeg_info(photos["chelsea"]) == tp.JpegInfo(3, 1)
+    png = encode(np.zeros((8, 8, 3), np.uint8), "PNG")
+    assert tp.jpeg_info(png) is None and tp.jpeg_info(b"\xff\xd8\xff") is None
+    # CMYK (PIL) and greyscale (libjpeg) both come out as 3-channel RGB like the reference.
+    out = _pixels(odd_photos, ["cmyk", "greyscale"])
+    for i, n in enumerate(["cmyk", "greyscale"]):
+        assert np.abs(out[i] - torchvision_pixels(odd_photos[n])).max() <= GREY_LEVEL + 1e-5
+
+
+def test_an_undecodable_image_fails_only_its_own_slot(photos):
+    good = photos["chelsea"]
+    rows = [good, undecodable_jpeg(good), b"\x89PNG\r\n\x1a\n" + b"\0" * 40, good]
+    out = tp.decode([np.frombuffer(r, np.uint8) for r in rows], "cpu")
+    assert [isinstance(o, tp.DecodeFailed) for o in out] == [False, True, True, False]
+    assert torch.equal(out[0], out[3]) and out[0].shape == (3, 300, 451)
+
+
+@pytest.mark.parametrize(("n", "expected"), [(1, 1), (2, 4), (4, 4), (5, 8), (8, 8), (9, 8)])
+def test_a_batch_runs_on_the_smallest_captured_size_that_holds_it(n, expected):
+    assert tp.graph_batch_size(n, (8, 1, 4)) == expected
+
+
+def test_graph_runner_pads_to_the_next_size_and_chunks_beyond_the_largest():
+    seen = []
+
+    def fn(x):  # a stand-in model: records the batch it is given, scores = per-image pixel sums
+        seen.append(x.shape[0])
+        return x.flatten(1).sum(dim=1, keepdim=True).expand(-1, spec.NUM_CLASSES)
+
+    runner = tp.GraphRunner(fn, (1, 4, 8), device="cpu")
+    x = torch.rand(19, 3, 224, 224)
+    out = runner(x)
+    assert seen == [8, 8, 4], "19 images: two chunks of the largest size, then 3 padded to 4"
+    assert runner.padded_images == 1
+    assert torch.allclose(out[:, 0], x.flatten(1).sum(dim=1), rtol=1e-5)
+    seen.clear()
+    assert runner(x[:1]).shape == (1, spec.NUM_CLASSES) and seen == [1]
+    # Without sizes (the CPU serving path) a batch runs as it comes.
+    seen.clear()
+    tp.GraphRunner(fn, (), device="cpu")(x[:5])
+    assert seen == [5]
+
+
+def test_model_step_scores_equal_the_onnx_export_of_the_same_weights(onnx_path, tmp_path, photos):
+    from reference import reference_scores
+
+    from tritonvision_server.onnx_export import export_state_dict
+
+    state = export_state_dict(tmp_path / "resnet50.pt", "random:0")
+    model, dtype = tp.load_resnet50(state, "cpu", "fp16")
+    assert dtype == torch.float32, "the CPU runs the model in FP32 whatever the precision"
+    pixels = torch.from_numpy(torchvision_pixels(photos["chelsea"]))[None]
+    with torch.inference_mode():
+        scores = model(pixels)[0].numpy()
+    assert np.allclose(scores, reference_scores(onnx_path, photos["chelsea"]), atol=1e-5)
+    assert abs(float(scores.sum()) - 1.0) < 1e-4
+
+
+def test_without_cuda_the_device_error_names_the_cpu_override():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="--torch-device cpu"):
+        tp.device_for("cuda")
+    assert tp.device_for("cpu") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_decode_and_preprocessing_match_the_cpu_within_one_grey_level(odd_photos):
+    names = sorted(odd_photos)
+    rows = [np.frombuffer(odd_photos[n], np.uint8) for n in names]
+    gpu = tp.preprocess(tp.decode(rows, "cuda"), "cuda").cpu().numpy()
+    cpu = tp.preprocess(tp.decode(rows, "cpu"), "cpu").numpy()
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a grey level or two.
+    assert np.abs(gpu - cpu).max() <= 3 * GREY_LEVEL
+    assert np.abs(gpu - cpu).mean() < 0.5 * GREY_LEVEL
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager_fp16_model(tmp_path):
+    from tritonvision_server.onnx_export import export_state_dict
+
+    model, dtype = tp.load_resnet50(export_state_dict(tmp_path / "r.pt", "random:0"), "cuda", "fp16")
+    runner = tp.GraphRunner(model, (1, 4, 8), device="cuda", input_dtype=dtype)
+    assert sorted(runner.graphs) == [1, 4, 8]
+    x = torch.randn(11, 3, 224, 224, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        eager = model(x)
+    assert torch.allclose(runner(x), eager, atol=2e-3)
