@@ -44,6 +44,11 @@ def count_refusal(reason: str) -> None:
     metric.increment(1)
 
 
+def decode_error_message(fmt: str) -> str:
+    # The decoders' own exceptions name only an operator or a sample index, nothing a client can act on.
+    return f"could not decode the {fmt.upper()} image: the data is corrupt or truncated"
+
+
 def refusal(reason: str, detail: str):
     """The error response of a refused image (INVALID_ARGUMENT, ``image refused (<reason>): <detail>``),
     counted in ``tritonvision_refused_images_total``. The message's fixed start lets a client that gets no

@@ -17,14 +17,9 @@ from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
 from ..pipeline import CpuPreprocessor, DecodeError
-from ._common import error_response, output_dtype, parameters, refusal
+from ._common import decode_error_message, error_response, output_dtype, parameters, refusal
 
 log = logging.getLogger(__name__)
-
-
-def decode_error_message(fmt: str) -> str:
-    # DALI's exception names only the operator and sample index (the decoder's reason goes to stderr).
-    return f"could not decode the {fmt.upper()} image: the data is corrupt or truncated"
 
 
 class TritonPythonModel:

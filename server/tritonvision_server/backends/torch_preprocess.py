@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
-from ._common import error_response, output_dtype, parameters
+from ._common import decode_error_message, error_response, output_dtype, parameters, refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class TritonPythonModel:
             try:
                 request_rows, formats = self._rows(request)
             except InvalidImage as exc:
-                responses[i] = error_response(str(exc), reason="header", request=request)
+                responses[i] = refusal("header", str(exc))
                 continue
             work.append((i, len(rows), len(request_rows), formats))
             rows += request_rows
@@ -63,9 +63,7 @@ class TritonPythonModel:
             ok = []  # (request index, first row, row count) of the requests whose images all decoded
             for i, start, n, formats in work:
                 if any(isinstance(img, tp.DecodeFailed) for img in images[start : start + n]):
-                    responses[i] = error_response(
-                        f"could not decode the {formats[0].upper()} image: the data is corrupt or truncated",
-                        reason="decode", request=requests[i])
+                    responses[i] = refusal("decode", decode_error_message(formats[0]))
                 else:
                     ok.append((i, start, n))
             if not ok:
