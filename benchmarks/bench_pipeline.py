@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tritonvision import Classifier, spec
-from tritonvision_server.build import build_cpu_repository
+from tritonvision_server.build_engines import build_cpu_repository
 from tritonvision_server.launcher import TritonServer
 from tritonvision_server.ort import OnnxRunner
 from tritonvision_server.pipeline import CpuPreprocessor

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     import torch
 
     from tritonvision import sample_images, spec
-    from tritonvision_server.build import build_gpu_torch_repository
+    from tritonvision_server.build_engines import build_gpu_torch_repository
     from tritonvision_server.serve import GPU_TORCH_SERVER_ARGS
 
     smoke = args.smoke

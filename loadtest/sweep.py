@@ -145,7 +145,7 @@ class Servers:
             configs.write_light_repository(repo, profile)
         else:
             if self.onnx is None:
-                from tritonvision_server.build import DEFAULT_ONNX
+                from tritonvision_server.build_engines import DEFAULT_ONNX
                 from tritonvision_server.onnx_export import export_onnx
 
                 self.onnx = export_onnx(DEFAULT_ONNX, "random:0")  # speed does not depend on the weights

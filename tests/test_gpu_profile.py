@@ -506,7 +506,7 @@ def test_without_tensorrt_the_build_stops_with_how_to_get_it(no_tensorrt):
 
 
 def test_engine_subcommand_exits_2_with_the_message_when_tensorrt_is_missing(no_tensorrt, tmp_path, caplog, fake_onnx):
-    from tritonvision_server.build import main
+    from tritonvision_server.build_engines import main
 
     fake_onnx.with_name("resnet50_fp16.onnx").write_bytes(b"fp16 onnx")
     assert main(["engine", "--onnx", str(fake_onnx), "--output", str(tmp_path / "repo")]) == 2
@@ -514,7 +514,7 @@ def test_engine_subcommand_exits_2_with_the_message_when_tensorrt_is_missing(no_
 
 
 def test_engine_build_takes_the_precision_specific_onnx(tmp_path, fake_onnx):
-    from tritonvision_server.build import build_engine, gpu_profile
+    from tritonvision_server.build_engines import build_engine, gpu_profile
 
     builds = FakeBuilder()
     int8 = fake_onnx.with_name("resnet50_int8.onnx")

@@ -30,7 +30,7 @@ TIE = 5e-4
 
 @pytest.fixture(scope="module")
 def gpu_torch_repository():
-    from tritonvision_server.build import build_gpu_torch_repository
+    from tritonvision_server.build_engines import build_gpu_torch_repository
 
     return build_gpu_torch_repository(BUILD / "model_repository_gpu_torch_cpu", TEST_WEIGHTS, device="cpu",
                                       state_dict=BUILD / "resnet50_state_dict.pt")
@@ -194,7 +194,7 @@ def test_serve_gpu_torch_with_the_cpu_override_builds_its_repository_and_serves(
 @pytest.mark.gpu
 def test_gpu_torch_on_cuda_answers_like_the_cpu_override(torch_classifier, photos):
     """nvJPEG, FP16 and CUDA graphs, with the pixels handed over through DLPack in GPU memory."""
-    from tritonvision_server.build import build_gpu_torch_repository
+    from tritonvision_server.build_engines import build_gpu_torch_repository
     from tritonvision_server.launcher import TritonServer
     from tritonvision_server.serve import GPU_TORCH_SERVER_ARGS
 

@@ -84,7 +84,7 @@ def test_dali_model_is_the_shared_graph_verbatim_plus_the_profile_values():
 
 
 def test_dali_command_bakes_the_hardware_decoder_share_into_the_pipeline(tmp_path):
-    from tritonvision_server.build import main
+    from tritonvision_server.build_engines import main
 
     default, other = tmp_path / "default", tmp_path / "other"
     assert main(["dali", "--output", str(default)]) == 0

@@ -209,7 +209,7 @@ def test_fp16_input_surgery_refuses_an_input_read_by_something_other_than_a_cast
 
 
 def test_onnx_subcommand_makes_the_requested_precisions_and_is_idempotent(onnx_path, fp16_onnx, caplog):
-    from tritonvision_server.build import main
+    from tritonvision_server.build_engines import main
 
     caplog.set_level("INFO")
     assert main(["onnx", "--weights", "random:0", "--output", str(onnx_path), "--precision", "fp16", "fp32"]) == 0
@@ -223,7 +223,7 @@ def test_image_builds_fail_instead_of_shipping_random_weights_when_the_download_
     # The download is made to fail here (tests never reach the network): as an offline Docker build would.
     from torchvision.models import ResNet50_Weights
 
-    from tritonvision_server.build import main
+    from tritonvision_server.build_engines import main
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

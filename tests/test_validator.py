@@ -148,7 +148,7 @@ def test_validator_requires_built_artifacts_only_when_asked(gpu_repo):
 
 
 def test_check_command_exits_1_on_a_broken_repository(gpu_repo):
-    from tritonvision_server.build import main
+    from tritonvision_server.build_engines import main
 
     assert main(["check", str(gpu_repo)]) == 0
     _edit(gpu_repo, configs.PREPROCESS, _set_pixels_dtype)

@@ -58,7 +58,7 @@ def test_wheel_installs_the_sdk_and_server_packages_with_their_data(wheel_venv, 
 
 def test_wheel_cli_entry_points_answer_help(wheel_venv, tmp_path):
     assert "classify" in _run(wheel_venv, str(wheel_venv / "bin" / "tritonvision"), "--help", cwd=tmp_path).stdout
-    assert "configs" in _run(wheel_venv, str(wheel_venv / "bin" / "tritonvision-build"), "--help", cwd=tmp_path).stdout
+    assert "configs" in _run(wheel_venv, str(wheel_venv / "bin" / "build_engines.py"), "--help", cwd=tmp_path).stdout
 
 
 def test_build_script_renders_the_committed_gpu_repository_from_the_installed_package(wheel_venv, tmp_path):
@@ -77,7 +77,7 @@ def test_build_script_renders_the_committed_gpu_repository_from_the_installed_pa
 
 def test_missing_extras_are_named_by_the_installed_package(wheel_venv, tmp_path):
     # The wheel's required dependencies are the SDK's; building the ONNX file needs the build extra.
-    proc = _run(wheel_venv, str(wheel_venv / "bin" / "tritonvision-build"), "onnx", "--weights", "random:0",
+    proc = _run(wheel_venv, str(wheel_venv / "bin" / "build_engines.py"), "onnx", "--weights", "random:0",
                 "--output", str(tmp_path / "m.onnx"), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "[build]" in proc.stderr, proc.stderr[-2000:]
 

@@ -54,14 +54,14 @@ def gpu_torch_device(requested: str) -> str:
 
 
 def _repository(model_repository: str | Path | None, profile: str, weights: str, torch_device: str = "cuda") -> Path:
-    from .build import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
+    from .build_engines import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
 
     if model_repository:
         return Path(model_repository)
     if profile == "gpu":
         return DEFAULT_GPU_REPOSITORY
     if profile == "gpu-torch":
-        from .build import build_gpu_torch_repository
+        from .build_engines import build_gpu_torch_repository
 
         # Cheap when up to date: the state dict is kept and only the configs are rewritten.
         return build_gpu_torch_repository(weights=weights, device=torch_device)

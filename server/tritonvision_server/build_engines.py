@@ -1,4 +1,5 @@
-"""``build_engines.py`` / ``tritonvision-build``: build the model artifacts of either profile.
+"""``build_engines.py``: build the model artifacts of every profile (the repository's script and the
+installed command of the same name run this).
 
 Subcommands, each idempotent:
 
