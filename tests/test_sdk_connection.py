@@ -149,9 +149,7 @@ def test_the_async_client_takes_the_same_tls_and_headers(tls_servers, pki, photo
 
 def _ensemble_successes(server, pki) -> int:
     with tv.Classifier(server.grpc_url, **tls(pki)) as clf:
-        raw = clf._transport.statistics()
-    (entry,) = [m for m in raw["model_stats"] if m["name"] == spec.ENSEMBLE]
-    return int(entry["inference_stats"]["success"].get("count", 0))
+        return clf.statistics().models[spec.ENSEMBLE].success.count
 
 
 @pytest.mark.parametrize("policy", ["round_robin", None])

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import tritonvision as tv
-from sdk_helpers import assert_no_regions, own_server, top
+from sdk_helpers import assert_no_regions, own_server, registered, top
 from tritonvision._transport._shm import leftover_files
 
 pytestmark = pytest.mark.slow
@@ -65,8 +65,7 @@ def test_regions_are_cleaned_up_after_the_server_goes_away(server, photos):
     clf.close()
     assert leftover_files(prefix) == []
     server.start()
-    with tv.Classifier(server.grpc_url) as probe:
-        assert_no_regions(prefix, probe._transport.registered_shm("system"))
+    assert_no_regions(prefix, registered(server.grpc_url))
 
 
 def test_async_stream_and_calls_fail_cleanly_when_the_server_goes_away(server, photos):
