@@ -26,6 +26,7 @@ from tritonvision import spec
 from tritonvision._transport._errors import map_error
 from tritonvision._transport._grpc import infer_request
 from tritonvision_server import configs
+from tritonvision_server.launcher import SHM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,9 +168,17 @@ def test_server_starts_with_python_regions_for_a_full_batch_and_malloc_tuning(tm
     assert [a for a in cmd if "shm-default-byte-size" in a] == [mine]
 
 
-def _rss_shmem(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssShmem:"))
+def _resident_bytes_of(pid: int, prefix: str) -> int:
+    """Resident bytes of ``pid``'s mappings of files whose path starts with ``prefix``, summed over mappings."""
+    total, mapped = 0, False
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address range, perms, ..., path
+                mapped = len(fields) > 5 and fields[5].startswith(prefix)
+            elif fields[0] == "Rss:" and mapped:
+                total += int(fields[1]) * 1024
+    return total
 
 
 def test_full_batches_leave_each_python_region_mapped_once_in_the_server(triton_server, photos):
@@ -179,4 +188,4 @@ def test_full_batches_leave_each_python_region_mapped_once_in_the_server(triton_
         results = clf.classify_batch([photos["chelsea"]] * 64, return_exceptions=True)
     assert any(not isinstance(r, tv.TritonVisionError) for r in results)
     regions = sum(p.stat().st_size for p in triton_server.leftover_shm())
-    assert _rss_shmem(triton_server.pid) <= regions
+    assert 0 < _resident_bytes_of(triton_server.pid, str(SHM_DIR / triton_server.shm_prefix)) <= regions
