@@ -1,6 +1,10 @@
 """Overload: every step's queue is bounded with a queue timeout, the SDK sends its remaining deadline as the
 server-side timeout, and a full queue reaches the caller as OverloadedError, fast and without retries.
 
+The server's memory stays put under load: the python backend's regions are sized for a full batch from the
+start (Triton 2.51 maps a region again on every growth and keeps the old mappings, each counted in the
+server's RSS), and glibc malloc in the server and its stubs hands large blocks back.
+
 The full 60 s run at three times capacity is ``benchmarks/overload.py``; this is its short version."""
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tritonvision import spec
 from tritonvision._transport._errors import map_error
 from tritonvision._transport._grpc import infer_request
 from tritonvision_server import configs
+from tritonvision_server.launcher import SHM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,3 +141,51 @@ def test_stream_reports_shed_images_as_overload_without_sending_them_again(small
     assert errors and all(isinstance(e, tv.OverloadedError) for e in errors), errors[:3]
     assert any(r.ok for r in results)
     assert not resent
+
+
+def _image_bytes(profile) -> int:
+    return 3 * spec.PREPROCESSING.crop ** 2 * (2 if profile.pixels_dtype == "FP16" else 4)
+
+
+def test_server_starts_with_python_regions_for_a_full_batch_and_malloc_tuning(tmp_path, monkeypatch):
+    from tritonvision_server import launcher
+
+    for key in launcher.MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    server = launcher.TritonServer(tmp_path)
+    cmd = server.command(tmp_path)
+    assert f"--backend-config=python,shm-default-byte-size={launcher.PYTHON_SHM_REGION_BYTES}" in cmd
+    assert f"--backend-config=python,shm-growth-byte-size={launcher.PYTHON_SHM_GROWTH_BYTES}" in cmd
+    # A full cpu-profile batch (resnet50's pixels in, scores out) fits without the region growing.
+    assert launcher.PYTHON_SHM_REGION_BYTES > spec.CPU.max_batch_size * (_image_bytes(spec.CPU) + 4 * spec.NUM_CLASSES)
+    env = server._env()
+    assert {k: env[k] for k in launcher.MALLOC_ENV} == launcher.MALLOC_ENV
+    # The caller's own settings win, and so do its own backend-config values.
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert server._env()["MALLOC_ARENA_MAX"] == "4"
+    mine = "--backend-config=python,shm-default-byte-size=1048576"
+    cmd = launcher.TritonServer(tmp_path, extra_args=[mine]).command(tmp_path)
+    assert [a for a in cmd if "shm-default-byte-size" in a] == [mine]
+
+
+def _resident_bytes_of(pid: int, prefix: str) -> int:
+    """Resident bytes of ``pid``'s mappings of files whose path starts with ``prefix``, summed over mappings."""
+    total, mapped = 0, False
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: address range, perms, ..., path
+                mapped = len(fields) > 5 and fields[5].startswith(prefix)
+            elif fields[0] == "Rss:" and mapped:
+                total += int(fields[1]) * 1024
+    return total
+
+
+def test_full_batches_leave_each_python_region_mapped_once_in_the_server(triton_server, photos):
+    """Triton 2.51 grows a region by mapping it again and keeps the old mapping: the server's RSS then counts
+    the region's pages once per mapping. A region that never grows is counted once."""
+    with tv.Classifier(triton_server.grpc_url, timeout=120, max_in_flight=64) as clf:
+        results = clf.classify_batch([photos["chelsea"]] * 64, return_exceptions=True)
+    assert any(not isinstance(r, tv.TritonVisionError) for r in results)
+    regions = sum(p.stat().st_size for p in triton_server.leftover_shm())
+    assert 0 < _resident_bytes_of(triton_server.pid, str(SHM_DIR / triton_server.shm_prefix)) <= regions
