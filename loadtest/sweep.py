@@ -142,7 +142,7 @@ class Servers:
         repo = self.work / f"repository_mb{config.max_batch}"
         profile = profile_for(config)
         if self.variant == "light":
-            configs.write_light_repository(repo, profile)
+            configs.write_light_repository(repo, profile, min_instances=1)  # the instance count is swept
         else:
             if self.onnx is None:
                 from tritonvision_server.build_engines import DEFAULT_ONNX

@@ -109,3 +109,26 @@ def test_image_file_suffixes_follow_the_accepted_formats():
 
     assert spec.image_suffixes() >= {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
     assert spec.image_suffixes(replace(spec.IMAGE_LIMITS, formats=("png",))) == {".png"}
+
+
+@pytest.mark.parametrize("profile", [spec.GPU, spec.GPU_TORCH], ids=lambda p: p.name)
+def test_every_bounded_step_of_a_gpu_profile_has_a_second_instance_to_wake_the_batcher(profile):
+    # With a queue policy Triton's batcher can miss the wake-up of a lone instance and sleep 500 ms
+    # (spec.Batching.has_queue_policy; benchmarks/queue_stall.py): on a GPU that is hundreds of batches.
+    steps = [getattr(profile, name) for name in ("validate", "preprocess", "resnet50") if getattr(profile, name, None)]
+    assert steps
+    for step in steps:
+        assert not step.batching.has_queue_policy or step.instances >= 2, step
+
+
+def test_the_light_variant_has_two_instances_a_step_unless_a_sweep_sets_them(tmp_path):
+    from tritonvision_server.configs import write_light_repository
+
+    for min_instances, expected in ((2, 2), (1, 1)):
+        repo = write_light_repository(tmp_path / str(min_instances), min_instances=min_instances)
+        for step in (spec.PREPROCESS, spec.RESNET50):
+            from google.protobuf import text_format
+            from tritonclient.grpc import model_config_pb2
+
+            config = text_format.Parse((repo / step / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            assert config.instance_group[0].count == expected

@@ -315,13 +315,20 @@ from tritonvision_server.backends.light import {cls} as TritonPythonModel  # noq
 """
 
 
-def write_light_repository(dest: Path, profile: Profile | None = None) -> Path:
+def write_light_repository(dest: Path, profile: Profile | None = None, *, min_instances: int = 2) -> Path:
     """The cpu-profile repository with both steps swapped for :mod:`.backends.light` (trivial compute,
-    same configs and interface): the server answers about as fast as a GPU would make the model look, so
-    client and transport costs show in benchmarks and load tests. Labels are placeholders."""
+    same configs and interface, at least ``min_instances`` instances a step): the server answers about as
+    fast as a GPU would make the model look, so client and transport costs show in benchmarks and load
+    tests. Labels are placeholders."""
+    from dataclasses import replace
+
     from tritonvision import spec
 
     profile = profile or spec.CPU
+    # Two instances a step: with bounded queues one instance of a model this fast leaves the batcher asleep
+    # for 500 ms several times a second (spec.Batching.has_queue_policy), which would be all a benchmark saw.
+    profile = replace(profile, **{step: replace(getattr(profile, step), instances=max(min_instances, getattr(profile, step).instances))
+                                  for step in (PREPROCESS, RESNET50)})
     dest = write_repository(profile, Path(dest), onnx_path=None, label_names=[f"class_{i}" for i in range(spec.NUM_CLASSES)])
     (dest / PREPROCESS / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightPreprocess"))
     (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
