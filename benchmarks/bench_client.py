@@ -176,7 +176,8 @@ def grpcio_floor(url: str, image: bytes, *, concurrency: int, seconds: float, wa
     pct = np.percentile(lat, [50, 90, 95, 99])
     return {"concurrency": concurrency, "requests": len(latencies), "seconds": seconds,
             "throughput": len(latencies) / seconds, "p50_ms": float(pct[0]), "p90_ms": float(pct[1]),
-            "p95_ms": float(pct[2]), "p99_ms": float(pct[3]), "mean_ms": float(lat.mean())}
+            "p95_ms": float(pct[2]), "p99_ms": float(pct[3]), "mean_ms": float(lat.mean()),
+            "over_400ms": int((lat >= 400).sum())}
 
 
 def worker(args) -> int:

@@ -9,8 +9,8 @@ or a new request wakes it. Closed-loop clients all wait for that very batch, so 
 
 Same server binary, same light-variant models (trivial compute, where the stall is all there is to see),
 three configurations in one run: no queue policy (one instance a step), the queue policy with one instance,
-and the queue policy with two (what the gpu profiles and the light variant use). At each concurrency a bare
-grpcio closed loop (one prebuilt request) counts answered requests and those that took 400 ms or more.
+and the queue policy with two (what the gpu profiles and the light variant use). At each concurrency the bare
+grpcio closed loop of ``bench_client.py`` counts answered requests and those that took 400 ms or more.
 Writes ``results/queue_stall.json`` and prints a table.
 
     .venv/bin/python benchmarks/queue_stall.py [--concurrency 1,4,16] [--seconds 6] [--rounds 2]
@@ -23,20 +23,19 @@ import json
 import logging
 import statistics
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_client import grpcio_floor  # noqa: E402
 from machine import hardware  # noqa: E402
 
 BUILD = ROOT / "build" / "queue_stall"
-STALL_S = 0.4
+STALL_S = 0.4  # as grpcio_floor's over_400ms
 
 
 def repositories() -> dict[str, Path]:
@@ -50,49 +49,6 @@ def repositories() -> dict[str, Path]:
         "queue policy, 1 instance": write_light_repository(BUILD / "bounded_1", spec.CPU, min_instances=1),
         "queue policy, 2 instances": write_light_repository(BUILD / "bounded_2", spec.CPU, min_instances=2),
     }
-
-
-def closed_loop(url: str, image: bytes, concurrency: int, seconds: float) -> dict:
-    import grpc
-    from tritonclient.grpc import service_pb2_grpc
-    from tritonvision import spec
-    from tritonvision._transport._grpc import CHANNEL_ARGS, infer_request
-
-    request = infer_request(spec.ENSEMBLE, image, 5)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    finished = threading.Event()
-    active = [concurrency]
-    with grpc.insecure_channel(url, options=CHANNEL_ARGS) as channel:
-        model_infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        model_infer(request)
-        end = time.perf_counter() + seconds
-
-        def send() -> None:
-            sent = time.perf_counter()
-
-            def done(call) -> None:
-                now = time.perf_counter()
-                with lock:
-                    if call.exception() is None:
-                        latencies.append(now - sent)
-                    again = now < end
-                    if not again:
-                        active[0] -= 1
-                        if active[0] == 0:
-                            finished.set()
-                if again:
-                    send()
-
-            model_infer.future(request).add_done_callback(done)
-
-        for _ in range(concurrency):
-            send()
-        finished.wait()
-    lat = np.array(latencies or [0.0])
-    return {"concurrency": concurrency, "requests": len(latencies), "throughput": len(latencies) / seconds,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
-            "stalled": int((lat >= STALL_S).sum())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, repo in repos.items():
             with TritonServer(repo, log_file=BUILD / "tritonserver.log") as server:
                 for c in args.concurrency:
-                    r = closed_loop(server.grpc_url, image, c, args.seconds)
+                    r = grpcio_floor(server.grpc_url, image, concurrency=c, seconds=args.seconds, warmup=0.5)
+                    r["stalled"] = r.pop("over_400ms")
                     rows.append({"config": name, "round": rnd, **r})
                     print(f"round {rnd} {name:<28} c={c:<3} {r['throughput']:8.1f} img/s  p99 {r['p99_ms']:7.1f} ms  "
                           f"stalled {r['stalled']}", file=sys.stderr, flush=True)

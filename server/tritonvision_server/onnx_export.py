@@ -96,18 +96,27 @@ def _model(weights: Weights, *, allow_random_fallback: bool = True):
     return model, weights
 
 
+def _up_to_date(path: Path, weights: Weights) -> bool:
+    """Whether ``path`` was written from ``weights`` by this exporter (its ``path.json`` says so)."""
+    meta_path = path.with_suffix(path.suffix + ".json")
+    if not (path.exists() and meta_path.exists()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    # An offline fallback to random weights is retried next time: "imagenet" is only up to date once real.
+    if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
+        log.info("%s is up to date (weights %s); skipping", path, meta["weights"])
+        return True
+    return False
+
+
 def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = False,
                 allow_random_fallback: bool = True) -> Path:
     """Write ``path`` (and ``path.json`` describing it) unless an export of the same weights exists."""
     path = Path(path)
     weights = Weights.parse(weights) if isinstance(weights, str) else weights
     meta_path = path.with_suffix(path.suffix + ".json")
-    if not force and path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        # An offline fallback to random weights is retried next time: "imagenet" is only up to date once real.
-        if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
-            log.info("%s is up to date (weights %s); skipping export", path, meta["weights"])
-            return path
+    if not force and _up_to_date(path, weights):
+        return path
     torch = require("torch", extra="build", what="ONNX export")
 
     model, used = _model(weights, allow_random_fallback=allow_random_fallback)
@@ -144,11 +153,8 @@ def export_state_dict(path: Path, weights: str | Weights = "random", *, force: b
     path = Path(path)
     weights = Weights.parse(weights) if isinstance(weights, str) else weights
     meta_path = path.with_suffix(path.suffix + ".json")
-    if not force and path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("weights") == str(weights) and meta.get("export_version") == EXPORT_VERSION:
-            log.info("%s is up to date (weights %s); skipping", path, meta["weights"])
-            return path
+    if not force and _up_to_date(path, weights):
+        return path
     torch = require("torch", extra="build", what="the ResNet-50 state dict")
     model, used = _model(weights, allow_random_fallback=allow_random_fallback)
     path.parent.mkdir(parents=True, exist_ok=True)
