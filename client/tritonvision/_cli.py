@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import __version__
 from ._client import Classifier
-from ._extras import require
+from .extras import require
 from ._retry import RetryPolicy
 from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
 from .exceptions import (

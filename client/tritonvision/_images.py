@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from ._extras import require
+from .extras import require
 from .exceptions import InvalidImageError
 
 if TYPE_CHECKING:

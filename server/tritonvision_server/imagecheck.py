@@ -11,6 +11,7 @@ the batch request by request; in the gpu profile the DALI backend fails the whol
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tritonvision.spec import IMAGE_LIMITS, ImageLimits
@@ -27,9 +28,11 @@ class ImageInfo:
     height: int
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    i = 2
-    n = len(data)
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(marker, offset, length)`` of each marker segment of a JPEG after its start-of-image, up to and
+    including the first start-of-scan, or end-of-image (length 0); stops where the data ends. Raises
+    :class:`InvalidImage` at a byte that is not a marker."""
+    i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
             raise InvalidImage("corrupt JPEG: bad marker")
@@ -37,19 +40,33 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # markers without a length
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        if marker == 0xD9 or marker == 0xDA:
-            break  # end of image / start of scan before any frame header
+        if marker == 0xD9:
+            yield marker, i, 0
+            return
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
+        yield marker, i, length
+        if marker == 0xDA:
+            return
+        i += 2 + length
+
+
+def is_frame_header(marker: int) -> bool:
+    """SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC): the segments that carry the frame size."""
+    return 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    for marker, i, _ in jpeg_segments(data):
+        if marker in (0xD9, 0xDA):
+            break  # end of image / start of scan before any frame header
+        if is_frame_header(marker):
+            if i + 9 > len(data):
                 break
             height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             return width, height
-        i += 2 + length
     raise InvalidImage("corrupt or truncated JPEG: no frame header")
 
 
@@ -60,27 +77,15 @@ def _jpeg_complete(data: bytes) -> None:
     after the first start-of-scan is the real end of image. Trailing bytes after it (padding, an appended
     video) are allowed, as decoders ignore them; the test is the same whichever occurrence is found.
     """
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise InvalidImage("corrupt JPEG: bad marker")
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
+    for marker, i, length in jpeg_segments(data):
         if marker == 0xD9:
             raise InvalidImage("corrupt JPEG: end of image before any scan data")
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
         if marker == 0xDA:
             # rfind: the marker is normally in the last bytes, so this returns at once.
             if data.rfind(b"\xff\xd9", i + 2 + length) < 0:
-                raise InvalidImage(f"truncated JPEG: no end-of-image marker after the scan data ({n} bytes)")
+                raise InvalidImage(f"truncated JPEG: no end-of-image marker after the scan data ({len(data)} bytes)")
             return
-        i += 2 + length
-    raise InvalidImage(f"truncated JPEG: the data ends before the scan data ({n} bytes)")
+    raise InvalidImage(f"truncated JPEG: the data ends before the scan data ({len(data)} bytes)")
 
 
 def _png_complete(data: bytes) -> None:

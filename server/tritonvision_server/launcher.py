@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritonvision._extras import require
+from tritonvision.extras import require
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tritonvision.spec import PREPROCESSING, SCORES, PIXELS
 
-from tritonvision._extras import require
+from tritonvision.extras import require
 
 log = logging.getLogger(__name__)
 

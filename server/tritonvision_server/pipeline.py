@@ -12,7 +12,7 @@ from importlib import resources
 
 from tritonvision.spec import ACCEPTED, IMAGE, PREPROCESSING
 
-from tritonvision._extras import require
+from tritonvision.extras import require
 
 DECODER_DEVICES = ("cpu", "mixed")
 

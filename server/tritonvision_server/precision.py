@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tritonvision.spec import PIXELS, SCORES, EngineBuild, image_suffixes
 
-from tritonvision._extras import require
+from tritonvision.extras import require
 
 from .engines import sha256 as sha256_file
 

@@ -19,9 +19,10 @@ import struct
 import warnings
 from dataclasses import dataclass
 
+from tritonvision.extras import require
 from tritonvision.spec import NUM_CLASSES, PREPROCESSING
 
-from tritonvision._extras import require
+from .imagecheck import InvalidImage, is_frame_header, jpeg_segments
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +75,19 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
     decoded tensor (:func:`orient`)."""
     if data[:2] != b"\xff\xd8":
         return None
-    orientation, i, n = 1, 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):
-            return None  # no frame header before the scan
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if marker == 0xE1 and orientation == 1:
-            orientation = _exif_orientation(data[i + 4 : i + 2 + length])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 10 > n:
-                return None
-            return JpegInfo(components=data[i + 9], orientation=orientation)
-        i += 2 + length
+    orientation = 1
+    try:
+        for marker, i, length in jpeg_segments(data):
+            if marker in (0xD9, 0xDA):
+                return None  # no frame header before the scan
+            if marker == 0xE1 and orientation == 1:
+                orientation = _exif_orientation(data[i + 4 : i + 2 + length])
+            if is_frame_header(marker):
+                if i + 10 > len(data):
+                    return None
+                return JpegInfo(components=data[i + 9], orientation=orientation)
+    except InvalidImage:
+        return None
     return None
 
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from .._extras import require
+from ..extras import require
 from ..exceptions import InvalidImageError, ModelNotReadyError, ServerUnavailableError, SharedMemoryError, TritonVisionError
 
 log = logging.getLogger(__name__)

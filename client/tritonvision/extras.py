@@ -1,4 +1,5 @@
-"""Optional dependencies of the SDK: imported lazily, failing with the extra that provides them."""
+"""Optional dependencies, imported lazily, failing with the extra that provides them. Public: the SDK and
+the server package (``tritonvision_server``, shipped in the same wheel) both use :func:`require`."""
 
 from __future__ import annotations
 
