@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from ._client import Measurement, ShmMode, _ClassifierBase
+from ._client import Measurement, _ClassifierBase
 from ._images import ImageInput, encoded_bytes, stream_source
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
 from ._transport._astream import AsyncInferStream
-from ._transport._channel import Pem
 from ._transport._grpc import AsyncGrpcTransport
 from ._types import Classification, Prediction
 from .exceptions import DeadlineExceededError, TritonVisionError
-from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
 
@@ -40,31 +38,7 @@ class AsyncClassifier(_ClassifierBase):
     Connection options (address, TLS, headers, access key, load balancing, remote shared memory) are those of :class:`Classifier`.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        model: str = ENSEMBLE,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        max_in_flight: int = 64,
-        shm: ShmMode = None,
-        cuda_device: int = 0,
-        access_key: tuple[str, str] | None = None,
-        allow_remote_shm: bool = False,
-        ssl: bool = False,
-        root_certificates: Pem = None,
-        private_key: Pem = None,
-        certificate_chain: Pem = None,
-        headers: Mapping[str, str] | None = None,
-        load_balancing: str | None = None,
-        tls_server_name: str | None = None,
-    ):
-        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm, access_key, headers, ssl=ssl,
-                        root_certificates=root_certificates, private_key=private_key,
-                        certificate_chain=certificate_chain, load_balancing=load_balancing,
-                        tls_server_name=tls_server_name)
-        self._transport = AsyncGrpcTransport(self.connection, model=model, shm=self.shm, device_id=cuda_device)
+    _transport_class = AsyncGrpcTransport
 
     async def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
         return await self._transport.infer(data, top_k, timeout)

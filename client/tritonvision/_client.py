@@ -87,15 +87,40 @@ class _ClassifierBase:
                     raise r
         return results
 
-    def _configure(self, url: str | None, timeout: float | None, retry: RetryPolicy | None, max_in_flight: int,
-                   shm: ShmMode, allow_remote_shm: bool = False, access_key: tuple[str, str] | None = None,
-                   headers: Mapping[str, str] | None = None, **connection) -> None:
-        self.connection = Connection.make(url, headers=with_access_key(headers, access_key), **connection)
-        url = self.url = self.connection.target
+    # The transport class of the twin: GrpcTransport or AsyncGrpcTransport.
+    _transport_class: type
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        model: str = ENSEMBLE,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 64,
+        shm: ShmMode = None,
+        cuda_device: int = 0,
+        access_key: tuple[str, str] | None = None,
+        allow_remote_shm: bool = False,
+        ssl: bool = False,
+        root_certificates: Pem = None,
+        private_key: Pem = None,
+        certificate_chain: Pem = None,
+        headers: Mapping[str, str] | None = None,
+        load_balancing: str | None = None,
+        tls_server_name: str | None = None,
+    ):
+        self.connection = Connection.make(
+            url, headers=with_access_key(headers, access_key), ssl=ssl, root_certificates=root_certificates,
+            private_key=private_key, certificate_chain=certificate_chain, load_balancing=load_balancing,
+            tls_server_name=tls_server_name,
+        )
+        self.url = self.connection.target
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
-        self.shm = resolve_shm(shm, url, allow_remote_shm)
+        self.shm = resolve_shm(shm, self.url, allow_remote_shm)
+        self._transport = self._transport_class(self.connection, model=model, shm=self.shm, device_id=cuda_device)
 
     @property
     def shm_prefix(self) -> str | None:
@@ -135,31 +160,7 @@ class Classifier(_ClassifierBase):
     ``url`` is an address or a list of them.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        model: str = ENSEMBLE,
-        timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        max_in_flight: int = 64,
-        shm: ShmMode = None,
-        cuda_device: int = 0,
-        access_key: tuple[str, str] | None = None,
-        allow_remote_shm: bool = False,
-        ssl: bool = False,
-        root_certificates: Pem = None,
-        private_key: Pem = None,
-        certificate_chain: Pem = None,
-        headers: Mapping[str, str] | None = None,
-        load_balancing: str | None = None,
-        tls_server_name: str | None = None,
-    ):
-        self._configure(url, timeout, retry, max_in_flight, shm, allow_remote_shm, access_key, headers, ssl=ssl,
-                        root_certificates=root_certificates, private_key=private_key,
-                        certificate_chain=certificate_chain, load_balancing=load_balancing,
-                        tls_server_name=tls_server_name)
-        self._transport = GrpcTransport(self.connection, model=model, shm=self.shm, device_id=cuda_device)
+    _transport_class = GrpcTransport
 
     # -- one image ----------------------------------------------------------------------------------------
     def _infer(self, data: bytes, top_k: int, timeout: float | None) -> list[Prediction]:
