@@ -159,3 +159,45 @@ def test_stop_after_a_stub_died_is_bounded_and_complete(cpu_repository, photos, 
     assert time.monotonic() - started < 15
     assert not any(_alive(p) for p in [pid, *group])
     assert not server.leftover_shm()
+
+
+FAKE_SERVER = """#!{python}
+# A stand-in for tritonserver: counts its starts, then aborts, exits 1, or answers readiness until SIGTERM.
+import http.server, os, sys
+counter = os.environ["FAKE_TRITON_COUNTER"]
+n = int(open(counter).read() or 0) + 1 if os.path.exists(counter) else 1
+open(counter, "w").write(str(n))
+mode = os.environ["FAKE_TRITON_MODE"]
+if mode == "abort-once" and n == 1:
+    os.abort()
+if mode == "exit":
+    print("error: creating server: Invalid argument - unknown option", flush=True)
+    sys.exit(1)
+port = int(next(a for a in sys.argv if a.startswith("--http-port=")).split("=")[1])
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("mode, starts, started", [("abort-once", 2, True), ("exit", 1, False)])
+def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_refusal_is_not(
+        cpu_repository, tmp_path, monkeypatch, mode, starts, started):
+    fake = tmp_path / "tritonserver"
+    fake.write_text(FAKE_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    counter = tmp_path / "starts"
+    monkeypatch.setenv("FAKE_TRITON_COUNTER", str(counter))
+    monkeypatch.setenv("FAKE_TRITON_MODE", mode)
+    server = TritonServer(cpu_repository, tritonserver=fake, startup_timeout=20)
+    if started:
+        with server:
+            assert server.is_ready()
+    else:
+        with pytest.raises(ServerStartError, match="exited with code 1"):
+            server.start()
+    assert int(counter.read_text()) == starts

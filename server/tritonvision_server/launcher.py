@@ -288,7 +288,19 @@ class TritonServer:
         log.info("starting %s", " ".join(self._cmd))
         self._log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed in stop()
         try:
-            self._spawn()
+            try:
+                self._spawn()
+            except ServerStartError:
+                if not self._crashed_during_start():
+                    raise
+                # Seen once in hundreds of starts on a loaded machine: Triton 2.51 aborting in its gRPC event
+                # engine ("epoll_wait ... Bad file descriptor") before it was ready. A refused option or a
+                # model that fails to load exits with a code, not a signal, and is not retried.
+                log.warning("tritonserver died from signal %d during start-up; starting it once more. Last log "
+                            "lines:\n%s", -self._proc.returncode, self.log_tail(10))
+                self._kill()
+                self.cleanup_shm()
+                self._spawn()
         except BaseException:
             self.stop()
             raise
@@ -316,6 +328,10 @@ class TritonServer:
         # and its stubs keep their access.
         for path in self.leftover_shm():
             path.chmod(0o600)
+
+    def _crashed_during_start(self) -> bool:
+        """Whether the server process ended from a signal (SIGABRT, SIGSEGV) rather than exiting."""
+        return self._proc is not None and self._proc.returncode is not None and self._proc.returncode < 0
 
     def _reap(self, proc: subprocess.Popen) -> None:
         proc.wait()
