@@ -43,3 +43,29 @@ def registered(grpc_url: str) -> list[str]:
         return t.registered_shm("system")
     finally:
         t.close()
+
+
+def serve_classify_and_interrupt(args: list[str], image: bytes, *, ready_timeout: float = 120, **popen) -> tuple[int, str, int]:
+    """Run ``tritonvision serve ARGS`` on free ports, classify ``image`` through it once ready, then stop it
+    with SIGINT as Ctrl-C would. Returns its exit code, its output and its pid."""
+    import signal
+    import subprocess
+    import sys
+
+    from tritonvision import Classifier
+    from tritonvision_server.launcher import free_port
+
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", *args,
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    try:
+        with Classifier(f"127.0.0.1:{ports[1]}", timeout=ready_timeout) as clf:
+            clf.wait_until_ready(timeout=ready_timeout)
+            assert clf.classify(image)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, proc.pid

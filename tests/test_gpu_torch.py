@@ -162,28 +162,14 @@ def test_serving_gpu_torch_without_cuda_exits_with_the_reason(caplog):
 
 def test_serve_gpu_torch_with_the_cpu_override_builds_its_repository_and_serves(tmp_path, photos):
     import os
-    import signal
-    import subprocess
-    import sys
 
-    from tritonvision_server.launcher import free_port
+    from sdk_helpers import serve_classify_and_interrupt
 
-    ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--profile", "gpu-torch", "--weights", TEST_WEIGHTS,
-           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
     # The override through the environment; the repository is built under the working directory's build/.
-    env = dict(os.environ, TRITONVISION_TORCH_DEVICE="cpu")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with Classifier(f"127.0.0.1:{ports[1]}", timeout=180) as clf:
-            clf.wait_until_ready(timeout=240)
-            assert clf.classify(photos["coffee"])
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+    code, out, _ = serve_classify_and_interrupt(["--profile", "gpu-torch", "--weights", TEST_WEIGHTS], photos["coffee"],
+                                                ready_timeout=240, cwd=tmp_path,
+                                                env=dict(os.environ, TRITONVISION_TORCH_DEVICE="cpu"))
+    assert code == 0, out
     repo = tmp_path / "build" / "model_repository_gpu_torch_cpu"
     assert (repo / spec.RESNET50 / "1" / configs.TORCH_WEIGHTS_FILE).exists()
     assert configs.parse((repo / spec.RESNET50 / "config.pbtxt").read_text()).parameters["device"].string_value == "cpu"

@@ -314,25 +314,10 @@ def test_startup_failure_raises_with_the_server_log(tmp_path, cpu_repository):
 
 
 def test_serve_command_serves_until_sigint_then_exits_cleanly(cpu_repository, photos):
-    import signal
-    import subprocess
-    import sys
+    from sdk_helpers import serve_classify_and_interrupt
+    from tritonvision_server.launcher import SHM_DIR
 
-    from tritonvision_server.launcher import SHM_DIR, free_port
-
-    ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
-           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with Classifier(f"127.0.0.1:{ports[1]}", timeout=60) as clf:
-            clf.wait_until_ready(timeout=120)
-            assert clf.classify(photos["coffee"])
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+    code, out, pid = serve_classify_and_interrupt(["--model-repository", str(cpu_repository)], photos["coffee"])
+    assert code == 0, out
     assert "shutting down" in out
-    assert not list(SHM_DIR.glob(f"tritonvision_{proc.pid}_*"))
+    assert not list(SHM_DIR.glob(f"tritonvision_{pid}_*"))
