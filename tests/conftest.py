@@ -84,6 +84,26 @@ def triton_server(cpu_repository):
     assert not server.leftover_shm(), "the server left shared-memory files behind"
 
 
+@pytest.fixture(autouse=True)
+def _session_server_alive(request):
+    """A test during which the session's server died fails with the server's last log lines, and the
+    server is started again, so that one crash fails one test, not every test after it."""
+    if "triton_server" not in request.fixturenames:
+        yield
+        return
+    server = request.getfixturevalue("triton_server")
+    if not server.running:
+        # It died after the previous test had finished: that test passed; start the server again.
+        print(f"tritonserver (pid {server.pid}) was found dead; last log lines:\n{server.log_tail(30)}")
+        server.restart()
+    yield
+    if not server.running:
+        tail = server.log_tail(30)
+        code = server._proc.returncode if server._proc is not None else None
+        server.restart()
+        pytest.fail(f"tritonserver died (exit status {code}) during this test; last log lines:\n{tail}")
+
+
 @pytest.fixture(scope="session")
 def grpc_url(triton_server) -> str:
     return triton_server.grpc_url

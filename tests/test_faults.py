@@ -201,3 +201,14 @@ def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_
         with pytest.raises(ServerStartError, match="exited with code 1"):
             server.start()
     assert int(counter.read_text()) == starts
+
+
+def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photos):
+    with TritonServer(cpu_repository) as server:
+        port = server.grpc_port
+        os.kill(server.pid, signal.SIGKILL)
+        assert _wait(lambda: not server.running, 10)
+        server.restart()
+        assert server.running and server.grpc_port == port and server.restarts == 1
+        with tv.Classifier(server.grpc_url, timeout=60) as clf:
+            assert clf.classify(photos["chelsea"], top_k=1)

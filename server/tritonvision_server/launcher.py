@@ -376,12 +376,17 @@ class TritonServer:
         if reason is None or not self.running:
             return False
         log.error("%s; restarting tritonserver", reason)
+        self.restart()
+        return True
+
+    def restart(self) -> None:
+        """Kill the server's process group (if anything of it is left), remove its regions and start it
+        again on the same ports; returns once it is ready."""
         self._kill()
         self.cleanup_shm()
         self._spawn()
         self.restarts += 1
         log.info("tritonserver restarted and ready")
-        return True
 
     def _kill(self) -> None:
         """SIGKILL the server's whole process group and wait for the server."""
