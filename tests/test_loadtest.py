@@ -121,6 +121,9 @@ def test_load_shapes_change_the_user_count_over_time_and_end_by_themselves(grpc_
     history = prefix.with_name(prefix.name + "_stats_history.csv")
     counts = [int(r["User Count"]) for r in csv.DictReader(history.open()) if r["Name"] == "Aggregated" and int(r["User Count"])]
     phases = [c for i, c in enumerate(counts) if i == 0 or c != counts[i - 1]]
+    # Locust can write one more history row while it stops the users once the shape has ended.
+    if len(phases) == len(expected) + 1 and phases[-1] < phases[-2]:
+        phases = phases[:-1]
     assert phases == expected, counts
 
 
