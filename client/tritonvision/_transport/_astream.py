@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
@@ -21,15 +21,6 @@ from ._grpc import AsyncGrpcTransport, infer_request
 from ._stream import Source, StreamBase, stream_item
 
 log = logging.getLogger(__name__)
-
-
-async def _items(source: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Source]:
-    if isinstance(source, AsyncIterable):
-        async for image in source:
-            yield image
-    else:
-        for image in source:
-            yield image
 
 
 class AsyncInferStream(StreamBase):
@@ -102,14 +93,14 @@ class AsyncInferStream(StreamBase):
             return Classification(i, error=self._deadline_error())
         return self._outcome(i, item)
 
-    async def classify(self, images: Iterable[Source] | AsyncIterable[Source]) -> AsyncIterator[Classification]:
+    async def classify(self, images: AsyncIterable[Source]) -> AsyncIterator[Classification]:
         """Results in input order, one per image."""
         if self._call is not None:
             raise RuntimeError("an AsyncInferStream runs once")
         self._call = self._transport.open_stream()
         self._reader = asyncio.create_task(self._read())
         pending: deque[tuple[int, asyncio.Future | None, Classification | None]] = deque()
-        source = _items(images).__aiter__()
+        source = images.__aiter__()
         exhausted, i = False, 0
         try:
             while True:

@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._types import Prediction
 from ..spec import ENSEMBLE, IMAGE, SCORES
-from ._channel import CHANNEL_ARGS, MAX_MESSAGE_BYTES, Connection, open_channel  # noqa: F401
+from ._channel import CHANNEL_ARGS, Connection, open_channel  # noqa: F401 - CHANNEL_ARGS: the benchmarks' bare loop
 from ._errors import map_error
 from ._shm import ShmInput, ShmPool
 
