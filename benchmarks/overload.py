@@ -7,12 +7,13 @@ that capacity with ``--deadline`` second client deadlines (memory sampled every 
 last request ended, and capacity again. Variants (``--rounds`` rounds, the order reversed every other round, so
 that a neighbour's load does not always land on the same variant):
 
-* ``shed``: the configs generated from the spec (bounded queues, queue timeouts, the SDK's remaining deadline as
-  each request's server-side timeout) and the launcher's memory settings (python-backend regions sized for a
-  full batch, glibc malloc tuning);
-* ``shed-glibc``: the same queues, Triton's default python-backend regions and glibc's default malloc (the
-  launcher before those settings);
-* ``unbounded``: the same repository without queue policies (the launcher's settings).
+* ``shed``: the configs generated from the spec (preprocess's bounded queue and timeout, admission ahead of
+  preprocessing bounding resnet50's queue, the SDK's remaining deadline as each request's server-side timeout)
+  and the launcher's memory settings (python-backend regions sized for a full batch, glibc malloc tuning);
+* ``shed-glibc``: the same, with Triton's default python-backend regions and glibc's default malloc;
+* ``no-admission``: both steps bounded by their own queue policy (resnet50's as preprocess's) and no admission,
+  so overload is refused at resnet50's queue after preprocessing (the cpu profile before admission);
+* ``unbounded``: the same repository without queue policies or admission (the launcher's settings).
 
 Goodput (successful images per second, over the whole window and its last third) is compared with the capacity
 measured before and after the overload phase, and, since the client and the neighbours take CPU time from the
@@ -22,10 +23,11 @@ a python-backend region once per mapping of it) and the memory the service holds
 tritonserver and its stubs plus the /dev/shm regions they allocated; shared libraries left out). Also: refusals
 at a full queue and their latency, requests rejected after waiting out a queue timeout (``expired``), p50/p99 of
 accepted requests, client deadline failures, images resnet50 computed for callers that had given up, and the
-share of the service's CPU time spent preprocessing images that resnet50's queue then refused (``late %``).
+share of the service's CPU time spent preprocessing images that resnet50's queue then refused (``late %``;
+admission's refusals, which are never decoded, are read from ``tritonvision_admission_refused_total``).
 Prints a table with the median and range over rounds and writes ``results/overload.json``.
 
-    .venv/bin/python benchmarks/overload.py [--seconds 60] [--factor 3] [--rounds 3] [--variants shed,shed-glibc]
+    .venv/bin/python benchmarks/overload.py [--seconds 60] [--factor 3] [--rounds 3] [--variants shed,no-admission]
 
 On a shared machine the figures move with the neighbours' load; compare variants of the same run only.
 """
@@ -54,25 +56,33 @@ log = logging.getLogger("overload")
 BUILD = ROOT / "build" / "overload"
 
 
-VARIANTS = ("shed", "shed-glibc", "unbounded")
+VARIANTS = ("shed", "shed-glibc", "no-admission", "unbounded")
 
 
 def profile(variant: str):
     from tritonvision import spec
 
-    if variant.startswith("shed"):
+    if variant in ("shed", "shed-glibc"):
         return spec.CPU
 
-    def unbounded(step):
-        return dataclasses.replace(step, batching=dataclasses.replace(step.batching, max_queue_size=0, queue_timeout_us=0))
+    def bounded(step, like):
+        return dataclasses.replace(step, batching=dataclasses.replace(
+            step.batching, max_queue_size=like.max_queue_size, queue_timeout_us=like.queue_timeout_us))
 
-    return dataclasses.replace(spec.CPU, preprocess=unbounded(spec.CPU.preprocess), resnet50=unbounded(spec.CPU.resnet50))
+    if variant == "no-admission":
+        # Every step bounded by its own queue, as preprocess is, and no admission: overload is refused at
+        # resnet50's queue after preprocessing (the cpu profile before admission).
+        return dataclasses.replace(spec.CPU, resnet50=bounded(spec.CPU.resnet50, spec.CPU.preprocess.batching),
+                                   admission_pending=0)
+    no_policy = dataclasses.replace(spec.CPU.preprocess.batching, max_queue_size=0, queue_timeout_us=0)
+    return dataclasses.replace(spec.CPU, preprocess=bounded(spec.CPU.preprocess, no_policy),
+                               resnet50=bounded(spec.CPU.resnet50, no_policy), admission_pending=0)
 
 
 def repository(variant: str) -> Path:
     from tritonvision_server.configs import write_repository
 
-    variant = "shed" if variant.startswith("shed") else variant
+    variant = "shed" if variant == "shed-glibc" else variant
 
     onnx = ROOT / "build" / "test" / "resnet50.onnx"
     if not onnx.exists():
@@ -80,6 +90,15 @@ def repository(variant: str) -> Path:
 
         onnx = export_onnx(onnx, "random:0")
     return write_repository(profile(variant), BUILD / f"model_repository_{variant}", onnx_path=onnx)
+
+
+def admission_refused(server) -> float:
+    """Requests preprocess refused undecoded so far (tritonvision_admission_refused_total, every reason)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(r"^tritonvision_admission_refused_total\{[^}]*\} (\S+)$", text, re.M))
 
 
 class MemorySampler:
@@ -295,7 +314,7 @@ def run_variant(variant: str, args, image: bytes) -> dict:
                 capacity_before = closed_loop(clf, image, args.capacity_concurrency, args.capacity_seconds)
             mem_capacity = serving.median()
             log.info("%s: capacity %.1f img/s, service time %.0f ms", variant, capacity_before, service)
-            before, cpu_before = clf.statistics(), cpu_seconds(server)
+            before, cpu_before, undecoded_before = clf.statistics(), cpu_seconds(server), admission_refused(server)
             bar = None
             if not args.no_progress:
                 from tqdm import tqdm
@@ -309,6 +328,7 @@ def run_variant(variant: str, args, image: bytes) -> dict:
             if bar is not None:
                 bar.close()
             after, cpu_after = clf.settled_statistics(), cpu_seconds(server)
+            undecoded = admission_refused(server) - undecoded_before
             time.sleep(5)
             mem_settled = memory(server)
             with ServiceWork(server, clf) as work_after:
@@ -324,7 +344,9 @@ def run_variant(variant: str, args, image: bytes) -> dict:
     # out (the client and the neighbours take CPU time from the server, not work per CPU-second from it).
     per_cpu_capacity = (work_before.images + work_after.images) / (work_before.cpu + work_after.cpu)
     per_cpu_overload = result["outcomes"].get("ok", 0) / sum(cpu.values())
-    preprocessed, classified = net["preprocess"].inference_count, net["resnet50"].inference_count
+    # Triton counts preprocess's error responses (admission's refusals, undecoded) among its inferences.
+    preprocessed = net["preprocess"].inference_count - int(undecoded)
+    classified = net["resnet50"].inference_count
     # Images that went through preprocess but not through resnet50 (refused at its queue, or timed out there):
     # the preprocess stub's CPU time they took, as a share of the CPU time of the server and all its stubs.
     refused_late = max(0, preprocessed - classified)
@@ -338,8 +360,10 @@ def run_variant(variant: str, args, image: bytes) -> dict:
         goodput_share_after=result["goodput"] / capacity_after if capacity_after else float("inf"),
         offered=args.factor * capacity_before,
         service_ms=service,
-        queue_timeout_ms=prof.resnet50.batching.queue_timeout_us / 1e3,
-        max_queue_size=prof.resnet50.batching.max_queue_size,
+        queue_timeout_ms={step: getattr(prof, step).batching.queue_timeout_us / 1e3 for step in ("preprocess", "resnet50")},
+        max_queue_size={step: getattr(prof, step).batching.max_queue_size for step in ("preprocess", "resnet50")},
+        admission_pending=prof.admission_pending,
+        refused_by_admission=int(undecoded),
         computed=classified,
         # Images resnet50 computed whose caller did not get a result (gave up or was refused later).
         computed_for_nobody=max(0, classified - result["outcomes"].get("ok", 0)),
@@ -369,7 +393,7 @@ def _spread(values) -> str:
 
 def table(results: list[dict]) -> str:
     """One line per run, then per variant the median [min-max] over rounds of the figures the targets name."""
-    head = (f"{'round':>5}  {'variant':>10}  {'cap/s b/a':>11}  {'offer/s':>7}  {'good/s':>6}  {'good %':>6}  "
+    head = (f"{'round':>5}  {'variant':>12}  {'cap/s b/a':>11}  {'offer/s':>7}  {'good/s':>6}  {'good %':>6}  "
             f"{'last3 %':>7}  {'/CPU %':>6}  {'shed':>5}  {'expir.':>6}  {'deadl.':>6}  {'refuse p50/p99':>15}  "
             f"{'ok p50/p99 ms':>15}  "
             f"{'wasted':>6}  {'late %':>6}  {'RSS idle/cap/peak/settled':>26}  {'held cap/peak/settled':>22}")
@@ -377,7 +401,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         o, m = r["outcomes"], r["memory"]
         lines.append(
-            f"{r['round']:>5}  {r['variant']:>10}  {r['capacity_before']:>5.1f}/{r['capacity_after']:<5.1f}  "
+            f"{r['round']:>5}  {r['variant']:>12}  {r['capacity_before']:>5.1f}/{r['capacity_after']:<5.1f}  "
             f"{r['offered']:>7.1f}  {r['goodput']:>6.1f}  {100 * r['goodput_share']:>5.0f}%  "
             f"{100 * r['goodput_last_third_share']:>6.0f}%  {100 * r['goodput_per_cpu_share']:>5.0f}%  "
             f"{o.get('overloaded', 0):>5}  {o.get('expired', 0):>6}  {o.get('DeadlineExceededError', 0):>6}  "
@@ -389,13 +413,13 @@ def table(results: list[dict]) -> str:
             f"{m['capacity']['held']:>8.0f}/{m['overload_peak']['held']:.0f}/{m['settled']['held']:.0f}"
         )
     lines.append("")
-    lines.append(f"{'variant':>10}  {'goodput % of capacity (mean b/a)':>32}  {'last third %':>12}  "
+    lines.append(f"{'variant':>12}  {'goodput % of capacity (mean b/a)':>32}  {'last third %':>12}  "
                  f"{'per CPU-s %':>11}  {'refusal p99 ms':>14}  {'accepted p99 ms':>15}  "
                  f"{'RSS peak vs capacity %':>22}  {'held peak vs capacity %':>23}")
     for variant in dict.fromkeys(r["variant"] for r in results):
         rs = [r for r in results if r["variant"] == variant]
         lines.append(
-            f"{variant:>10}  {_spread([100 * r['goodput_share'] for r in rs]):>32}  "
+            f"{variant:>12}  {_spread([100 * r['goodput_share'] for r in rs]):>32}  "
             f"{_spread([100 * r['goodput_last_third_share'] for r in rs]):>12}  "
             f"{_spread([100 * r['goodput_per_cpu_share'] for r in rs]):>11}  "
             f"{_spread([r['refusal_p99_ms'] for r in rs]):>14}  {_spread([r['accepted_p99_ms'] for r in rs]):>15}  "
@@ -409,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from tritonvision import sample_images
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default="shed,shed-glibc", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="shed,no-admission", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every variant, in alternating order")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the overload phase")
     ap.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of the measured capacity")

@@ -121,6 +121,19 @@ def test_every_bounded_step_of_a_gpu_profile_has_a_second_instance_to_wake_the_b
         assert not step.batching.has_queue_policy or step.instances >= 2, step
 
 
+@pytest.mark.parametrize("profile", [spec.CPU, spec.GPU_TORCH, spec.GPU_TORCH.on_cpu()], ids=["cpu", "gpu-torch", "gpu-torch-cpu"])
+def test_admission_is_generated_and_a_lone_resnet50_behind_it_has_no_queue_policy(profile):
+    # Admission holds back enqueues to resnet50, the batcher's reliable wake-up: with a queue policy a lone
+    # instance then sleeps 500 ms before nearly every batch (measured: resnet50 queue time 527 ms).
+    params = configs.configs(profile)[spec.PREPROCESS].parameters
+    assert params["admission_model"].string_value == spec.RESNET50
+    assert int(params["admission_limit"].string_value) == profile.admission_limit >= profile.preprocess.batching.max_batch_size
+    assert int(params["admission_max_wait_us"].string_value) == profile.preprocess.batching.queue_timeout_us > 0
+    if profile.resnet50.instances == 1:
+        assert not profile.resnet50.batching.has_queue_policy
+    assert "admission_limit" not in configs.configs(spec.GPU)[spec.PREPROCESS].parameters  # DALI has no such code
+
+
 def test_the_light_variant_has_two_instances_a_step_unless_a_sweep_sets_them(tmp_path):
     from tritonvision_server.configs import write_light_repository
 

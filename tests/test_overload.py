@@ -12,9 +12,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,13 @@ def _steps(profile):
 def test_every_step_has_a_bounded_queue_that_rejects_after_a_timeout(profile):
     generated = configs.configs(profile)
     for name, serving in _steps(profile).items():
+        if name == spec.RESNET50 and not serving.batching.has_queue_policy:
+            # Bounded by admission ahead of preprocessing instead (test_admission.py): preprocess holds a
+            # batch until resnet50 has room for it under admission_pending requests.
+            params = generated[spec.PREPROCESS].parameters
+            assert int(params["admission_limit"].string_value) == profile.admission_limit > 0
+            assert profile.admission_limit <= serving.batching.max_batch_size * 2, "a bound, not a formality"
+            continue
         policy = generated[name].dynamic_batching.default_queue_policy
         assert policy.max_queue_size == serving.batching.max_queue_size > 0, name
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT, name
@@ -75,10 +84,10 @@ def small_queue_server(onnx_path, tmp_path_factory):
     from tritonvision_server.configs import write_repository
     from tritonvision_server.launcher import TritonServer
 
-    def shrink(step):
-        return dataclasses.replace(step, batching=dataclasses.replace(step.batching, max_queue_size=4))
-
-    profile = dataclasses.replace(spec.CPU, preprocess=shrink(spec.CPU.preprocess), resnet50=shrink(spec.CPU.resnet50))
+    # preprocess's queue and admission's bound on resnet50's.
+    preprocess = dataclasses.replace(spec.CPU.preprocess,
+                                     batching=dataclasses.replace(spec.CPU.preprocess.batching, max_queue_size=4))
+    profile = dataclasses.replace(spec.CPU, preprocess=preprocess, admission_pending=4)
     repository = write_repository(profile, tmp_path_factory.mktemp("small_queue"), onnx_path=onnx_path)
     with TritonServer(repository) as server:
         yield server
@@ -103,6 +112,29 @@ def test_full_queue_is_refused_as_overload_without_retries(small_queue_server, p
         assert len(sent) == burst
         # And the server still serves once the burst is over.
         assert clf.classify(photos["chelsea"])[0].label
+
+
+def _admission_refused(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(v) for v in re.findall(r"^tritonvision_admission_refused_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def test_overload_is_refused_before_preprocessing(small_queue_server, photos):
+    """resnet50's queue is where the backlog builds; without admission ahead of preprocessing it refused
+    requests that preprocess had decoded already (4 of the 9 it decoded here). Now preprocess decodes only what resnet50
+    can queue: every refusal happens undecoded, at preprocess's queue or by its admission."""
+    burst = 48
+    with tv.Classifier(small_queue_server.grpc_url, timeout=60, max_in_flight=burst) as clf:
+        before, refused_before = clf.settled_statistics(), _admission_refused(small_queue_server)
+        results = clf.classify_batch([photos["chelsea"]] * burst, return_exceptions=True)
+        delta = clf.settled_statistics() - before
+    ok = [r for r in results if not isinstance(r, tv.TritonVisionError)]
+    overloaded = [r for r in results if isinstance(r, tv.OverloadedError)]
+    assert len(ok) + len(overloaded) == burst, [r for r in results if r not in ok and r not in overloaded][:3]
+    assert overloaded and ok
+    # Triton counts a python-backend step's error responses as its successes: take admission's out.
+    decoded = delta[spec.PREPROCESS].requests - (_admission_refused(small_queue_server) - refused_before)
+    assert decoded == delta[spec.RESNET50].requests == len(ok), "preprocessed, then refused by resnet50's queue"
 
 
 def test_bench_reports_shed_requests_apart_from_errors(small_queue_server, photos, tmp_path, capsys):

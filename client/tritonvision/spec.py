@@ -270,6 +270,21 @@ class Profile:
     # code on a machine without CUDA, for CI) and the precision of the model step (one of TORCH_PRECISIONS).
     torch_device: str | None = None
     torch_precision: str = "fp16"
+    # Admission ahead of preprocessing (python-backend preprocess only): a batch is decoded only once resnet50
+    # has room for it under this many pending requests; until then requests wait, and the excess is refused,
+    # at preprocess's queue, undecoded (tritonvision_server.admission). 0: off, and overload is refused at
+    # resnet50's own queue after the preprocessing was spent.
+    admission_pending: int = 0
+
+    @property
+    def admission_limit(self) -> int:
+        """The most requests resnet50 may have pending once a preprocess batch joins them (0: no admission):
+        ``admission_pending``, less a full batch from each other preprocess instance, which may pass the
+        check at the same moment."""
+        if not self.admission_pending or self.preprocess.backend != "python":
+            return 0
+        others = (self.preprocess.instances - 1) * self.preprocess.batching.max_batch_size
+        return max(self.admission_pending - others, 1)
 
     def __post_init__(self) -> None:
         if self.engine is not None and self.engine.input_dtype != self.pixels_dtype:
@@ -304,12 +319,16 @@ class Profile:
             raise ValueError(f"the {self.name} profile does not run PyTorch steps")
         from dataclasses import replace
 
-        def cpu_step(step: StepServing) -> StepServing:
-            # ResNet-50 is ~100x slower on a CPU: the queue timeout of the cpu profile's steps, not the GPU's.
-            batching = replace(step.batching, queue_timeout_us=CPU.resnet50.batching.queue_timeout_us)
+        def cpu_step(step: StepServing, template: StepServing) -> StepServing:
+            # ResNet-50 is ~100x slower on a CPU: the cpu profile's queue policies, one instance each, and
+            # (for a lone resnet50 instance) admission as its queue bound, as in the cpu profile.
+            batching = replace(step.batching, max_queue_size=template.batching.max_queue_size,
+                               queue_timeout_us=template.batching.queue_timeout_us)
             return replace(step, kind="KIND_CPU", instances=1, batching=batching)
 
-        return replace(self, torch_device="cpu", preprocess=cpu_step(self.preprocess), resnet50=cpu_step(self.resnet50))
+        return replace(self, torch_device="cpu", preprocess=cpu_step(self.preprocess, CPU.preprocess),
+                       resnet50=cpu_step(self.resnet50, CPU.resnet50),
+                       admission_pending=self.resnet50.batching.max_batch_size if self.admission_pending else 0)
 
 
 CPU = Profile(
@@ -318,15 +337,18 @@ CPU = Profile(
     max_batch_size=32,
     # Under load, requests queue while ResNet-50 runs (~40 ms per image on two cores) and leave together
     # as one batch without any delay; a delay would only cost a lone request latency.
-    # Load shedding: the backlog builds in front of resnet50 (preprocess is ~10x faster). Each queue holds
-    # one largest batch (32): with the SDK's default 64 requests in flight one client fills both steps
-    # without a refusal; beyond that requests are refused at once. 32 waiting is 1.5-3 s of resnet50 work
-    # on two cores (less than the 5 s queue timeouts, so the bound, not the timeout, does the refusing);
-    # the timeouts catch a slower machine or a stalled step. One instance each although the queue policy
-    # exposes a lone instance to the batcher's missed 500 ms wake-up (Batching.has_queue_policy): a second
-    # one costs more on two cores (-7 to -25% img/s at 4 and 16 in flight) than the rare stall does.
+    # Load shedding: the backlog builds in front of resnet50 (preprocess is ~10x faster), so preprocess admits
+    # a batch only when resnet50 has room for it under 32 pending requests (admission_pending: one largest
+    # batch, 1.5-3 s of resnet50 work on two cores) and holds it until then; its own queue (32, 5 s) refuses
+    # the excess at once, undecoded. With the SDK's default 64 requests in flight one client fills both
+    # without a refusal. resnet50 has no queue policy of its own: admission bounds its queue, and with one
+    # instance a policy would cost a 500 ms stall per batch there (Batching.has_queue_policy: nothing
+    # enqueues while admission holds, and only an enqueue wakes the batcher reliably). One instance per step:
+    # a second costs more on two cores (-7 to -25% img/s at 4 and 16 in flight) than preprocess's rare
+    # stall does.
     preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0, max_queue_size=32, queue_timeout_us=5_000_000)),
-    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0, max_queue_size=32, queue_timeout_us=5_000_000)),
+    resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
+    admission_pending=32,
 )
 
 GPU = Profile(
@@ -366,6 +388,9 @@ GPU_TORCH = Profile(
     cuda_graph_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128),
     torch_device="cuda",
     torch_precision="fp16",
+    # Admission as in cpu, at resnet50's queue bound, which stays as well: with two instances its policy
+    # costs no stall.
+    admission_pending=512,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (CPU, GPU, GPU_TORCH)}

@@ -109,6 +109,10 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
                                            accepted=accepted))
     else:
         raise ValueError(f"preprocess cannot run on the {profile.preprocess.backend} backend")
+    if profile.admission_limit:
+        # Read by backends/_common.admission; the metrics URL comes from the launcher at start.
+        _parameters(config, admission_model=RESNET50, admission_limit=profile.admission_limit,
+                    admission_max_wait_us=profile.preprocess.batching.queue_timeout_us)
     return config
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from tritonvision.extras import require
 
+from .admission import METRICS_URL_ENV
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -271,6 +273,11 @@ class TritonServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         for key, value in self.malloc_env.items():
             env.setdefault(key, value)
+        # The preprocess step's admission reads resnet50's queue from this server's metrics (admission.py);
+        # always this server's, never one inherited from a parent's environment.
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = f"[{host}]" if ":" in host else host
+        env[METRICS_URL_ENV] = f"http://{host}:{self.metrics_port}/metrics"
         return env
 
     def start(self) -> "TritonServer":

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import refusal_message
+
+from ..admission import EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
+
+log = logging.getLogger(__name__)
 
 
 def parameters(args: dict) -> tuple[dict, dict[str, str]]:
@@ -23,25 +29,34 @@ def output_dtype(config: dict, name: str):
 # Refused images, by the step that refused them: a client's error, exported on Triton's metrics port next
 # to nv_inference_request_failure, which counts them as failures of the ensemble like any server error.
 REFUSED_METRIC = "tritonvision_refused_images_total"
-_refused: dict[str, object] = {}
-_family = None
+# Requests preprocess refused undecoded for want of room in resnet50's queue (admission.py), by reason:
+# Triton counts these error responses of a python-backend step as the step's successes.
+ADMISSION_METRIC = "tritonvision_admission_refused_total"
+_COUNTERS = {
+    REFUSED_METRIC: "Images refused as the client's error (INVALID_ARGUMENT), by reason",
+    ADMISSION_METRIC: "Requests refused undecoded by admission ahead of preprocessing (overload), by reason",
+}
+_families: dict[str, object] = {}
+_metrics: dict[tuple[str, str], object] = {}
+
+
+def count(name: str, reason: str) -> None:
+    """Add one to the counter ``name{reason=...}`` (one of _COUNTERS)."""
+    metric = _metrics.get((name, reason))
+    if metric is None:
+        family = _families.get(name)
+        if family is None:
+            # Every instance (a stub process each) registers the same family and labels; Triton keeps one
+            # series per label set, which they all increment.
+            family = _families[name] = pb_utils.MetricFamily(
+                name=name, description=_COUNTERS[name], kind=pb_utils.MetricFamily.COUNTER)
+        metric = _metrics[(name, reason)] = family.Metric(labels={"reason": reason})
+    metric.increment(1)
 
 
 def count_refusal(reason: str) -> None:
     """Add one to ``tritonvision_refused_images_total{reason=...}``."""
-    global _family
-    metric = _refused.get(reason)
-    if metric is None:
-        if _family is None:
-            # Every instance (a stub process each) registers the same family and labels; Triton keeps one
-            # series per label set, which they all increment.
-            _family = pb_utils.MetricFamily(
-                name=REFUSED_METRIC,
-                description="Images refused as the client's error (INVALID_ARGUMENT), by reason",
-                kind=pb_utils.MetricFamily.COUNTER,
-            )
-        metric = _refused[reason] = _family.Metric(labels={"reason": reason})
-    metric.increment(1)
+    count(REFUSED_METRIC, reason)
 
 
 def decode_error_message(fmt: str) -> str:
@@ -62,3 +77,44 @@ def error_response(message: str, *, invalid_argument: bool = True):
     # TritonError codes reach the client as the matching gRPC status (INVALID_ARGUMENT for bad input).
     code = pb_utils.TritonError.INVALID_ARG if invalid_argument else pb_utils.TritonError.INTERNAL
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def admission(params: dict[str, str]) -> Admission | None:
+    """The preprocess step's admission (tritonvision_server.admission) if its config asks for one and the
+    launcher said where the server's metrics are; None otherwise (everything admitted, as before)."""
+    limit = int(params.get("admission_limit", "0"))
+    if not limit:
+        return None
+    url = os.environ.get(METRICS_URL_ENV)
+    if not url:
+        log.warning("admission ahead of preprocessing is off: %s is not set (tritonvision serve and "
+                    "TritonServer set it; a server started by hand can set it to its metrics URL)", METRICS_URL_ENV)
+        return None
+    # A step without a queue timeout still holds a batch for at most a second.
+    max_wait = int(params.get("admission_max_wait_us", "0")) / 1e6 or 1.0
+    return Admission(url, params["admission_model"], limit, max_wait)
+
+
+def overloaded_response(message: str):
+    """The response to a request refused for want of room downstream: UNAVAILABLE with Triton's own queue
+    rejection text, which clients map to overload (the SDK's OverloadedError), not to a server failure."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE))
+
+
+def admit(gate: Admission, requests, indices: list[int], responses: list) -> list[int]:
+    """Hold the batch until resnet50 can queue the requests at ``indices``; answer those refused (no room,
+    or their own timeout ran out while held: surely expired, whatever they had waited before) in
+    ``responses`` and return the indices that go on to be decoded, in order."""
+    admitted, held = gate.admit(len(indices))
+    for i in indices[admitted:]:
+        count(ADMISSION_METRIC, "overloaded")
+        responses[i] = overloaded_response(gate.overloaded_message())
+    kept = []
+    for i in indices[:admitted]:
+        timeout_us = requests[i].timeout() if held else 0
+        if timeout_us and held * 1e6 >= timeout_us:
+            count(ADMISSION_METRIC, "expired")
+            responses[i] = overloaded_response(EXPIRED_MESSAGE)
+        else:
+            kept.append(i)
+    return kept

@@ -17,7 +17,7 @@ from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
 from ..pipeline import CpuPreprocessor, DecodeError
-from ._common import decode_error_message, error_response, output_dtype, parameters, refusal
+from ._common import admission, admit, decode_error_message, error_response, output_dtype, parameters, refusal
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,17 @@ class TritonPythonModel:
             num_threads=int(params.get("num_threads", "2")),
             pixels_dtype="FP16" if self.dtype == np.float16 else "FP32",
         )
+        self.admission = admission(params)
 
     def _samples(self, request):
         array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
         formats = [info.format for info in inspect_rows(array)]
         rows = array.reshape(1, -1) if array.ndim == 1 else array
         return [np.ascontiguousarray(row) for row in rows], formats
+
+    def finalize(self):
+        if self.admission is not None:
+            self.admission.close()
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -49,6 +54,10 @@ class TritonPythonModel:
                 responses[i] = refusal("header", str(exc))
                 continue
             work.append((i, samples, formats))
+        if work and self.admission is not None:
+            # Only requests that passed the header check go on to resnet50; the newest are refused first.
+            kept = set(admit(self.admission, requests, [i for i, _, _ in work], responses))
+            work = [w for w in work if w[0] in kept]
         if work:
             try:
                 outcomes = self.pre.run_requests([samples for _, samples, _ in work])

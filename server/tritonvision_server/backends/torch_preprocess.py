@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tritonvision.spec import IMAGE
 
 from ..imagecheck import InvalidImage, inspect_rows
-from ._common import decode_error_message, error_response, output_dtype, parameters, refusal
+from ._common import admission, admit, decode_error_message, error_response, output_dtype, parameters, refusal
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,12 @@ class TritonPythonModel:
         self.device = tp.device_for(params.get("device", "cuda"), args.get("model_instance_device_id"))
         tp.torch.set_num_threads(int(params.get("num_threads", "2")))
         self.normalise = tp.Normaliser(self.device, self.dtype)
+        self.admission = admission(params)
         log.info("preprocess runs on %s", self.device)
+
+    def finalize(self):
+        if self.admission is not None:
+            self.admission.close()
 
     def _rows(self, request):
         array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
@@ -47,17 +52,21 @@ class TritonPythonModel:
     def execute(self, requests):
         tp = self.tp
         responses = [None] * len(requests)
-        work, rows = [], []  # (request index, first row, row count, formats)
+        checked = {}  # request index -> (rows, formats)
         for i, request in enumerate(requests):
             try:
-                request_rows, formats = self._rows(request)
+                checked[i] = self._rows(request)
             except InvalidImage as exc:
                 responses[i] = refusal("header", str(exc))
-                continue
+        if checked and self.admission is not None:
+            kept = admit(self.admission, requests, list(checked), responses)
+            checked = {i: checked[i] for i in kept}
+        if not checked:
+            return responses
+        work, rows = [], []  # (request index, first row, row count, formats)
+        for i, (request_rows, formats) in checked.items():
             work.append((i, len(rows), len(request_rows), formats))
             rows += request_rows
-        if not work:
-            return responses
         try:
             images = tp.decode(rows, self.device)
             ok = []  # (request index, first row, row count) of the requests whose images all decoded

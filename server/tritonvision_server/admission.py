@@ -1,0 +1,136 @@
+"""Admission ahead of preprocessing: shed a request before it is decoded, not after.
+
+Under overload the backlog builds in front of ``resnet50`` (preprocessing is ~10x faster), so without this
+its full queue refuses requests that ``preprocess`` has already decoded: 8-14% of the service's CPU time
+went to images nobody got (``benchmarks/overload.py``, "late"). Triton 2.51 has no in-flight limit for an
+ensemble, so ``preprocess`` does the admitting itself: before decoding a batch it reads ``resnet50``'s pending
+requests (Triton's live gauge ``nv_inference_pending_request_count``, from the server's own metrics port on
+loopback, ~0.2 ms) and waits while ``resnet50``'s queue could not take the batch. Meanwhile requests queue at
+``preprocess``, whose bounded queue refuses the excess at once, undecoded, with Triton's own "Exceeds maximum
+queue size". Images still without room after ``max_wait`` (the step's queue timeout) are refused the same
+way, undecoded.
+
+The gauge counts requests from enqueue until they start executing, time out or are cancelled, so a stalled or
+dead ``resnet50`` cannot leave it stuck; ``max_wait`` bounds the wait regardless. Anything that keeps the
+gauge from being read (no metrics URL, metrics off, a parse failure) admits everything: the downstream
+queue bound still holds, only the saving is lost.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import re
+import time
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+PENDING_METRIC = "nv_inference_pending_request_count"
+# The launcher passes the server's metrics URL to the steps in this variable (the port is chosen at start).
+METRICS_URL_ENV = "TRITONVISION_METRICS_URL"
+# The message of an admission refusal contains Triton's own queue-rejection text, which is what clients
+# (the SDK's OverloadedError, a stream's error mapping) recognise as overload.
+OVERLOADED_MESSAGE = "Exceeds maximum queue size: no room in {model}'s queue (admission ahead of preprocessing)"
+# A request whose own timeout (the client's remaining deadline) ran out while admission held it: Triton's
+# text for a request that waited out its queue timeout, which clients treat the same way.
+EXPIRED_MESSAGE = "Request timeout expired while admission ahead of preprocessing held it"
+
+_LINE = re.compile(rf"^{PENDING_METRIC}\{{([^}}]*)\}} (\S+)$", re.M)
+
+
+def pending_requests(metrics_text: str, model: str) -> int | None:
+    """The pending requests of every version of ``model`` in a Prometheus text page, or None if absent."""
+    total, seen = 0.0, False
+    label = f'model="{model}"'
+    for labels, value in _LINE.findall(metrics_text):
+        if label in labels.split(","):
+            total += float(value)
+            seen = True
+    return int(total) if seen else None
+
+
+class Admission:
+    """Lets a batch of requests on to preprocessing when ``model``'s queue can take it (see the module).
+
+    ``limit``: the most requests ``model`` should have pending once this batch is added (its queue bound, less
+    what other preprocess instances may add meanwhile). ``max_wait``: seconds to hold a batch at most.
+    """
+
+    def __init__(self, url: str, model: str, limit: int, max_wait: float, *,
+                 poll: tuple[float, float] = (0.001, 0.016), timeout: float = 0.5,
+                 clock=time.monotonic, sleep=time.sleep):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"metrics URL must be http://host:port/path, got {url!r}")
+        if limit < 1:
+            raise ValueError(f"admission limit must be >= 1, got {limit}")
+        self.url, self.model, self.limit, self.max_wait = url, model, limit, max_wait
+        self._host, self._port, self._path = parts.hostname, parts.port, parts.path or "/metrics"
+        self._poll, self._timeout, self._clock, self._sleep = poll, timeout, clock, sleep
+        self._conn: http.client.HTTPConnection | None = None
+        self._failing = False
+        #: Seconds spent holding batches, and requests refused for want of room (for logs and tests).
+        self.waited = 0.0
+        self.refused = 0
+
+    def pending(self) -> int | None:
+        """``model``'s pending requests now, or None when they cannot be read (admission then lets all in)."""
+        try:
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+            self._conn.request("GET", self._path)
+            response = self._conn.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+            value = pending_requests(body.decode("utf-8", "replace"), self.model)
+            if value is None:
+                raise OSError(f"no {PENDING_METRIC} for {self.model}")
+        except (OSError, http.client.HTTPException) as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            if not self._failing:  # once per outage, not once per batch
+                log.warning("admission off until %s can be read again (%s: %s)", self.url, type(exc).__name__, exc)
+                self._failing = True
+            return None
+        if self._failing:
+            log.info("admission on again: %s answers", self.url)
+            self._failing = False
+        return value
+
+    def admit(self, n: int) -> tuple[int, float]:
+        """Wait until ``model`` can take ``n`` more requests. Returns how many of them may go on (the rest are
+        to be refused as overload) and the seconds waited: all ``n`` as soon as they fit, or when the gauge
+        cannot be read; those that fit after ``max_wait``, or at once when ``n`` would not fit even into an
+        empty queue."""
+        if n <= 0:
+            return 0, 0.0
+        start = self._clock()
+        delay = self._poll[0]
+        admitted = n
+        while True:
+            pending = self.pending()
+            if pending is None:
+                break
+            room = self.limit - pending
+            if room >= n:
+                break
+            if pending <= 0 or self._clock() - start >= self.max_wait:
+                admitted = max(room, 0)
+                break
+            self._sleep(delay)
+            delay = min(delay * 2, self._poll[1])
+        held = self._clock() - start
+        self.waited += held
+        self.refused += n - admitted
+        return admitted, held
+
+    def overloaded_message(self) -> str:
+        return OVERLOADED_MESSAGE.format(model=self.model)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
