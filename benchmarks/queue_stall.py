@@ -42,12 +42,17 @@ def repositories() -> dict[str, Path]:
     from tritonvision import spec
     from tritonvision_server.configs import write_light_repository
 
-    unbounded = replace(spec.CPU, **{s: replace(getattr(spec.CPU, s), batching=replace(
-        getattr(spec.CPU, s).batching, max_queue_size=0, queue_timeout_us=0)) for s in ("preprocess", "resnet50")})
+    def policy(max_queue_size: int, queue_timeout_us: int):
+        # Both steps with the same queue policy (or none), and no admission (the light steps have none).
+        return replace(spec.CPU, admission_pending=0, **{s: replace(getattr(spec.CPU, s), batching=replace(
+            getattr(spec.CPU, s).batching, max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us))
+            for s in ("preprocess", "resnet50")})
+
+    bounded = policy(spec.CPU.preprocess.batching.max_queue_size, spec.CPU.preprocess.batching.queue_timeout_us)
     return {
-        "no queue policy, 1 instance": write_light_repository(BUILD / "unbounded_1", unbounded, min_instances=1),
-        "queue policy, 1 instance": write_light_repository(BUILD / "bounded_1", spec.CPU, min_instances=1),
-        "queue policy, 2 instances": write_light_repository(BUILD / "bounded_2", spec.CPU, min_instances=2),
+        "no queue policy, 1 instance": write_light_repository(BUILD / "unbounded_1", policy(0, 0), min_instances=1),
+        "queue policy, 1 instance": write_light_repository(BUILD / "bounded_1", bounded, min_instances=1),
+        "queue policy, 2 instances": write_light_repository(BUILD / "bounded_2", bounded, min_instances=2),
     }
 
 

@@ -133,6 +133,21 @@ def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():
         render({"gateway": {"enabled": True}})  # a route attached to nothing
 
 
+def test_the_ingress_refuses_requests_larger_than_the_largest_accepted_image():
+    from tritonvision import spec
+
+    def body_limit(values):
+        return render(values)["Ingress"]["metadata"]["annotations"].get("nginx.ingress.kubernetes.io/proxy-body-size")
+
+    size = body_limit({"ingress": {"enabled": True}})
+    assert size.endswith("m")
+    # nginx's "m" is MiB: room for the largest image the header check accepts and its framing, little more.
+    assert spec.IMAGE_LIMITS.max_bytes < int(size[:-1]) * 2**20 <= spec.IMAGE_LIMITS.max_bytes + 2 * 2**20
+    own = {"nginx.ingress.kubernetes.io/proxy-body-size": "8m"}
+    assert body_limit({"ingress": {"enabled": True, "annotations": own}}) == "8m"  # the user's wins, once
+    assert body_limit({"ingress": {"enabled": True, "maxRequestSize": ""}}) is None
+
+
 def test_server_tls_comes_from_a_secret():
     m = render(EVERYTHING)
     args = server(m)["args"]

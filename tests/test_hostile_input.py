@@ -64,3 +64,47 @@ def test_resnet50_called_directly_refuses_non_finite_pixels(grpc_url, bad):
         # Finite pixels still go through, and the model keeps serving.
         tensor.set_data_from_numpy(np.zeros_like(pixels))
         assert client.infer(spec.RESNET50, [tensor]).as_numpy(spec.SCORES.name).shape == (1, spec.NUM_CLASSES)
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in fh) if v.strip().endswith("kB")}
+
+
+@pytest.fixture(scope="module")
+def own_server(cpu_repository):
+    """A server of its own: an oversized request grows a python-backend region for good."""
+    from tritonvision_server.launcher import TritonServer
+
+    with TritonServer(cpu_repository) as server:
+        yield server
+
+
+def test_oversized_requests_fail_alone_and_their_copies_do_not_pile_up(own_server, photos):
+    """Triton's gRPC port takes up to 2 GiB, so the header check refuses an upload over the limit only after
+    the server has copied it (README, Hostile input). Those copies must not accumulate: with Triton's default
+    pool of 8 reusable request objects each kept the capacity of the largest request it held (3 uploads of
+    65 MiB: +244 MiB and growing); the launcher turns the pool off. What stays is the stub's region, grown
+    to hold the request (the python backend never shrinks one)."""
+    image = np.frombuffer(photos["coffee"], np.uint8)
+    oversized = np.zeros(spec.IMAGE_LIMITS.max_bytes + 2**20, np.uint8)
+    oversized[: image.size] = image
+    with grpcclient.InferenceServerClient(own_server.grpc_url) as client:
+        def infer(data):
+            tensor = grpcclient.InferInput(spec.IMAGE.name, [1, data.size], "UINT8")
+            tensor.set_data_from_numpy(data.reshape(1, -1))
+            return client.infer(spec.ENSEMBLE, [tensor])
+
+        for _ in range(5):
+            infer(image)
+        anon_before = _status_kib(own_server.pid)["RssAnon"]
+        for _ in range(3):
+            with pytest.raises(InferenceServerException) as info:
+                infer(oversized)
+            assert "StatusCode.INVALID_ARGUMENT" in str(info.value.status())
+            assert "exceeds the limit" in info.value.message()
+            # Each fails alone: the server still serves.
+            assert infer(image).as_numpy(spec.SCORES.name).size
+        grown = (_status_kib(own_server.pid)["RssAnon"] - anon_before) * 1024
+        # glibc keeps some of a copy's pages in its heaps (fragments), at most about one request's worth.
+        assert grown <= 1.5 * oversized.size, f"tritonserver holds {grown >> 20} MiB more after 3 x {oversized.size >> 20} MiB"

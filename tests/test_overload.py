@@ -198,6 +198,15 @@ def test_server_starts_with_python_regions_for_a_full_batch_and_malloc_tuning(tm
     mine = "--backend-config=python,shm-default-byte-size=1048576"
     cmd = launcher.TritonServer(tmp_path, extra_args=[mine]).command(tmp_path)
     assert [a for a in cmd if "shm-default-byte-size" in a] == [mine]
+    # No pooled gRPC request objects (each would keep its largest request's memory), unless asked for.
+    assert "--grpc-infer-allocation-pool-size=0" in server.command(tmp_path)
+    pooled = launcher.TritonServer(tmp_path, extra_args=["--grpc-infer-allocation-pool-size=8"]).command(tmp_path)
+    assert [a for a in pooled if "allocation-pool" in a] == ["--grpc-infer-allocation-pool-size=8"]
+    # The steps' admission reads this server's metrics, on loopback even when it listens on every address,
+    # and never a URL inherited from a parent's environment.
+    monkeypatch.setenv("TRITONVISION_METRICS_URL", "http://10.0.0.1:1/metrics")
+    everywhere = launcher.TritonServer(tmp_path, host="0.0.0.0", metrics_port=18002)
+    assert everywhere._env()["TRITONVISION_METRICS_URL"] == "http://127.0.0.1:18002/metrics"
 
 
 def _resident_bytes_of(pid: int, prefix: str) -> int:
