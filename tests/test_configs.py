@@ -145,3 +145,22 @@ def test_the_light_variant_has_two_instances_a_step_unless_a_sweep_sets_them(tmp
 
             config = text_format.Parse((repo / step / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
             assert config.instance_group[0].count == expected
+
+
+def test_the_cpu_steps_warm_up_with_a_full_batch_and_the_repository_holds_its_photo(tmp_path):
+    # What a full batch needs (ONNX Runtime's buffers, the region pages it touches) is taken at load, not
+    # in the first burst of traffic (README, Overload: memory).
+    from tritonvision_server.configs import write_repository
+    from tritonvision_server.repocheck import check_repository
+
+    generated = configs.configs(spec.CPU)
+    for step in (spec.PREPROCESS, spec.RESNET50):
+        (warmup,) = generated[step].model_warmup
+        assert warmup.batch_size == generated[step].max_batch_size == spec.CPU.max_batch_size
+    (pixels,) = generated[spec.RESNET50].model_warmup[0].inputs.values()
+    assert pixels.zero_data and list(pixels.dims) == list(spec.CPU.pixels.dims)
+    repo = write_repository(spec.CPU, tmp_path / "cpu")
+    assert (repo / spec.PREPROCESS / configs.WARMUP_FILE).is_file()
+    assert not (repo / spec.PREPROCESS / configs.WARMUP_LARGE_FILE).exists()
+    assert check_repository(repo, profile=spec.CPU) == []
+    assert not configs.configs(spec.GPU_TORCH)[spec.RESNET50].model_warmup  # CUDA graphs are its warm-up

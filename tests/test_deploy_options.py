@@ -148,6 +148,15 @@ def test_the_ingress_refuses_requests_larger_than_the_largest_accepted_image():
     assert body_limit({"ingress": {"enabled": True, "maxRequestSize": ""}}) is None
 
 
+def test_the_server_keeps_no_grpc_request_objects_for_reuse_unless_asked():
+    def pool_args(values):
+        return [a for a in server(render(values))["args"] if "allocation-pool" in a]
+
+    assert pool_args({}) == ["--grpc-infer-allocation-pool-size=0"]
+    assert pool_args({"server": {"grpcRequestPool": 8}}) == ["--grpc-infer-allocation-pool-size=8"]
+    assert pool_args({"server": {"grpcRequestPool": None}}) == []
+
+
 def test_server_tls_comes_from_a_secret():
     m = render(EVERYTHING)
     args = server(m)["args"]

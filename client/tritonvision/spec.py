@@ -275,6 +275,11 @@ class Profile:
     # at preprocess's queue, undecoded (tritonvision_server.admission). 0: off, and overload is refused at
     # resnet50's own queue after the preprocessing was spent.
     admission_pending: int = 0
+    # cpu only: each step runs one largest batch at load (Triton's model warm-up), so that what serving full
+    # batches takes (ONNX Runtime's buffers, the pages of the python backend's regions that a full batch
+    # touches, mapped in tritonserver too) is taken before the first request, not in the first burst: memory
+    # is what it will be from the start, and the first full batch is no slower than the next.
+    warmup_full_batch: bool = False
 
     @property
     def admission_limit(self) -> int:
@@ -349,6 +354,7 @@ CPU = Profile(
     preprocess=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0, max_queue_size=32, queue_timeout_us=5_000_000)),
     resnet50=StepServing(1, "KIND_CPU", Batching(32, (8, 16), 0)),
     admission_pending=32,
+    warmup_full_batch=True,
 )
 
 GPU = Profile(

@@ -36,6 +36,9 @@ OVERLOADED_MESSAGE = "Exceeds maximum queue size: no room in {model}'s queue (ad
 # text for a request that waited out its queue timeout, which clients treat the same way.
 EXPIRED_MESSAGE = "Request timeout expired while admission ahead of preprocessing held it"
 
+# Seconds after start during which an unreadable gauge is not reported (see Admission.__init__).
+STARTUP_GRACE_S = 60.0
+
 _LINE = re.compile(rf"^{PENDING_METRIC}\{{([^}}]*)\}} (\S+)$", re.M)
 
 
@@ -70,6 +73,10 @@ class Admission:
         self._poll, self._timeout, self._clock, self._sleep = poll, timeout, clock, sleep
         self._conn: http.client.HTTPConnection | None = None
         self._failing = False
+        # Triton opens its metrics port only once the models are loaded: until the first reading (model
+        # warm-up runs before it), a failure is expected and not worth a warning, for a while.
+        self._read_once = False
+        self._created = clock()
         #: Seconds spent holding batches, and requests refused for want of room (for logs and tests).
         self.waited = 0.0
         self.refused = 0
@@ -91,13 +98,15 @@ class Admission:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            if not self._failing:  # once per outage, not once per batch
+            starting = not self._read_once and self._clock() - self._created < STARTUP_GRACE_S
+            if not self._failing and not starting:  # once per outage, not once per batch
                 log.warning("admission off until %s can be read again (%s: %s)", self.url, type(exc).__name__, exc)
                 self._failing = True
             return None
         if self._failing:
             log.info("admission on again: %s answers", self.url)
             self._failing = False
+        self._read_once = True
         return value
 
     def admit(self, n: int) -> tuple[int, float]:

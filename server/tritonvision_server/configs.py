@@ -109,6 +109,8 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
                                            accepted=accepted))
     else:
         raise ValueError(f"preprocess cannot run on the {profile.preprocess.backend} backend")
+    if profile.warmup_full_batch and profile.preprocess.backend == "python":
+        config.model_warmup.append(_warmup(profile.preprocess.batching.max_batch_size, WARMUP_SOURCE, WARMUP_FILE))
     if profile.admission_limit:
         # Read by backends/_common.admission; the metrics URL comes from the launcher at start.
         _parameters(config, admission_model=RESNET50, admission_limit=profile.admission_limit,
@@ -151,6 +153,13 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
             cuda.graph_spec.extend(graph_specs(profile.cuda_graph_batch_sizes))
     else:
         raise ValueError(f"resnet50 cannot run on the {profile.resnet50.backend} backend")
+    if profile.warmup_full_batch and profile.resnet50.backend == "python":
+        pixels = profile.pixels
+        config.model_warmup.append(mc.ModelWarmup(
+            name=f"zeros_batch{profile.resnet50.batching.max_batch_size}",
+            batch_size=profile.resnet50.batching.max_batch_size,
+            inputs={pixels.name: mc.ModelWarmup.Input(data_type=mc.DataType.Value(f"TYPE_{pixels.dtype}"),
+                                                      dims=list(pixels.dims), zero_data=True)}))
     return config
 
 
@@ -306,7 +315,9 @@ def write_repository(profile: Profile, dest: Path, *, onnx_path: Path | None = N
 
         (dest / PREPROCESS / "1" / DALI_FILE).write_text(dali_model_source(profile))
         (dest / PREPROCESS / "1" / ".gitkeep").unlink(missing_ok=True)
-        for source, file in ((WARMUP_SOURCE, WARMUP_FILE), (WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE)):
+    warmups = {d.input_data_file for w in configs(profile)[PREPROCESS].model_warmup for d in w.inputs.values()}
+    for source, file in ((WARMUP_SOURCE, WARMUP_FILE), (WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE)):
+        if Path(file).name in warmups:
             warmup = dest / PREPROCESS / file
             warmup.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(_shipped(source), warmup)
