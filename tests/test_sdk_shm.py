@@ -7,6 +7,7 @@ import pytest
 import tritonvision as tv
 from sdk_helpers import NOT_AN_IMAGE, assert_no_regions, registered, top
 from tritonvision._client import is_local, resolve_shm
+from tritonvision_server.configs import WARMUP_LARGE_SOURCE
 
 
 def test_system_shm_round_trip_equals_plain_grpc(grpc_url, photos):
@@ -93,10 +94,13 @@ def test_a_call_interrupted_by_ctrl_c_never_reuses_its_region(grpc_url, photos):
         prefix = clf.shm_prefix
         clf.classify(photos["chelsea"], top_k=1)
         (first,) = clf.shm_regions
-        # Ctrl-C while the request is in the server (a ResNet-50 run on the CPU takes ~40 ms).
+        # Ctrl-C while the request is in the server: a 12-megapixel photo takes a few hundred ms to decode,
+        # so the signal lands in flight even when a loaded machine wakes the timer late (a ~50 ms photo did
+        # not, once in a full run).
+        large = WARMUP_LARGE_SOURCE.read_bytes()
         threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
-            clf.classify(photos["coffee"], top_k=1)
+            clf.classify(large, top_k=1)
         # The server may still be reading that region: the next call gets a new one.
         assert top(clf.classify(photos["coffee"], top_k=1))
         assert first in clf.shm_regions and len(clf.shm_regions) == 2

@@ -4,6 +4,9 @@ DALI fails a whole batch when one image fails to decode. Requests are therefore 
 (:mod:`..imagecheck`), and if decoding the batch still fails (damage only decoding finds), the request
 whose image DALI names is refused and the rest of the batch decoded again
 (:meth:`..pipeline.CpuPreprocessor.run_requests`), so only the broken ones get an error.
+
+Between the checks and the decode, admission (:mod:`..admission`) holds the batch until ``resnet50`` can
+queue it, so that overload is refused here, undecoded, not at ``resnet50`` after the work.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ failed batch image by image). The pixels stay in GPU memory and leave through DL
 hands them to ``resnet50`` (whose inputs are not forced to the CPU) without a copy through host memory.
 
 Model parameters: ``device`` (``cuda``: the instance's GPU; ``cpu``: the override that runs the same code
-without a GPU) and ``num_threads`` (PyTorch's CPU threads).
+without a GPU), ``num_threads`` (PyTorch's CPU threads) and ``admission_*`` (:mod:`..admission`, which holds a
+checked batch until ``resnet50`` can queue it).
 """
 
 from __future__ import annotations
