@@ -1,8 +1,8 @@
 """Admission ahead of preprocessing: shed a request before it is decoded, not after.
 
 Under overload the backlog builds in front of ``resnet50`` (preprocessing is ~10x faster), so without this
-its full queue refuses requests that ``preprocess`` has already decoded: 8-14% of the service's CPU time
-went to images nobody got (``benchmarks/overload.py``, "late"). Triton 2.51 has no in-flight limit for an
+its full queue refuses requests that ``preprocess`` has already decoded: 13-16% of the service's CPU time
+went to images nobody got (``benchmarks/overload.py``, "late" of ``no-admission``). Triton 2.51 has no in-flight limit for an
 ensemble, so ``preprocess`` does the admitting itself: before decoding a batch it reads ``resnet50``'s pending
 requests (Triton's live gauge ``nv_inference_pending_request_count``, from the server's own metrics port on
 loopback, ~0.2 ms) and waits while ``resnet50``'s queue could not take the batch. Meanwhile requests queue at
@@ -12,8 +12,10 @@ way, undecoded.
 
 The gauge counts requests from enqueue until they start executing, time out or are cancelled, so a stalled or
 dead ``resnet50`` cannot leave it stuck; ``max_wait`` bounds the wait regardless. Anything that keeps the
-gauge from being read (no metrics URL, metrics off, a parse failure) admits everything: the downstream
-queue bound still holds, only the saving is lost.
+gauge from being read (no metrics URL, metrics off, a parse failure) admits everything, with a warning:
+where ``resnet50`` has a queue policy of its own (gpu-torch) its bound still holds and only the saving is
+lost; the cpu profile's ``resnet50`` has none (see spec.CPU), so its queue is then bounded by nothing but
+the clients' deadlines.
 """
 
 from __future__ import annotations
