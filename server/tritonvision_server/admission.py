@@ -12,7 +12,7 @@ way, undecoded.
 
 The gauge counts requests from enqueue until they start executing, time out or are cancelled, so a stalled or
 dead ``resnet50`` cannot leave it stuck; ``max_wait`` bounds the wait regardless. Anything that keeps the
-gauge from being read (no metrics URL, metrics off, a parse failure) admits everything, with a warning:
+gauge from being read (metrics off or elsewhere, a parse failure) admits everything, with a warning:
 where ``resnet50`` has a queue policy of its own (gpu-torch) its bound still holds and only the saving is
 lost; the cpu profile's ``resnet50`` has none (see spec.CPU), so its queue is then bounded by nothing but
 the clients' deadlines.
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 PENDING_METRIC = "nv_inference_pending_request_count"
 # The launcher passes the server's metrics URL to the steps in this variable (the port is chosen at start).
 METRICS_URL_ENV = "TRITONVISION_METRICS_URL"
+# Without it: Triton's own default metrics address, that of a tritonserver started by hand.
+DEFAULT_METRICS_URL = "http://127.0.0.1:8002/metrics"
 # The message of an admission refusal contains Triton's own queue-rejection text, which is what clients
 # (the SDK's OverloadedError, a stream's error mapping) recognise as overload.
 OVERLOADED_MESSAGE = "Exceeds maximum queue size: no room in {model}'s queue (admission ahead of preprocessing)"

@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import refusal_message
 
-from ..admission import EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
+from ..admission import DEFAULT_METRICS_URL, EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,9 @@ def admission(params: dict[str, str]) -> Admission | None:
     limit = int(params.get("admission_limit", "0"))
     if not limit:
         return None
-    url = os.environ.get(METRICS_URL_ENV)
-    if not url:
-        log.warning("admission ahead of preprocessing is off: %s is not set (tritonvision serve and "
-                    "TritonServer set it; a server started by hand can set it to its metrics URL)", METRICS_URL_ENV)
-        return None
+    # tritonvision serve and TritonServer set it; a tritonserver started by hand has its metrics on port 8002
+    # unless told otherwise (a wrong URL is reported once the server is up, and admits everything).
+    url = os.environ.get(METRICS_URL_ENV) or DEFAULT_METRICS_URL
     # A step without a queue timeout still holds a batch for at most a second.
     max_wait = int(params.get("admission_max_wait_us", "0")) / 1e6 or 1.0
     return Admission(url, params["admission_model"], limit, max_wait)
