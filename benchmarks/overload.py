@@ -94,11 +94,12 @@ def repository(variant: str) -> Path:
 
 def admission_refused(server) -> float:
     """Requests preprocess refused undecoded so far (tritonvision_admission_refused_total, every reason)."""
-    import re
     import urllib.request
 
+    from tritonvision_server.admission import ADMISSION_METRIC, metric_total
+
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r"^tritonvision_admission_refused_total\{[^}]*\} (\S+)$", text, re.M))
+    return metric_total(text, ADMISSION_METRIC) or 0.0
 
 
 class MemorySampler:

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tritonvision_server.admission import Admission, pending_requests
+from tritonvision_server.admission import Admission, metric_total, pending_requests
 
 PAGE = """# HELP nv_inference_pending_request_count Instantaneous number of pending requests awaiting execution per-model.
 # TYPE nv_inference_pending_request_count gauge
@@ -65,6 +65,16 @@ def test_pending_requests_reads_one_model_across_versions():
     assert pending_requests(page, "resnet50") == 8
     assert pending_requests(page, "preprocess") == 7
     assert pending_requests(page, "resnet") is None  # a prefix of another model's name is not that model
+
+
+def test_metric_total_sums_the_series_whose_labels_match():
+    page = ('tritonvision_admission_refused_total{reason="overloaded"} 3\n'
+            'tritonvision_admission_refused_total{reason="expired"} 2\n'
+            'nv_gpu_utilization 0.5\n')
+    assert metric_total(page, "tritonvision_admission_refused_total") == 5
+    assert metric_total(page, "tritonvision_admission_refused_total", reason="expired") == 2
+    assert metric_total(page, "nv_gpu_utilization") == 0.5
+    assert metric_total(page, "tritonvision_admission_refused") is None
 
 
 def test_a_batch_that_fits_goes_on_at_once(metrics):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from tritonvision import spec
 from tritonvision._transport._errors import map_error
 from tritonvision._transport._grpc import infer_request
 from tritonvision_server import configs
+from tritonvision_server.admission import ADMISSION_METRIC, metric_total
 from tritonvision_server.launcher import SHM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_full_queue_is_refused_as_overload_without_retries(small_queue_server, p
 
 def _admission_refused(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(v) for v in re.findall(r"^tritonvision_admission_refused_total\{[^}]*\} (\S+)$", text, re.M))
+    return metric_total(text, ADMISSION_METRIC) or 0.0
 
 
 def test_overload_is_refused_before_preprocessing(small_queue_server, photos):

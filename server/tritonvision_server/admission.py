@@ -43,18 +43,27 @@ EXPIRED_MESSAGE = "Request timeout expired while admission ahead of preprocessin
 # Seconds after start during which an unreadable gauge is not reported (see Admission.__init__).
 STARTUP_GRACE_S = 60.0
 
-_LINE = re.compile(rf"^{PENDING_METRIC}\{{([^}}]*)\}} (\S+)$", re.M)
+# Requests preprocess refused undecoded for want of room in resnet50's queue, by reason (the counter the
+# python-backend steps export; Triton counts these error responses as the step's successes).
+ADMISSION_METRIC = "tritonvision_admission_refused_total"
+
+
+def metric_total(metrics_text: str, name: str, **labels: str) -> float | None:
+    """The sum of every series of ``name`` in a Prometheus text page whose labels include ``labels``
+    (exact label matches), or None when there is none."""
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    total, seen = 0.0, False
+    for found, value in re.findall(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", metrics_text, re.M):
+        if wanted <= set(found.split(",")):
+            total += float(value)
+            seen = True
+    return total if seen else None
 
 
 def pending_requests(metrics_text: str, model: str) -> int | None:
     """The pending requests of every version of ``model`` in a Prometheus text page, or None if absent."""
-    total, seen = 0.0, False
-    label = f'model="{model}"'
-    for labels, value in _LINE.findall(metrics_text):
-        if label in labels.split(","):
-            total += float(value)
-            seen = True
-    return int(total) if seen else None
+    total = metric_total(metrics_text, PENDING_METRIC, model=model)
+    return None if total is None else int(total)
 
 
 class Admission:
@@ -81,8 +90,7 @@ class Admission:
         # warm-up runs before it), a failure is expected and not worth a warning, for a while.
         self._read_once = False
         self._created = clock()
-        #: Seconds spent holding batches, and requests refused for want of room (for logs and tests).
-        self.waited = 0.0
+        #: Requests refused for want of room so far.
         self.refused = 0
 
     def pending(self) -> int | None:
@@ -136,7 +144,6 @@ class Admission:
             self._sleep(delay)
             delay = min(delay * 2, self._poll[1])
         held = self._clock() - start
-        self.waited += held
         self.refused += n - admitted
         return admitted, held
 

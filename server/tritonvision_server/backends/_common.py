@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import refusal_message
 
-from ..admission import DEFAULT_METRICS_URL, EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
+from ..admission import ADMISSION_METRIC, DEFAULT_METRICS_URL, EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,6 @@ def output_dtype(config: dict, name: str):
 # Refused images, by the step that refused them: a client's error, exported on Triton's metrics port next
 # to nv_inference_request_failure, which counts them as failures of the ensemble like any server error.
 REFUSED_METRIC = "tritonvision_refused_images_total"
-# Requests preprocess refused undecoded for want of room in resnet50's queue (admission.py), by reason:
-# Triton counts these error responses of a python-backend step as the step's successes.
-ADMISSION_METRIC = "tritonvision_admission_refused_total"
 _COUNTERS = {
     REFUSED_METRIC: "Images refused as the client's error (INVALID_ARGUMENT), by reason",
     ADMISSION_METRIC: "Requests refused undecoded by admission ahead of preprocessing (overload), by reason",
