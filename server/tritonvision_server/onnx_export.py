@@ -109,12 +109,18 @@ def _up_to_date(path: Path, weights: Weights) -> bool:
     return False
 
 
+def _commit(tmp: Path, path: Path, requested: Weights, used: Weights, **meta) -> None:
+    """Move a finished export into place and write ``path.json``, which :func:`_up_to_date` reads."""
+    tmp.replace(path)
+    record = {"requested": str(requested), "weights": str(used), **meta, "export_version": EXPORT_VERSION}
+    path.with_suffix(path.suffix + ".json").write_text(json.dumps(record, indent=2))
+
+
 def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = False,
                 allow_random_fallback: bool = True) -> Path:
     """Write ``path`` (and ``path.json`` describing it) unless an export of the same weights exists."""
     path = Path(path)
     weights = Weights.parse(weights) if isinstance(weights, str) else weights
-    meta_path = path.with_suffix(path.suffix + ".json")
     if not force and _up_to_date(path, weights):
         return path
     torch = require("torch", extra="build", what="ONNX export")
@@ -137,11 +143,7 @@ def export_onnx(path: Path, weights: str | Weights = "random", *, force: bool = 
             opset_version=OPSET,
             dynamo=False,  # the legacy exporter is 5x faster here and gives the same graph for ResNet-50
         )
-    tmp.replace(path)
-    meta_path.write_text(json.dumps({
-        "requested": str(weights), "weights": str(used), "precision": "fp32", "input_dtype": "FP32",
-        "opset": OPSET, "export_version": EXPORT_VERSION,
-    }, indent=2))
+    _commit(tmp, path, weights, used, precision="fp32", input_dtype="FP32", opset=OPSET)
     log.info("exported ResNet-50 (%s weights) to %s in %.1f s", used, path, time.perf_counter() - start)
     return path
 
@@ -152,7 +154,6 @@ def export_state_dict(path: Path, weights: str | Weights = "random", *, force: b
     (the gpu-torch profile loads it in PyTorch); skipped when a file of the same weights exists."""
     path = Path(path)
     weights = Weights.parse(weights) if isinstance(weights, str) else weights
-    meta_path = path.with_suffix(path.suffix + ".json")
     if not force and _up_to_date(path, weights):
         return path
     torch = require("torch", extra="build", what="the ResNet-50 state dict")
@@ -160,8 +161,6 @@ def export_state_dict(path: Path, weights: str | Weights = "random", *, force: b
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.state_dict(), str(tmp))
-    tmp.replace(path)
-    meta_path.write_text(json.dumps({"requested": str(weights), "weights": str(used), "export_version": EXPORT_VERSION},
-                                    indent=2))
+    _commit(tmp, path, weights, used)
     log.info("wrote ResNet-50's state dict (%s weights) to %s", used, path)
     return path
