@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 
+from tritonvision import InvalidImageError
 from tritonvision._transport._shm import leftover_files
 
 NOT_AN_IMAGE = b"this is not an image"
@@ -69,3 +71,22 @@ def serve_classify_and_interrupt(args: list[str], image: bytes, *, ready_timeout
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, out, proc.pid
+
+
+def classify_in_threads(clf, blobs: list[bytes]) -> dict[int, object]:
+    """Each upload classified at once from a thread of its own (so that they can share a dynamic batch):
+    index -> predictions, or the InvalidImageError that refused it."""
+    outcomes: dict[int, object] = {}
+
+    def send(i: int, blob: bytes) -> None:
+        try:
+            outcomes[i] = clf.classify(blob)
+        except InvalidImageError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(blobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes

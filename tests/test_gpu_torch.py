@@ -7,13 +7,13 @@ and device: same answers as the cpu profile for the same photos, a bad upload re
 from __future__ import annotations
 
 import io
-import threading
 
 import numpy as np
 import pytest
 
 from conftest import BUILD, TEST_WEIGHTS
 from image_helpers import undecodable_jpeg
+from sdk_helpers import classify_in_threads
 from tritonvision import Classifier, InvalidImageError, spec
 from tritonvision_server import configs
 
@@ -99,20 +99,8 @@ def test_gpu_torch_classifies_photos_like_the_cpu_profile(torch_classifier, clas
 def test_gpu_torch_refuses_a_corrupt_image_alone_among_concurrent_requests(torch_classifier, photos):
     good = photos["chelsea"]
     blobs = [good, undecodable_jpeg(good), good, good[: len(good) // 2], good, b"not an image"]
-    outcomes = {}
-
-    def send(i, blob):
-        try:
-            outcomes[i] = torch_classifier.classify(blob)
-        except InvalidImageError as exc:
-            outcomes[i] = exc
-
     before = torch_classifier.settled_statistics()
-    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(blobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = classify_in_threads(torch_classifier, blobs)
     errors = sorted(i for i, o in outcomes.items() if isinstance(o, InvalidImageError))
     assert errors == [1, 3, 5], outcomes
     assert "could not decode the JPEG image" in outcomes[1].message

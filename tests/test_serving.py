@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import time
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from image_helpers import encode, undecodable_jpeg
+from sdk_helpers import classify_in_threads
 from reference import reference_scores, top_k
 from tritonvision import Classifier, InvalidImageError, spec
 from tritonvision_server.launcher import ServerStartError, TritonServer
@@ -158,20 +158,7 @@ def test_bad_input_fails_only_its_own_request(case, classifier, photos, onnx_pat
 def test_undecodable_jpeg_among_concurrent_requests_fails_alone(classifier, photos):
     good = photos["chelsea"]
     bad = undecodable_jpeg(good)
-    outcomes = {}
-
-    def send(i, blob):
-        try:
-            outcomes[i] = classifier.classify(blob)
-        except InvalidImageError as exc:
-            outcomes[i] = exc
-
-    blobs = [good, bad, good, good, bad, good]
-    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(blobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = classify_in_threads(classifier, [good, bad, good, good, bad, good])
     errors = [i for i, o in outcomes.items() if isinstance(o, InvalidImageError)]
     assert sorted(errors) == [1, 4]
     assert all("could not decode" in outcomes[i].message for i in errors)
