@@ -14,6 +14,10 @@ FP32 on the CPU in this process (top-1 equal, scores within 5e-3): a broken GPU 
 Then the targets: ensemble >= 0.8 x min(model-only FP16+graphs, preprocessing-only) at batch 128, and batch-1
 p50 through Triton within 2 ms of model-only batch-1 latency. Prints a compact table; writes JSON.
 
+The JSON is rewritten after every point (``complete`` turns true at the end), and ``--budget`` bounds the run:
+a point that would leave the later parts short of their expected time is skipped and listed, so a device call's
+time limit returns figures for every part rather than none. The server's log is copied next to the JSON.
+
 ``--smoke`` runs every part on the CPU at tiny sizes (the CPU override; no perf_analyzer, no CUDA shm), so CI
 checks the script itself. Exit code 1 when a part fails (targets missed are reported, not failures).
 """
@@ -25,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +83,29 @@ class Utilisation:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
+class Budget:
+    """The run's time limit. A point is measured only while the time left exceeds what the later parts are
+    expected to need (``reserve``); a skipped point is recorded, so a slow part leaves the targets' points of
+    the next ones their time instead of the device call's limit cutting the run off."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def allows(self, point: str, reserve: float = 0.0) -> bool:
+        if time.monotonic() + reserve < self.end:
+            return True
+        self.skipped.append(point)
+        log.warning("out of time: %s skipped", point)
+        return False
+
+
+# What the later parts need on an H100/H200, with margin: Triton's start-up (two stubs importing torch and
+# capturing graphs), the perf_analyzer points, the SDK points, the breakdown.
+RESERVE_TRITON_S = 240.0
+RESERVE_SDK_S = 60.0
+
+
 def _sync(device):
     import torch
 
@@ -97,16 +125,21 @@ def _timed(fn, device, seconds: float, min_iters: int = 3) -> tuple[float, int]:
     return (time.perf_counter() - start) / n, n
 
 
-def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict) -> list[dict]:
+def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict, rows: list, budget: Budget,
+               reserve: float, save) -> list[dict]:
+    """Appends a row per point to ``rows`` (saved as it goes). The points the targets read (FP16 with graphs)
+    come first when the precisions are listed in that order."""
     import torch
 
     from tritonvision_server import torch_pipeline as tp
 
-    rows = []
     for precision in precisions:
         model, dtype = tp.load_resnet50(state_dict, device, precision)
+        runner = None
         for use_graphs in graphs:
             for bs in batch_sizes:
+                if not budget.allows(f"model {precision} graphs={use_graphs} batch {bs}", reserve):
+                    continue
                 x = torch.randn(bs, 3, 224, 224, device=device).to(dtype)
                 runner = tp.GraphRunner(model, (bs,) if use_graphs else (), device=device, input_dtype=dtype,
                                         capture=use_graphs)
@@ -114,6 +147,7 @@ def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict) -> 
                     per_call, n = _timed(lambda r=runner, x=x: r(x), device, seconds)
                 rows.append({"precision": precision, "cuda_graphs": use_graphs, "batch": bs, "ms": per_call * 1e3,
                              "img_s": bs / per_call, "gpu_util": util.mean, "iters": n})
+                save()
                 log.info("model %s graphs=%s batch %d: %.2f ms, %.0f img/s", precision, use_graphs, bs, per_call * 1e3,
                          bs / per_call)
         del model, runner  # this precision's weights and graphs, before the next one's are made
@@ -123,15 +157,17 @@ def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict) -> 
     return rows
 
 
-def preprocess_only(device, images: list[bytes], batch_sizes, seconds) -> list[dict]:
+def preprocess_only(device, images: list[bytes], batch_sizes, seconds, rows: list, budget: Budget, reserve: float,
+                    save) -> list[dict]:
     import numpy as np
     import torch
 
     from tritonvision_server import torch_pipeline as tp
 
-    rows = []
     normalise = tp.Normaliser(device, torch.float16 if device.type == "cuda" else torch.float32)
     for bs in batch_sizes:
+        if not budget.allows(f"preprocess batch {bs}", reserve):
+            continue
         batch = [np.frombuffer(images[i % len(images)], np.uint8) for i in range(bs)]
 
         def step():
@@ -142,6 +178,7 @@ def preprocess_only(device, images: list[bytes], batch_sizes, seconds) -> list[d
         with Utilisation() as util:
             per_call, n = _timed(step, device, seconds)
         rows.append({"batch": bs, "ms": per_call * 1e3, "img_s": bs / per_call, "gpu_util": util.mean, "iters": n})
+        save()
         log.info("preprocess batch %d: %.2f ms, %.0f img/s", bs, per_call * 1e3, bs / per_call)
     return rows
 
@@ -174,19 +211,22 @@ def agreement(url: str, images: list[bytes], state_dict: Path) -> dict:
 
 
 def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concurrencies, transports, seconds,
-                   perf_analyzer: Path | None, server_args, work: Path, state_dict: Path) -> dict:
+                   perf_analyzer: Path | None, server_args, work: Path, state_dict: Path, out: dict, budget: Budget,
+                   save) -> dict:
+    """Fills ``out`` (saved after each point): a run cut short still returns what it measured."""
     import tritonvision as tv
     from tritonvision import _bench
 
     from tritonvision_server.launcher import TritonServer
 
-    out = {"perf_analyzer": [], "sdk": [], "breakdown": None, "errors": []}
+    out.update({"perf_analyzer": [], "sdk": [], "breakdown": None, "errors": []})
     with TritonServer(repo, extra_args=list(server_args), startup_timeout=300, log_file=work / "tritonserver.log") as server:
         url = server.grpc_url
         with tv.Classifier(url, timeout=300) as clf:  # first requests: nvJPEG and cuDNN set-up, not measured
             for image in images * 2:
                 clf.classify(image)
         out["agreement"] = agreement(url, images, state_dict)
+        save()
         log.info("served vs in-process FP32 on the CPU: %s", out["agreement"])
         if not out["agreement"]["ok"]:
             out["errors"].append(f"the served scores disagree with the in-process reference: {out['agreement']}")
@@ -199,28 +239,35 @@ def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concur
                 data = pa.input_data(images[0], work / "input.json")
                 for shm in transports:
                     for c in concurrencies:
+                        if not budget.allows(f"perf_analyzer {shm} c={c}", RESERVE_SDK_S):
+                            continue
                         r = pa.run(binary, env, url=url, model="classifier", data=data, concurrency=c,
                                    interval_ms=int(seconds * 1000), csv_path=work / f"pa_{shm}_{c}.csv",
                                    shm={"grpc": "none"}.get(shm, shm))
                         out["perf_analyzer"].append({"transport": shm, **r})
+                        save()
                         log.info("perf_analyzer %s c=%d: %.0f img/s p50 %.2f ms", shm, c, r["throughput"], r["p50_ms"])
             except Exception as exc:  # noqa: BLE001 - report it, keep the SDK figures
                 log.exception("perf_analyzer")
                 out["errors"].append(f"perf_analyzer: {type(exc).__name__}: {exc}")
         for shm in transports:
             for c in sdk_concurrencies:
+                if not budget.allows(f"SDK {shm} c={c}", 2 * seconds + 5):
+                    continue
                 try:
                     with tv.Classifier(url, timeout=60, shm=None if shm == "grpc" else shm) as clf:
                         r = _bench.run(clf, images, concurrency=c, seconds=seconds, warmup=min(1.0, seconds))
                     out["sdk"].append({"transport": shm, **r.to_dict()})
+                    save()
                     log.info("SDK %s c=%d: %.0f img/s p50 %.2f ms", shm, c, r.throughput, r.p50_ms)
                 except Exception as exc:  # noqa: BLE001
                     out["errors"].append(f"SDK {shm} c={c}: {type(exc).__name__}: {exc}")
-        # The per-step breakdown at the highest concurrency, plain gRPC.
-        with tv.Classifier(url, timeout=60) as clf:
-            before = clf.settled_statistics()
-            _bench.run(clf, images, concurrency=max(sdk_concurrencies), seconds=seconds, warmup=0.0)
-            out["breakdown"] = (clf.settled_statistics() - before).to_dict()
+        # The per-step breakdown at the highest concurrency, plain gRPC (what a run cut short lacks first).
+        if budget.allows("breakdown"):
+            with tv.Classifier(url, timeout=60) as clf:
+                before = clf.settled_statistics()
+                _bench.run(clf, images, concurrency=max(sdk_concurrencies), seconds=seconds, warmup=0.0)
+                out["breakdown"] = (clf.settled_statistics() - before).to_dict()
     return out
 
 
@@ -283,6 +330,8 @@ def print_table(result: dict) -> None:
               f"in {stage['input_ms']:.2f} infer {stage['infer_ms']:.2f} out {stage['output_ms']:.2f} ms")
     print(f"served vs in-process reference: {served.get('agreement')}")
     print(f"targets: {json.dumps(result['targets'])}")
+    if result.get("skipped"):
+        print(f"skipped (out of time): {', '.join(result['skipped'])}")
     for e in result.get("errors", []):
         print(f"ERROR {e}")
 
@@ -292,6 +341,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     ap.add_argument("--seconds", type=float, default=None, help="measured window per point (default 1.0; smoke 0.2)")
     ap.add_argument("--skip-triton", action="store_true", help="parts 1-2 only")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds for the whole run (default 480): points that would leave the later parts short of "
+                         "time are skipped and listed under 'skipped'")
     ap.add_argument("--perf-analyzer-dir", type=Path, default=None,
                     help="folder holding perf_analyzer 2.51 (default: extracted from the tritonclient 2.51.0 wheel)")
     ap.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", ROOT / "results")) / "gpu_torch.json")
@@ -311,16 +363,35 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cpu" if smoke else "cuda")
     seconds = args.seconds or (0.2 if smoke else 1.0)
+    budget = Budget(args.budget)
     images = [p.read_bytes() for p in sample_images()]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": smoke, "versions": versions(), "errors": []}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": smoke, "versions": versions(), "errors": [],
+              "model": [], "preprocess": [], "triton": {}, "skipped": budget.skipped, "complete": False,
+              "profile": {"max_batch_size": spec.GPU_TORCH.max_batch_size, "graphs": spec.GPU_TORCH.cuda_graph_batch_sizes,
+                          "instances": [spec.GPU_TORCH.preprocess.instances, spec.GPU_TORCH.resnet50.instances]}}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_torch_"))
+
+    def save():
+        """The JSON as it stands: the device call's limit may end the run at any point."""
+        partial = {**result, "errors": result["errors"] + result["triton"].get("errors", [])}
+        partial["targets"] = targets(partial)
+        tmp = args.output.with_suffix(".tmp")
+        tmp.write_text(json.dumps(partial, indent=2, default=str))
+        tmp.replace(args.output)
+        return partial
+
     state_dict = work / "resnet50.pt"
     repo = build_gpu_torch_repository(work / "repo", "random:0", device=device.type, state_dict=state_dict)
+    # FP16 with graphs first: the targets read it, and a budget running out drops the other precisions.
     parts = [
         ("model", lambda: model_only(device, (1, 2) if smoke else (1, 8, 32, 64, 128, 256),
-                                     ("fp32",) if smoke else ("fp32", "tf32", "fp16"),
-                                     (False,) if smoke else (False, True), seconds, state_dict)),
-        ("preprocess", lambda: preprocess_only(device, images, (1, 2) if smoke else (1, 32, 128, 256), seconds)),
+                                     ("fp32",) if smoke else ("fp16", "tf32", "fp32"),
+                                     (False,) if smoke else (True, False), seconds, state_dict, result["model"],
+                                     budget, 0 if args.skip_triton else RESERVE_TRITON_S + 20, save)),
+        ("preprocess", lambda: preprocess_only(device, images, (1, 2) if smoke else (1, 32, 128, 256), seconds,
+                                               result["preprocess"], budget,
+                                               0 if args.skip_triton else RESERVE_TRITON_S, save)),
     ]
     if not args.skip_triton:
         parts.append(("triton", lambda: through_triton(
@@ -329,24 +400,23 @@ def main(argv=None) -> int:
             # On the CPU a request takes 0.1-0.5 s: a window must hold several.
             seconds=max(seconds, 2.0) if smoke else seconds,
             perf_analyzer=None if smoke else (args.perf_analyzer_dir or work / "perf_analyzer"),
-            server_args=() if smoke else GPU_TORCH_SERVER_ARGS, work=work, state_dict=state_dict)))
+            server_args=() if smoke else GPU_TORCH_SERVER_ARGS, work=work, state_dict=state_dict,
+            out=result["triton"], budget=budget, save=save)))
     for name, run in parts:
         start = time.perf_counter()
         try:
-            result[name] = run()
+            run()
         except Exception as exc:  # noqa: BLE001 - keep what the other parts measured
             log.exception("%s failed", name)
-            result[name] = [] if name != "triton" else {}
             result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
         log.info("%s took %.0f s", name, time.perf_counter() - start)
-    result["errors"] += (result.get("triton") or {}).get("errors", [])
-    result["targets"] = targets(result)
-    result["profile"] = {"max_batch_size": spec.GPU_TORCH.max_batch_size, "graphs": spec.GPU_TORCH.cuda_graph_batch_sizes,
-                         "instances": [spec.GPU_TORCH.preprocess.instances, spec.GPU_TORCH.resnet50.instances]}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str))
-    print_table(result)
-    return 1 if result["errors"] else 0
+        save()
+    if (work / "tritonserver.log").exists():  # what the server said, next to the figures
+        shutil.copyfile(work / "tritonserver.log", args.output.with_name("gpu_torch_tritonserver.log"))
+    result["complete"] = True
+    final = save()
+    print_table(final)
+    return 1 if final["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def test_gpu_torch_benchmark_smoke_runs_every_part_and_writes_its_json(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["smoke"] and not result["errors"]
+    assert result["complete"] and result["skipped"] == []
     assert {r["batch"] for r in result["model"]} == {1, 2} and all(r["img_s"] > 0 for r in result["model"])
     assert {r["batch"] for r in result["preprocess"]} == {1, 2}
     sdk = result["triton"]["sdk"]
@@ -32,3 +33,16 @@ def test_gpu_torch_benchmark_smoke_runs_every_part_and_writes_its_json(tmp_path)
     targets = result["targets"]
     assert targets["triton_batch1_p50_ms"] > 0 and "throughput_ratio" in targets
     assert "targets:" in proc.stdout and "model only" in proc.stdout
+
+
+def test_gpu_torch_benchmark_skips_points_past_its_budget_and_still_writes_its_json(tmp_path):
+    """A device call has a hard time limit: with no time left every point is skipped and listed, nothing fails."""
+    out = tmp_path / "gpu_torch.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_torch.py"), "--smoke", "--skip-triton",
+                           "--budget", "0", "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and not result["errors"] and result["model"] == [] and result["preprocess"] == []
+    assert result["skipped"] == ["model fp32 graphs=False batch 1", "model fp32 graphs=False batch 2",
+                                 "preprocess batch 1", "preprocess batch 2"]
+    assert "skipped (out of time)" in proc.stdout
