@@ -86,8 +86,8 @@ def triton_server(cpu_repository):
 
 @pytest.fixture(autouse=True)
 def _session_server_alive(request):
-    """A test during which the session's server died fails with the server's last log lines, and the
-    server is started again, so that one crash fails one test, not every test after it."""
+    """A test during which the session's server died or wedged fails with the server's last log lines, and
+    the server is started again, so that one crash fails one test, not every test after it."""
     if "triton_server" not in request.fixturenames:
         yield
         return
@@ -97,11 +97,13 @@ def _session_server_alive(request):
         print(f"tritonserver (pid {server.pid}) was found dead; last log lines:\n{server.log_tail(30)}")
         server.restart()
     yield
-    if not server.running:
+    # Wedged: Triton 2.51 can hang in its own crash handler, running and answering nothing.
+    wedged = server.running and not (server.is_live(5.0) or server.is_live(5.0))
+    if wedged or not server.running:
         tail = server.log_tail(30)
-        code = server._proc.returncode if server._proc is not None else None
+        reason = "stopped answering /v2/health/live" if wedged else server.exit_reason()
         server.restart()
-        pytest.fail(f"tritonserver died (exit status {code}) during this test; last log lines:\n{tail}")
+        pytest.fail(f"tritonserver {reason} during this test; last log lines:\n{tail}")
 
 
 @pytest.fixture(scope="session")

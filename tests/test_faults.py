@@ -113,6 +113,51 @@ def test_serve_heals_a_killed_stub_and_its_server_dies_with_it(cpu_repository, p
             wrapper.wait()
 
 
+def test_serve_restarts_a_crashed_or_wedged_tritonserver_and_gives_up_on_a_crash_loop(cpu_repository, photos, tmp_path):
+    """Triton 2.51 aborts in its gRPC handler when clients cancel calls as they complete, and after corrupting
+    its heap it can hang in its own crash handler: running, answering nothing. ``serve`` restarts it in both
+    cases; past --max-restarts it stops, exit code 1, for the supervisor above."""
+    ports = [free_port() for _ in range(3)]
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--max-restarts", "2"]
+    with open(log_path, "w") as log_fh:
+        wrapper = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{ports[1]}"
+    try:
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 120, interval=1), "serve did not come up"
+        crashed = _tritonserver_of(wrapper.pid)
+        os.kill(crashed, signal.SIGSEGV)
+        assert _wait(lambda: not _alive(crashed), 20), "SIGSEGV did not end tritonserver"
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 60, interval=0.5), \
+            f"serve did not restart a crashed server:\n{log_path.read_text()[-3000:]}"
+        assert wrapper.poll() is None
+
+        wedged = _tritonserver_of(wrapper.pid)
+        assert wedged not in (None, crashed)
+        os.kill(wedged, signal.SIGSTOP)  # alive, answering nothing
+        stopped = time.monotonic()
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 60, interval=0.5), \
+            f"serve did not restart a wedged server:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() - stopped < 45
+        assert not _alive(wedged), "the wedged server was left running"
+
+        last = _tritonserver_of(wrapper.pid)
+        group = {last, *process_group(last)}
+        os.kill(last, signal.SIGKILL)  # a third fault within the window: a crash loop
+        assert wrapper.wait(timeout=30) == 1
+        assert _wait(lambda: not any(_alive(p) for p in group), 10), "the server's processes outlived serve"
+        text = log_path.read_text()
+        assert "died from signal 11 (SIGSEGV); restarting it" in text
+        assert "left /v2/health/live unanswered 3 times in a row; restarting it" in text
+        assert "died from signal 9 (SIGKILL), after 2 restart(s) in the last 600 s: giving up" in text
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+
+
 def test_sigkill_of_tritonserver_leaves_no_stub_behind(cpu_repository):
     with TritonServer(cpu_repository) as server:
         stubs = list(server.stub_processes())

@@ -9,7 +9,8 @@ Nothing outlives it: the server runs in its own process group, which is killed w
 SIGTERM when the process that started it dies (Linux's parent-death signal). Ports already in use are
 refused before start, so a leftover server answering the readiness probe is never taken for ours.
 :meth:`TritonServer.heal` restarts a server whose python-backend stub died (Triton 2.51 does not restart
-stubs: every request then fails while Triton still reports itself and the model ready).
+stubs: every request then fails while Triton still reports itself and the model ready), and
+:meth:`TritonServer.serve_forever` also restarts one that crashed or stopped answering, up to a crash loop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ from .admission import METRICS_URL_ENV
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+
+
+# `serve_forever`'s watchdog. A live check that takes longer than this counts as unanswered; this many in a
+# row (one per health interval) and the server is restarted. More restarts than MAX_RESTARTS within
+# RESTART_WINDOW_S seconds: a crash loop, left to the supervisor above.
+LIVENESS_TIMEOUT_S = 2.0
+LIVENESS_MISSES = 3
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 
 class ServerStartError(RuntimeError):
@@ -416,12 +426,20 @@ class TritonServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(list(self._log_tail)[-lines:])
 
-    def is_ready(self) -> bool:
+    def _health(self, endpoint: str, timeout: float) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/{endpoint}", timeout=timeout) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
             return False
+
+    def is_ready(self) -> bool:
+        return self._health("ready", 2.0)
+
+    def is_live(self, timeout: float = LIVENESS_TIMEOUT_S) -> bool:
+        """Whether the server answers ``/v2/health/live`` within ``timeout``. A process can be running and
+        answer nothing: Triton 2.51, after corrupting its heap, can hang inside its own crash handler."""
+        return self._health("live", timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -490,28 +508,67 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def serve_forever(self, health_interval: float = 1.0) -> int:
-        """Block until SIGINT/SIGTERM or until the server dies; then stop it. Returns an exit code.
-        Every ``health_interval`` seconds a server whose stub died is restarted (0: never)."""
+    def serve_forever(self, health_interval: float = 1.0, *, max_restarts: int = MAX_RESTARTS,
+                      restart_window: float = RESTART_WINDOW_S, unanswered: int = LIVENESS_MISSES) -> int:
+        """Block until SIGINT/SIGTERM, then stop the server; returns an exit code.
+
+        Every ``health_interval`` seconds (0: never, and a server that dies ends this with 1) the server is
+        restarted on the same ports when its process died (Triton 2.51 crashes in its gRPC handler when
+        clients cancel calls as they complete, a race fixed upstream in later releases), when it left
+        ``/v2/health/live`` unanswered ``unanswered`` times in a row (wedged), or when a python-backend stub
+        died (Triton 2.51 never restarts one). More than ``max_restarts`` within ``restart_window`` seconds
+        is a crash loop: the server is stopped and the exit code is 1, for the supervisor above to act on."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        restarts: deque[float] = deque()
+        misses = 0
         try:
             while not stop.wait(health_interval or 0.5):
-                if not self.running:
-                    log.error("tritonserver exited unexpectedly; last log lines:\n%s", self.log_tail())
-                    return 1
-                if health_interval:
-                    try:
-                        self.heal()
-                    except ServerStartError as exc:
-                        log.error("%s", exc)
+                if not health_interval:
+                    if not self.running:
+                        log.error("tritonserver %s; last log lines:\n%s", self.exit_reason(), self.log_tail())
                         return 1
+                    continue
+                if not self.running:
+                    reason = f"tritonserver {self.exit_reason()}"
+                elif (reason := self.unhealthy()) is None:
+                    misses = 0 if self.is_live() else misses + 1
+                    if misses < unanswered:
+                        continue
+                    reason = f"tritonserver left /v2/health/live unanswered {misses} times in a row"
+                misses = 0
+                now = time.monotonic()
+                while restarts and now - restarts[0] > restart_window:
+                    restarts.popleft()
+                if len(restarts) >= max_restarts:
+                    log.error("%s, after %d restart(s) in the last %.0f s: giving up. Last log lines:\n%s", reason,
+                              len(restarts), restart_window, self.log_tail(20))
+                    return 1
+                log.error("%s; restarting it. Last log lines:\n%s", reason, self.log_tail(20))
+                try:
+                    self.restart()
+                except ServerStartError as exc:
+                    log.error("%s", exc)
+                    return 1
+                restarts.append(now)
             log.info("shutting down")
             return 0
         finally:
             self.stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def exit_reason(self) -> str:
+        """How the server process ended: ``died from signal 6 (SIGABRT)`` or ``exited with code 1``."""
+        code = self._proc.returncode if self._proc is not None else None
+        if code is None:
+            return "is running"
+        if code < 0:
+            try:
+                return f"died from signal {-code} ({signal.Signals(-code).name})"
+            except ValueError:
+                return f"died from signal {-code}"
+        return f"exited with code {code}"
 
 
 def which_tritonserver(path: str | None) -> Path | None:

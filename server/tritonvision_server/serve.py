@@ -9,7 +9,15 @@ import os
 import re
 from pathlib import Path
 
-from .launcher import ServerStartError, ServerTLS, TritonServer, which_tritonserver
+from .launcher import (
+    LIVENESS_MISSES,
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
+    ServerStartError,
+    ServerTLS,
+    TritonServer,
+    which_tritonserver,
+)
 
 log = logging.getLogger("tritonvision.serve")
 
@@ -119,6 +127,7 @@ def serve(
     tls: ServerTLS | None = None,
     demo: list[str] | None = None,
     health_interval: float = 1.0,
+    max_restarts: int = MAX_RESTARTS,
     allow_client_shm: bool = False,
     torch_device: str = "cuda",
     verbose: bool = False,
@@ -170,7 +179,7 @@ def serve(
     elif demo is not None:
         _demo(server.grpc_url, demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    return server.serve_forever(health_interval=health_interval)
+    return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts)
 
 
 ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
@@ -210,8 +219,12 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
                    help="let clients send images through system/CUDA shared memory on Triton 2.68+ (NGC 26.04+; "
                         "with --tritonserver); the bundled 2.51 needs no flag")
     p.add_argument("--health-interval", type=float, default=1.0,
-                   help="seconds between checks of the server's python-backend stubs; a dead one restarts the "
-                        "server (0: never)")
+                   help="seconds between checks of the server: a crashed server, one that leaves its liveness "
+                        f"endpoint unanswered {LIVENESS_MISSES} times in a row, or a dead python-backend stub is "
+                        "restarted (0: never; a server that dies then ends serve with exit code 1)")
+    p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                   help=f"restarts allowed within {RESTART_WINDOW_S / 60:.0f} minutes (default {MAX_RESTARTS}); one more "
+                        "is a crash loop: serve stops with exit code 1, for systemd or Kubernetes to act on")
     return p
 
 
@@ -237,6 +250,7 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
+            max_restarts=args.max_restarts,
             allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, verbose=args.verbose,
         )
     except KeyboardInterrupt:
