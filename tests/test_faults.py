@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -152,6 +153,39 @@ def test_serve_restarts_a_crashed_or_wedged_tritonserver_and_gives_up_on_a_crash
         assert "died from signal 11 (SIGSEGV); restarting it" in text
         assert "left /v2/health/live unanswered 3 times in a row; restarting it" in text
         assert "died from signal 9 (SIGKILL), after 2 restart(s) in the last 600 s: giving up" in text
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+
+
+def test_serve_restarts_a_server_whose_inference_hangs_while_its_health_endpoints_answer(cpu_repository, photos,
+                                                                                          tmp_path):
+    """After the gRPC race above, Triton 2.51's inference can hang (threads blocked on a malloc arena its
+    crash handler holds) while /v2/health/live still answers; a stopped stub hangs inference the same way.
+    The watchdog's inference probe restarts the server."""
+    ports = [free_port() for _ in range(3)]
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--probe-interval", "1", "--probe-timeout", "3"]
+    with open(log_path, "w") as log_fh:
+        wrapper = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{ports[1]}"
+    try:
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 120, interval=1), "serve did not come up"
+        server = _tritonserver_of(wrapper.pid)
+        stub = next(pid for pid in process_group(server) if pid != server)
+        os.kill(stub, signal.SIGSTOP)
+        stopped = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/live", timeout=5) as resp:
+            assert resp.status == 200  # what the liveness check alone sees
+        assert _wait(lambda: _tritonserver_of(wrapper.pid) not in (None, server), 60), \
+            f"serve did not restart a server whose inference hangs:\n{log_path.read_text()[-3000:]}"
+        assert _wait(lambda: _classifies(url, photos["chelsea"]), 60, interval=0.5), "not serving after the restart"
+        assert time.monotonic() - stopped < 60
+        assert not _alive(stub), "the stopped stub was left behind"
+        assert "the inference probe failed 3 times in a row" in log_path.read_text()
     finally:
         if wrapper.poll() is None:
             wrapper.kill()

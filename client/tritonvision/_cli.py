@@ -194,14 +194,10 @@ def _probe(args: argparse.Namespace) -> int:
     step cannot serve (a dead python-backend stub). A server that sheds the probe is busy, not dead."""
     data = Path(args.image).read_bytes()
     with _connect(args, timeout=args.timeout, retry=RetryPolicy(attempts=1)) as clf:
-        try:
-            clf.classify(data, top_k=1)
-        except OverloadedError:
-            log.info("alive (overloaded)")
-            return EXIT_OK
-        except TritonVisionError as exc:
-            log.error("not serving: %s: %s", type(exc).__name__, exc)
-            return EXIT_SOME_FAILED
+        why = clf.probe(data)
+    if why is not None:
+        log.error("not serving: %s", why)
+        return EXIT_SOME_FAILED
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ from ._transport._grpc import GrpcTransport, with_access_key
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
 from ._types import Classification, Prediction
-from .exceptions import DeadlineExceededError, SharedMemoryError, TritonVisionError
+from .exceptions import DeadlineExceededError, OverloadedError, SharedMemoryError, TritonVisionError
 from .spec import ENSEMBLE
 
 log = logging.getLogger("tritonvision")
@@ -281,6 +281,18 @@ class Classifier(_ClassifierBase):
     # -- server state ---------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         return self._transport.is_ready()
+
+    def probe(self, image: ImageInput) -> str | None:
+        """A liveness check through the whole ensemble: None when ``image`` was classified or shed (busy, not
+        dead), else why it was not. Triton's health endpoints stay true while a step's stub is dead or its
+        gRPC inference path is stuck; ``tritonvision probe`` and ``tritonvision serve``'s watchdog use this."""
+        try:
+            self.classify(image, top_k=1)
+        except OverloadedError:
+            return None
+        except TritonVisionError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.25) -> None:
         """Block until the server and the classifier are ready, or raise :class:`DeadlineExceededError`."""

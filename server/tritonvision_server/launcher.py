@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,10 +43,12 @@ SHM_DIR = Path("/dev/shm")
 
 
 # `serve_forever`'s watchdog. A live check that takes longer than this counts as unanswered; this many in a
-# row (one per health interval) and the server is restarted. More restarts than MAX_RESTARTS within
+# row (one per health interval), or this many failed inference probes in a row (one per PROBE_INTERVAL_S),
+# and the server is restarted. More restarts than MAX_RESTARTS within
 # RESTART_WINDOW_S seconds: a crash loop, left to the supervisor above.
 LIVENESS_TIMEOUT_S = 2.0
 LIVENESS_MISSES = 3
+PROBE_INTERVAL_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 
@@ -509,19 +512,24 @@ class TritonServer:
         self.stop()
 
     def serve_forever(self, health_interval: float = 1.0, *, max_restarts: int = MAX_RESTARTS,
-                      restart_window: float = RESTART_WINDOW_S, unanswered: int = LIVENESS_MISSES) -> int:
+                      restart_window: float = RESTART_WINDOW_S, unanswered: int = LIVENESS_MISSES,
+                      probe: Callable[[], str | None] | None = None, probe_interval: float = PROBE_INTERVAL_S) -> int:
         """Block until SIGINT/SIGTERM, then stop the server; returns an exit code.
 
         Every ``health_interval`` seconds (0: never, and a server that dies ends this with 1) the server is
         restarted on the same ports when its process died (Triton 2.51 crashes in its gRPC handler when
         clients cancel calls as they complete, a race fixed upstream in later releases), when it left
         ``/v2/health/live`` unanswered ``unanswered`` times in a row (wedged), or when a python-backend stub
-        died (Triton 2.51 never restarts one). More than ``max_restarts`` within ``restart_window`` seconds
-        is a crash loop: the server is stopped and the exit code is 1, for the supervisor above to act on."""
+        died (Triton 2.51 never restarts one). ``probe`` (None when the path it checks serves, else why not)
+        runs every ``probe_interval`` seconds and counts the same way: after such a race, Triton 2.51's gRPC
+        inference can stop answering while its HTTP health endpoints still do. More than ``max_restarts``
+        within ``restart_window`` seconds is a crash loop: the server is stopped and the exit code is 1, for
+        the supervisor above to act on."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         restarts: deque[float] = deque()
-        misses = 0
+        misses = probe_misses = 0
+        next_probe = time.monotonic() + probe_interval
         try:
             while not stop.wait(health_interval or 0.5):
                 if not health_interval:
@@ -533,10 +541,20 @@ class TritonServer:
                     reason = f"tritonserver {self.exit_reason()}"
                 elif (reason := self.unhealthy()) is None:
                     misses = 0 if self.is_live() else misses + 1
-                    if misses < unanswered:
+                    if misses >= unanswered:
+                        reason = f"tritonserver left /v2/health/live unanswered {misses} times in a row"
+                    elif probe is not None and time.monotonic() >= next_probe:
+                        why = probe()
+                        next_probe = time.monotonic() + probe_interval
+                        probe_misses = 0 if why is None else probe_misses + 1
+                        if why is not None:
+                            log.warning("inference probe failed (%d of %d): %s", probe_misses, unanswered, why)
+                        if probe_misses >= unanswered:
+                            reason = f"the inference probe failed {probe_misses} times in a row ({why})"
+                    if reason is None:
                         continue
-                    reason = f"tritonserver left /v2/health/live unanswered {misses} times in a row"
-                misses = 0
+                misses = probe_misses = 0
+                next_probe = time.monotonic() + probe_interval
                 now = time.monotonic()
                 while restarts and now - restarts[0] > restart_window:
                     restarts.popleft()

@@ -7,11 +7,13 @@ import argparse
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from .launcher import (
     LIVENESS_MISSES,
     MAX_RESTARTS,
+    PROBE_INTERVAL_S,
     RESTART_WINDOW_S,
     ServerStartError,
     ServerTLS,
@@ -20,6 +22,10 @@ from .launcher import (
 )
 
 log = logging.getLogger("tritonvision.serve")
+
+# Seconds the watchdog's inference probe may take (a request queued behind a full batch on the CPU takes a
+# few; one the server sheds returns at once and counts as alive).
+PROBE_TIMEOUT_S = 10.0
 
 # Lines of Triton's log that say why it did not start: glog errors ("E1127 22:57:43.058 ..."), a refused
 # command-line option (printed after the whole options table), "error: creating server: ...", and the rows
@@ -128,6 +134,8 @@ def serve(
     demo: list[str] | None = None,
     health_interval: float = 1.0,
     max_restarts: int = MAX_RESTARTS,
+    probe_interval: float = PROBE_INTERVAL_S,
+    probe_timeout: float = PROBE_TIMEOUT_S,
     allow_client_shm: bool = False,
     torch_device: str = "cuda",
     verbose: bool = False,
@@ -179,7 +187,35 @@ def serve(
     elif demo is not None:
         _demo(server.grpc_url, demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts)
+    with ensemble_probe(server.grpc_url, tls, probe_timeout if probe_interval > 0 else 0) as probe:
+        return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
+                                    probe_interval=probe_interval)
+
+
+@contextmanager
+def ensemble_probe(url: str, tls: ServerTLS | None, timeout: float = PROBE_TIMEOUT_S):
+    """The watchdog's inference probe: the warm-up photo through the ensemble over gRPC within ``timeout``
+    seconds (shed counts as alive), a callable giving None or why it failed. None where it is off (timeout
+    0) or cannot run: a gRPC port with TLS (the watchdog holds no client certificate) or a repository
+    without a ready classifier ensemble."""
+    if timeout <= 0:
+        yield None
+        return
+    if tls is not None:
+        log.info("gRPC uses TLS: the watchdog checks /v2/health/live only, not inference")
+        yield None
+        return
+    from tritonvision import Classifier, RetryPolicy
+
+    from .configs import WARMUP_SOURCE
+
+    with Classifier(url, timeout=timeout, retry=RetryPolicy(attempts=1)) as clf:
+        if not clf.is_ready():
+            log.info("no ready classifier ensemble: the watchdog checks /v2/health/live only, not inference")
+            yield None
+            return
+        image = WARMUP_SOURCE.read_bytes()
+        yield lambda: clf.probe(image)
 
 
 ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
@@ -220,8 +256,14 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
                         "with --tritonserver); the bundled 2.51 needs no flag")
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between checks of the server: a crashed server, one that leaves its liveness "
-                        f"endpoint unanswered {LIVENESS_MISSES} times in a row, or a dead python-backend stub is "
+                        f"endpoint unanswered {LIVENESS_MISSES} times in a row or fails {LIVENESS_MISSES} inference "
+                        "probes in a row (--probe-interval), or a dead python-backend stub is "
                         "restarted (0: never; a server that dies then ends serve with exit code 1)")
+    p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL_S,
+                   help=f"seconds between the watchdog's inference probes, the warm-up photo through the ensemble "
+                        f"over gRPC (default {PROBE_INTERVAL_S:.0f}; 0: none)")
+    p.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S,
+                   help=f"seconds an inference probe may take (default {PROBE_TIMEOUT_S:.0f}); a shed probe counts as alive")
     p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                    help=f"restarts allowed within {RESTART_WINDOW_S / 60:.0f} minutes (default {MAX_RESTARTS}); one more "
                         "is a crash loop: serve stops with exit code 1, for systemd or Kubernetes to act on")
@@ -250,7 +292,7 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
-            max_restarts=args.max_restarts,
+            max_restarts=args.max_restarts, probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
             allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, verbose=args.verbose,
         )
     except KeyboardInterrupt:
