@@ -545,7 +545,8 @@ class TritonServer:
                         reason = f"tritonserver left /v2/health/live unanswered {misses} times in a row"
                     elif probe is not None and time.monotonic() >= next_probe:
                         why = probe()
-                        next_probe = time.monotonic() + probe_interval
+                        # A failure is checked again at the next health check, not a probe interval later.
+                        next_probe = time.monotonic() + (probe_interval if why is None else 0.0)
                         probe_misses = 0 if why is None else probe_misses + 1
                         if why is not None:
                             log.warning("inference probe failed (%d of %d): %s", probe_misses, unanswered, why)
