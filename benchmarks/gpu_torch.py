@@ -44,10 +44,13 @@ log = logging.getLogger("gpu_torch")
 
 
 class Utilisation:
-    """Mean GPU utilisation (%) over a block, sampled every 50 ms from NVML (pynvml), else nvidia-smi."""
+    """Mean GPU utilisation (%) over a block, sampled every 50 ms from NVML (pynvml); without pynvml, from one
+    ``nvidia-smi --loop-ms`` process for the whole block (not one process per sample, whose start-up would
+    take CPU from the measurement)."""
 
     def __init__(self, index: int = 0):
         self.index, self.samples, self._stop = index, [], threading.Event()
+        self._smi = None
         try:
             import pynvml
 
@@ -55,12 +58,7 @@ class Utilisation:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
         except Exception:  # noqa: BLE001 - no NVML bindings: the CLI reads the same counter
-            self._read = self._smi
-
-    def _smi(self):
-        out = subprocess.run(["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=5).stdout
-        return float(out.strip().splitlines()[0])
+            self._read = None
 
     def _loop(self):
         while not self._stop.wait(0.05):
@@ -69,14 +67,35 @@ class Utilisation:
             except Exception:  # noqa: BLE001 - no GPU (smoke mode): no figure
                 return
 
+    def _pump(self):
+        for line in self._smi.stdout:
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                continue
+
     def __enter__(self):
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        if self._read is not None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+        else:
+            try:
+                self._smi = subprocess.Popen(
+                    ["nvidia-smi", f"--id={self.index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                     "--loop-ms=50"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            except OSError:  # no nvidia-smi (smoke mode): no figure
+                self._thread = None
+                return self
+            self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        if self._smi is not None:
+            self._smi.terminate()
+            self._smi.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     @property
     def mean(self) -> float | None:

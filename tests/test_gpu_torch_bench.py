@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,22 @@ def test_gpu_torch_benchmark_skips_points_past_its_budget_and_still_writes_its_j
     assert result["skipped"] == ["model fp32 graphs=False batch 1", "model fp32 graphs=False batch 2",
                                  "preprocess batch 1", "preprocess batch 2"]
     assert "skipped (out of time)" in proc.stdout
+
+
+def test_gpu_utilisation_without_nvml_streams_from_one_nvidia_smi_process(tmp_path, monkeypatch):
+    """Without pynvml the utilisation comes from one ``nvidia-smi --loop-ms`` process per block, ended with it."""
+    started = tmp_path / "started"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho $$ >> {started}\nwhile true; do echo 40; sleep 0.02; echo 60; sleep 0.02; done\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails: the fallback
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_torch
+
+    with gpu_torch.Utilisation() as util:
+        time.sleep(0.4)
+    assert len(started.read_text().split()) == 1, "one nvidia-smi process per block"
+    assert len(util.samples) >= 4 and 40 <= util.mean <= 60
+    pid = int(started.read_text())
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
