@@ -527,9 +527,8 @@ class TritonServer:
         the supervisor above to act on."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        watchdog = _Watchdog(self, unanswered, probe, probe_interval)
         restarts: deque[float] = deque()
-        misses = probe_misses = 0
-        next_probe = time.monotonic() + probe_interval
         try:
             while not stop.wait(health_interval or 0.5):
                 if not health_interval:
@@ -537,25 +536,9 @@ class TritonServer:
                         log.error("tritonserver %s; last log lines:\n%s", self.exit_reason(), self.log_tail())
                         return 1
                     continue
-                if not self.running:
-                    reason = f"tritonserver {self.exit_reason()}"
-                elif (reason := self.unhealthy()) is None:
-                    misses = 0 if self.is_live() else misses + 1
-                    if misses >= unanswered:
-                        reason = f"tritonserver left /v2/health/live unanswered {misses} times in a row"
-                    elif probe is not None and time.monotonic() >= next_probe:
-                        why = probe()
-                        # A failure is checked again at the next health check, not a probe interval later.
-                        next_probe = time.monotonic() + (probe_interval if why is None else 0.0)
-                        probe_misses = 0 if why is None else probe_misses + 1
-                        if why is not None:
-                            log.warning("inference probe failed (%d of %d): %s", probe_misses, unanswered, why)
-                        if probe_misses >= unanswered:
-                            reason = f"the inference probe failed {probe_misses} times in a row ({why})"
-                    if reason is None:
-                        continue
-                misses = probe_misses = 0
-                next_probe = time.monotonic() + probe_interval
+                reason = watchdog.fault()
+                if reason is None:
+                    continue
                 now = time.monotonic()
                 while restarts and now - restarts[0] > restart_window:
                     restarts.popleft()
@@ -570,6 +553,7 @@ class TritonServer:
                     log.error("%s", exc)
                     return 1
                 restarts.append(now)
+                watchdog.reset()
             log.info("shutting down")
             return 0
         finally:
@@ -588,6 +572,43 @@ class TritonServer:
             except ValueError:
                 return f"died from signal {-code}"
         return f"exited with code {code}"
+
+
+class _Watchdog:
+    """What :meth:`TritonServer.serve_forever` checks at each health interval: a fault's description, or None.
+    Failed live checks and inference probes count in a row; a restart starts the counts again."""
+
+    def __init__(self, server: TritonServer, unanswered: int, probe: Callable[[], str | None] | None,
+                 probe_interval: float):
+        self.server, self.unanswered, self.probe, self.probe_interval = server, unanswered, probe, probe_interval
+        self.reset()
+
+    def reset(self) -> None:
+        self.misses = self.probe_misses = 0
+        self.next_probe = time.monotonic() + self.probe_interval
+
+    def fault(self) -> str | None:
+        if not self.server.running:
+            return f"tritonserver {self.server.exit_reason()}"
+        reason = self.server.unhealthy()
+        if reason is not None:
+            return reason
+        self.misses = 0 if self.server.is_live() else self.misses + 1
+        if self.misses >= self.unanswered:
+            return f"tritonserver left /v2/health/live unanswered {self.misses} times in a row"
+        if self.probe is None or time.monotonic() < self.next_probe:
+            return None
+        why = self.probe()
+        # A failure is checked again at the next health check, not a probe interval later.
+        self.next_probe = time.monotonic() + (self.probe_interval if why is None else 0.0)
+        if why is None:
+            self.probe_misses = 0
+            return None
+        self.probe_misses += 1
+        log.warning("inference probe failed (%d of %d): %s", self.probe_misses, self.unanswered, why)
+        if self.probe_misses >= self.unanswered:
+            return f"the inference probe failed {self.probe_misses} times in a row ({why})"
+        return None
 
 
 def which_tritonserver(path: str | None) -> Path | None:

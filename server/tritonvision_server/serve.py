@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .launcher import (
@@ -187,7 +187,7 @@ def serve(
     elif demo is not None:
         _demo(server.grpc_url, demo)
     log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    with ensemble_probe(server.grpc_url, tls, probe_timeout if probe_interval > 0 else 0) as probe:
+    with ensemble_probe(server.grpc_url, tls, probe_timeout) if probe_interval > 0 else nullcontext() as probe:
         return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
                                     probe_interval=probe_interval)
 
@@ -195,12 +195,9 @@ def serve(
 @contextmanager
 def ensemble_probe(url: str, tls: ServerTLS | None, timeout: float = PROBE_TIMEOUT_S):
     """The watchdog's inference probe: the warm-up photo through the ensemble over gRPC within ``timeout``
-    seconds (shed counts as alive), a callable giving None or why it failed. None where it is off (timeout
-    0) or cannot run: a gRPC port with TLS (the watchdog holds no client certificate) or a repository
-    without a ready classifier ensemble."""
-    if timeout <= 0:
-        yield None
-        return
+    seconds (shed counts as alive), a callable giving None or why it failed. None where it cannot run: a
+    gRPC port with TLS (the watchdog holds no client certificate) or a repository without a ready classifier
+    ensemble."""
     if tls is not None:
         log.info("gRPC uses TLS: the watchdog checks /v2/health/live only, not inference")
         yield None
