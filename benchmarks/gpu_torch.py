@@ -145,7 +145,7 @@ def _timed(fn, device, seconds: float, min_iters: int = 3) -> tuple[float, int]:
 
 
 def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict, rows: list, budget: Budget,
-               reserve: float, save) -> list[dict]:
+               reserve: float, save) -> None:
     """Appends a row per point to ``rows`` (saved as it goes). The points the targets read (FP16 with graphs)
     come first when the precisions are listed in that order."""
     import torch
@@ -173,11 +173,10 @@ def model_only(device, batch_sizes, precisions, graphs, seconds, state_dict, row
         if device.type == "cuda":
             torch.cuda.empty_cache()
     tp.set_tf32(False)
-    return rows
 
 
 def preprocess_only(device, images: list[bytes], batch_sizes, seconds, rows: list, budget: Budget, reserve: float,
-                    save) -> list[dict]:
+                    save) -> None:
     import numpy as np
     import torch
 
@@ -199,7 +198,6 @@ def preprocess_only(device, images: list[bytes], batch_sizes, seconds, rows: lis
         rows.append({"batch": bs, "ms": per_call * 1e3, "img_s": bs / per_call, "gpu_util": util.mean, "iters": n})
         save()
         log.info("preprocess batch %d: %.2f ms, %.0f img/s", bs, per_call * 1e3, bs / per_call)
-    return rows
 
 
 def reference_scores(images: list[bytes], state_dict: Path):
@@ -231,7 +229,7 @@ def agreement(url: str, images: list[bytes], state_dict: Path) -> dict:
 
 def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concurrencies, transports, seconds,
                    perf_analyzer: Path | None, server_args, work: Path, state_dict: Path, out: dict, budget: Budget,
-                   save) -> dict:
+                   save) -> None:
     """Fills ``out`` (saved after each point): a run cut short still returns what it measured."""
     import tritonvision as tv
     from tritonvision import _bench
@@ -287,7 +285,6 @@ def through_triton(repo: Path, images: list[bytes], *, concurrencies, sdk_concur
                 before = clf.settled_statistics()
                 _bench.run(clf, images, concurrency=max(sdk_concurrencies), seconds=seconds, warmup=0.0)
                 out["breakdown"] = (clf.settled_statistics() - before).to_dict()
-    return out
 
 
 def _best(rows, **match):
