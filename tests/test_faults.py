@@ -85,10 +85,15 @@ def _tritonserver_of(wrapper_pid: int) -> int | None:
     return None
 
 
+def _said(log_path, text: str) -> int:
+    """How many times ``serve`` has logged ``text``."""
+    return log_path.read_text(errors="replace").count(text)
+
+
 @contextlib.contextmanager
 def _serve(repository, photo: bytes, log_path, *args: str):
-    """``tritonvision serve`` of ``repository`` on free loopback ports, once it classifies ``photo``: yields
-    (the serve process, its gRPC address, its ports); killed at the end if it still runs."""
+    """``tritonvision serve`` of ``repository`` on free loopback ports, once it classifies ``photo`` and its
+    watchdog runs: yields (the serve process, its gRPC address, its ports); killed at the end if it still runs."""
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(repository),
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *args]
@@ -96,7 +101,9 @@ def _serve(repository, photo: bytes, log_path, *args: str):
         wrapper = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{ports[1]}"
     try:
-        assert _wait(lambda: _classifies(url, photo), 120, interval=1), \
+        # A classify can go through before serve's own readiness check has seen the server: a fault injected
+        # then is a fault during start-up (bounded by --startup-timeout), not one the watchdog handles.
+        assert _wait(lambda: _classifies(url, photo) and _said(log_path, "Ctrl-C to stop"), 120, interval=1), \
             f"serve did not come up:\n{log_path.read_text()[-3000:]}"
         yield wrapper, url, ports
     finally:
@@ -135,15 +142,15 @@ def test_serve_restarts_a_crashed_or_wedged_tritonserver_and_gives_up_on_a_crash
         os.kill(crashed, signal.SIGSEGV)
         assert _wait(lambda: not _alive(crashed), 20), "SIGSEGV did not end tritonserver"
         # Generous bounds: a start with the full-batch warm-up takes ~10 s on two idle cores, far more on busy ones.
-        assert _wait(lambda: _classifies(url, photos["chelsea"]), 120, interval=0.5), \
-            f"serve did not restart a crashed server:\n{log_path.read_text()[-3000:]}"
+        assert _wait(lambda: _said(log_path, "restarted and ready") == 1 and _classifies(url, photos["chelsea"]),
+                     120, interval=0.5), f"serve did not restart a crashed server:\n{log_path.read_text()[-3000:]}"
         assert wrapper.poll() is None
 
         wedged = _tritonserver_of(wrapper.pid)
         assert wedged not in (None, crashed)
         os.kill(wedged, signal.SIGSTOP)  # alive, answering nothing
-        assert _wait(lambda: _classifies(url, photos["chelsea"]), 120, interval=0.5), \
-            f"serve did not restart a wedged server:\n{log_path.read_text()[-3000:]}"
+        assert _wait(lambda: _said(log_path, "restarted and ready") == 2 and _classifies(url, photos["chelsea"]),
+                     120, interval=0.5), f"serve did not restart a wedged server:\n{log_path.read_text()[-3000:]}"
         assert not _alive(wedged), "the wedged server was left running"
 
         last = _tritonserver_of(wrapper.pid)
@@ -226,7 +233,7 @@ def test_stop_after_a_stub_died_is_bounded_and_complete(cpu_repository, photos, 
 
 
 FAKE_SERVER = """#!{python}
-# A stand-in for tritonserver: counts its starts, then aborts, exits 1, or answers readiness until SIGTERM.
+# A stand-in for tritonserver: counts its starts, then aborts, exits 1, hangs, or answers readiness until SIGTERM.
 import http.server, os, sys
 counter = os.environ["FAKE_TRITON_COUNTER"]
 n = int(open(counter).read() or 0) + 1 if os.path.exists(counter) else 1
@@ -237,6 +244,9 @@ if mode == "abort-once" and n == 1:
 if mode == "exit":
     print("error: creating server: Invalid argument - unknown option", flush=True)
     sys.exit(1)
+if mode == "hang-second" and n == 2:
+    import time
+    time.sleep(3600)  # running, never ready
 port = int(next(a for a in sys.argv if a.startswith("--http-port=")).split("=")[1])
 class Ready(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -265,6 +275,40 @@ def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_
         with pytest.raises(ServerStartError, match="exited with code 1"):
             server.start()
     assert int(counter.read_text()) == starts
+
+
+def test_serve_tries_again_when_a_restarted_server_does_not_come_up(cpu_repository, tmp_path, monkeypatch):
+    """A restart whose server hangs in start-up ends in the start-up timeout; serve counts it as a restart and
+    starts the server once more, rather than exiting with a server that may come back."""
+    fake = tmp_path / "tritonserver"
+    fake.write_text(FAKE_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    counter = tmp_path / "starts"
+    monkeypatch.setenv("FAKE_TRITON_COUNTER", str(counter))
+    monkeypatch.setenv("FAKE_TRITON_MODE", "hang-second")
+    log_path = tmp_path / "serve.log"
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--tritonserver", str(fake), "--startup-timeout", "4", "--probe-interval", "0", "--max-restarts", "3",
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
+    with open(log_path, "w") as log_fh:
+        wrapper = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
+    try:
+        assert _wait(lambda: _said(log_path, "Ctrl-C to stop"), 60), log_path.read_text()
+        first = _tritonserver_of(wrapper.pid)
+        os.kill(first, signal.SIGKILL)
+        assert _wait(lambda: _said(log_path, "restarted and ready") == 1, 60), log_path.read_text()
+        assert int(counter.read_text()) == 3
+        assert wrapper.poll() is None
+        text = log_path.read_text()
+        assert "died from signal 9 (SIGKILL); restarting it" in text
+        assert "was not ready after 4 s" in text
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=30) == 0
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
 
 
 def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photos):

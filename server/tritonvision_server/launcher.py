@@ -524,7 +524,7 @@ class TritonServer:
         runs every ``probe_interval`` seconds and counts the same way: after such a race, Triton 2.51's gRPC
         inference can stop answering while its HTTP health endpoints still do. More than ``max_restarts``
         within ``restart_window`` seconds is a crash loop: the server is stopped and the exit code is 1, for
-        the supervisor above to act on."""
+        the supervisor above to act on. A restart that does not come up counts too and is tried again."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         watchdog = _Watchdog(self, unanswered, probe, probe_interval)
@@ -550,8 +550,9 @@ class TritonServer:
                 try:
                     self.restart()
                 except ServerStartError as exc:
+                    # Dead or not answering after the start-up timeout: the next check finds that and it
+                    # counts as another restart, so a server that cannot come back ends in the crash-loop exit.
                     log.error("%s", exc)
-                    return 1
                 restarts.append(now)
                 watchdog.reset()
             log.info("shutting down")
