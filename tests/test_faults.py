@@ -91,9 +91,10 @@ def _said(log_path, text: str) -> int:
 
 
 @contextlib.contextmanager
-def _serve(repository, photo: bytes, log_path, *args: str):
-    """``tritonvision serve`` of ``repository`` on free loopback ports, once it classifies ``photo`` and its
-    watchdog runs: yields (the serve process, its gRPC address, its ports); killed at the end if it still runs."""
+def _serve(repository, photo: bytes | None, log_path, *args: str, up_within: float = 120):
+    """``tritonvision serve`` of ``repository`` on free loopback ports, once its watchdog runs and it classifies
+    ``photo`` (None: a stand-in server, not asked): yields (the serve process, its gRPC address, its ports);
+    killed at the end if it still runs."""
     ports = [free_port() for _ in range(3)]
     cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(repository),
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), *args]
@@ -103,8 +104,8 @@ def _serve(repository, photo: bytes, log_path, *args: str):
     try:
         # A classify can go through before serve's own readiness check has seen the server: a fault injected
         # then is a fault during start-up (bounded by --startup-timeout), not one the watchdog handles.
-        assert _wait(lambda: _classifies(url, photo) and _said(log_path, "Ctrl-C to stop"), 120, interval=1), \
-            f"serve did not come up:\n{log_path.read_text()[-3000:]}"
+        assert _wait(lambda: _said(log_path, "Ctrl-C to stop") and (photo is None or _classifies(url, photo)),
+                     up_within, interval=1), f"serve did not come up:\n{log_path.read_text()[-3000:]}"
         yield wrapper, url, ports
     finally:
         if wrapper.poll() is None:
@@ -258,15 +259,21 @@ http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
 """
 
 
-@pytest.mark.parametrize("mode, starts, started", [("abort-once", 2, True), ("exit", 1, False)])
-def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_refusal_is_not(
-        cpu_repository, tmp_path, monkeypatch, mode, starts, started):
+def _fake_tritonserver(tmp_path, monkeypatch, mode: str):
+    """FAKE_SERVER in ``mode``, written to ``tmp_path``: (its path, the file that counts its starts)."""
     fake = tmp_path / "tritonserver"
     fake.write_text(FAKE_SERVER.format(python=sys.executable))
     fake.chmod(0o755)
     counter = tmp_path / "starts"
     monkeypatch.setenv("FAKE_TRITON_COUNTER", str(counter))
     monkeypatch.setenv("FAKE_TRITON_MODE", mode)
+    return fake, counter
+
+
+@pytest.mark.parametrize("mode, starts, started", [("abort-once", 2, True), ("exit", 1, False)])
+def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_refusal_is_not(
+        cpu_repository, tmp_path, monkeypatch, mode, starts, started):
+    fake, counter = _fake_tritonserver(tmp_path, monkeypatch, mode)
     server = TritonServer(cpu_repository, tritonserver=fake, startup_timeout=20)
     if started:
         with server:
@@ -280,23 +287,11 @@ def test_a_server_killed_by_a_signal_during_start_up_is_started_once_more_and_a_
 def test_serve_tries_again_when_a_restarted_server_does_not_come_up(cpu_repository, tmp_path, monkeypatch):
     """A restart whose server hangs in start-up ends in the start-up timeout; serve counts it as a restart and
     starts the server once more, rather than exiting with a server that may come back."""
-    fake = tmp_path / "tritonserver"
-    fake.write_text(FAKE_SERVER.format(python=sys.executable))
-    fake.chmod(0o755)
-    counter = tmp_path / "starts"
-    monkeypatch.setenv("FAKE_TRITON_COUNTER", str(counter))
-    monkeypatch.setenv("FAKE_TRITON_MODE", "hang-second")
+    fake, counter = _fake_tritonserver(tmp_path, monkeypatch, "hang-second")
     log_path = tmp_path / "serve.log"
-    ports = [free_port() for _ in range(3)]
-    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
-           "--tritonserver", str(fake), "--startup-timeout", "4", "--probe-interval", "0", "--max-restarts", "3",
-           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])]
-    with open(log_path, "w") as log_fh:
-        wrapper = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)
-    try:
-        assert _wait(lambda: _said(log_path, "Ctrl-C to stop"), 60), log_path.read_text()
-        first = _tritonserver_of(wrapper.pid)
-        os.kill(first, signal.SIGKILL)
+    args = ("--tritonserver", str(fake), "--startup-timeout", "4", "--probe-interval", "0", "--max-restarts", "3")
+    with _serve(cpu_repository, None, log_path, *args, up_within=60) as (wrapper, _, _):
+        os.kill(_tritonserver_of(wrapper.pid), signal.SIGKILL)
         assert _wait(lambda: _said(log_path, "restarted and ready") == 1, 60), log_path.read_text()
         assert int(counter.read_text()) == 3
         assert wrapper.poll() is None
@@ -305,10 +300,6 @@ def test_serve_tries_again_when_a_restarted_server_does_not_come_up(cpu_reposito
         assert "was not ready after 4 s" in text
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(timeout=30) == 0
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-            wrapper.wait()
 
 
 def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photos):
