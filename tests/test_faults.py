@@ -302,6 +302,17 @@ def test_serve_tries_again_when_a_restarted_server_does_not_come_up(cpu_reposito
         assert wrapper.wait(timeout=30) == 0
 
 
+def test_a_restart_that_fails_is_not_taken_for_a_dead_stub(cpu_repository):
+    """The stubs of the server before a failed restart are all dead; the watchdog must see the new server's
+    own state (running, not yet ready), not "stub died"."""
+    with TritonServer(cpu_repository) as server:
+        assert server.stub_processes()
+        server.startup_timeout = 0.1  # far shorter than the model loads: the restart fails
+        with pytest.raises(ServerStartError, match="not ready after"):
+            server.restart()
+        assert server.running and server.unhealthy() is None
+
+
 def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photos):
     with TritonServer(cpu_repository) as server:
         port = server.grpc_port

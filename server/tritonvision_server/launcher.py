@@ -338,6 +338,9 @@ class TritonServer:
 
     def _spawn(self) -> None:
         """Start the server process and wait until it is ready."""
+        # Until this start is ready its stubs are unknown: a start that fails must not be judged by the stubs
+        # of the server before it (all dead by now), which would read as "stub died".
+        self._stubs = {}
         proc = subprocess.Popen(
             self._cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env(), text=True, errors="replace",
             start_new_session=True,  # its own process group (killed as a whole), and Ctrl-C reaches only us
