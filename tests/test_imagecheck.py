@@ -117,6 +117,15 @@ def test_jpeg_with_exif_and_fill_bytes_before_the_frame_header():
     assert inspect(data) == inspect(padded) == ImageInfo("jpeg", W, H)
 
 
+def test_jpeg_with_more_metadata_than_one_read_ahead_before_its_frame_header():
+    # Phones and editors write ICC profiles, XMP and MPF segments of tens to hundreds of KB ahead of the
+    # frame header; the size must come from the header wherever it lies in the file.
+    data = jpeg(icc_profile=b"\0" * 300_000)
+    assert data.find(b"\xff\xc0") > 300_000
+    assert inspect(data) == ImageInfo("jpeg", W, H)
+    assert inspect_rows(np.frombuffer(data, np.uint8)) == [ImageInfo("jpeg", W, H)]
+
+
 def test_png_size_comes_from_its_ihdr_chunk():
     assert inspect(png()) == ImageInfo("png", W, H)
 

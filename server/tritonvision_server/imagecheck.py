@@ -174,7 +174,11 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
             raise InvalidImage(f"not a supported image: accepted formats are {', '.join(limits.formats)}")
     if fmt not in limits.formats:
         raise InvalidImage(f"{fmt} images are not accepted: accepted formats are {', '.join(limits.formats)}")
-    width, height = size(data if fmt == "tiff" else head)
+    # A TIFF's first directory and a JPEG's frame header may lie anywhere (a JPEG's metadata segments ahead
+    # of it reach hundreds of KB); the other formats put their size in the first bytes.
+    complete = _COMPLETENESS.get(fmt)
+    whole = data if isinstance(data, bytes) or (fmt not in ("tiff", "jpeg") and complete is None) else bytes(data)
+    width, height = size(whole if fmt in ("tiff", "jpeg") else head)
     if width <= 0 or height <= 0:
         raise InvalidImage(f"corrupt {fmt.upper()}: image size {width}x{height}")
     if max(width, height) > limits.max_side or width * height > limits.max_pixels:
@@ -186,9 +190,8 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
         raise InvalidImage(
             f"image of {width}x{height} pixels exceeds the limit of {limits.max_aspect_ratio:g}:1 aspect ratio"
         )
-    complete = _COMPLETENESS.get(fmt)
     if complete is not None:
-        complete(data if isinstance(data, bytes) else bytes(data))
+        complete(whole)
     return ImageInfo(fmt, width, height)
 
 
