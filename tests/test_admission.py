@@ -25,6 +25,7 @@ class Metrics:
 
     def __init__(self):
         self.pending = 0
+        self.counters = None  # resnet50's (nv_inference_count, nv_inference_request_success), if shown
         self.status = 200
         self.scrapes = 0
         outer = self
@@ -34,7 +35,12 @@ class Metrics:
 
             def do_GET(self):
                 outer.scrapes += 1
-                body = PAGE.format(resnet50=outer.pending).encode()
+                page = PAGE.format(resnet50=outer.pending)
+                if outer.counters is not None:
+                    page += ('nv_inference_count{{model="resnet50",version="1"}} {}\n'
+                             'nv_inference_request_success{{model="resnet50",version="1"}} {}\n'
+                             'nv_inference_count{{model="preprocess",version="1"}} 999999\n').format(*outer.counters)
+                body = page.encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -142,3 +148,33 @@ def test_bad_settings_are_refused():
         Admission("127.0.0.1:8002", "resnet50", 32, 1)
     with pytest.raises(ValueError, match="limit"):
         Admission("http://127.0.0.1:8002/metrics", "resnet50", 0, 1)
+
+
+
+def test_a_batch_counts_its_images_not_its_requests(metrics):
+    gate = Admission(metrics.url, "resnet50", limit=32, max_wait=0.2)
+    assert gate.admit([16, 16, 16])[0] == 2 and gate.refused == 1
+    metrics.pending = 1  # one request of one image (nothing has run yet)
+    admitted, held = gate.admit([8, 32])
+    assert admitted == 1 and held >= 0.2
+
+
+def test_an_empty_queue_takes_one_request_however_many_images_it_carries(metrics):
+    gate = Admission(metrics.url, "resnet50", limit=4, max_wait=5)
+    assert gate.admit([10, 1])[0] == 1 and gate.refused == 1
+
+
+def test_pending_requests_count_the_images_of_the_requests_admitted_last(metrics):
+    gate = Admission(metrics.url, "resnet50", limit=32, max_wait=0.2)
+    metrics.pending = 2
+    assert gate.pending() == 2  # nothing admitted yet: one image a request
+    metrics.pending = 0
+    assert gate.admit([16, 1, 8])[0] == 3
+    metrics.pending = 1  # resnet50 has taken all but the last one admitted
+    assert gate.pending() == 8
+    metrics.pending = 2
+    assert gate.pending() == 9
+    admitted, held = gate.admit([32])  # 23 images of room: held, then refused
+    assert admitted == 0 and held >= 0.2
+    metrics.pending = 5  # more than were admitted (admission was off, or another client): at their average
+    assert gate.pending() == 25 + 2 * 25 / 3

@@ -14,8 +14,10 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from tritonvision import spec
 from tritonvision._transport._errors import map_error
 from tritonvision._transport._grpc import infer_request
 from tritonvision_server import configs
-from tritonvision_server.admission import ADMISSION_METRIC, metric_total
+from tritonvision_server.admission import ADMISSION_METRIC, metric_total, pending_requests
 from tritonvision_server.launcher import SHM_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +137,48 @@ def test_overload_is_refused_before_preprocessing(small_queue_server, photos):
     # Triton counts a python-backend step's error responses as its successes: take admission's out.
     decoded = delta[spec.PREPROCESS].requests - (_admission_refused(small_queue_server) - refused_before)
     assert decoded == delta[spec.RESNET50].requests == len(ok), "preprocessed, then refused by resnet50's queue"
+
+
+def test_admission_bounds_the_images_at_resnet50_when_each_request_carries_many(triton_server, photos):
+    """Admission counts images, not requests: raw clients sending 16 images a request may not queue 16 times
+    the intended work at resnet50 (counted in requests, 10 such clients stacked 6-9 requests there, minutes of
+    work on a slow host, long enough for the watchdog's probe to take a healthy server for a hung one)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    rows, clients = 16, 10
+    image = np.frombuffer(photos["chelsea"], np.uint8)
+    batch = np.tile(image, (rows, 1))
+    most, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
+            most[0] = max(most[0], pending_requests(text, spec.RESNET50) or 0)
+            time.sleep(0.01)
+
+    def send(_):
+        with grpcclient.InferenceServerClient(triton_server.grpc_url) as client:
+            tensor = grpcclient.InferInput(spec.IMAGE.name, list(batch.shape), "UINT8")
+            tensor.set_data_from_numpy(batch)
+            try:
+                client.infer(spec.ENSEMBLE, [tensor], client_timeout=120)
+                return "ok"
+            except InferenceServerException as exc:
+                return "overloaded" if isinstance(map_error(exc), tv.OverloadedError) else exc.message()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            outcomes = list(pool.map(send, range(clients)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert set(outcomes) <= {"ok", "overloaded"} and "ok" in outcomes, outcomes
+    limit = spec.CPU.admission_limit
+    # One request more than the limit allows may slip in while the gauge has yet to count the one before.
+    assert most[0] * rows <= limit + rows, f"resnet50 had {most[0]} requests of {rows} images pending"
 
 
 def test_bench_reports_shed_requests_apart_from_errors(small_queue_server, photos, tmp_path, capsys):

@@ -271,7 +271,7 @@ class Profile:
     torch_device: str | None = None
     torch_precision: str = "fp16"
     # Admission ahead of preprocessing (python-backend preprocess only): a batch is decoded only once resnet50
-    # has room for it under this many pending requests; until then requests wait, and the excess is refused,
+    # has room for it under this many pending images; until then requests wait, and the excess is refused,
     # at preprocess's queue, undecoded (tritonvision_server.admission). 0: off, and overload is refused at
     # resnet50's own queue after the preprocessing was spent.
     admission_pending: int = 0
@@ -283,7 +283,7 @@ class Profile:
 
     @property
     def admission_limit(self) -> int:
-        """The most requests resnet50 may have pending once a preprocess batch joins them (0: no admission):
+        """The most images resnet50 may have pending once a preprocess batch joins them (0: no admission):
         ``admission_pending``, less a full batch from each other preprocess instance, which may pass the
         check at the same moment."""
         if not self.admission_pending or self.preprocess.backend != "python":
@@ -343,7 +343,7 @@ CPU = Profile(
     # Under load, requests queue while ResNet-50 runs (~40 ms per image on two cores) and leave together
     # as one batch without any delay; a delay would only cost a lone request latency.
     # Load shedding: the backlog builds in front of resnet50 (preprocess is ~10x faster), so preprocess admits
-    # a batch only when resnet50 has room for it under 32 pending requests (admission_pending: one largest
+    # a batch only when resnet50 has room for it under 32 pending images (admission_pending: one largest
     # batch, 1.5-3 s of resnet50 work on two cores) and holds it until then; its own queue (32, 5 s) refuses
     # the excess at once, undecoded. With the SDK's default 64 requests in flight one client fills both
     # without a refusal. resnet50 has no queue policy of its own: admission bounds its queue, and with one

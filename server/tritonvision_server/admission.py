@@ -5,7 +5,11 @@ its full queue refuses requests that ``preprocess`` has already decoded: 13-16% 
 went to images nobody got (``benchmarks/overload.py``, "late" of ``no-admission``). Triton 2.51 has no in-flight limit for an
 ensemble, so ``preprocess`` does the admitting itself: before decoding a batch it reads ``resnet50``'s pending
 requests (Triton's live gauge ``nv_inference_pending_request_count``, from the server's own metrics port on
-loopback, ~0.2 ms) and waits while ``resnet50``'s queue could not take the batch. Meanwhile requests queue at
+loopback, ~0.2 ms) and waits while ``resnet50``'s queue could not take the batch. Room is counted in images:
+a request may carry up to a full batch of them, so a batch counts its rows, and the gauge's ``n`` pending
+requests count the images of the last ``n`` requests admitted (``resnet50`` takes its queue in order, so the
+requests still waiting there are the latest that went on). Counting requests let clients that send 32
+images a request queue 32 times the intended work there (a 20 s backlog on two cores). Meanwhile requests queue at
 ``preprocess``, whose bounded queue refuses the excess at once, undecoded, with Triton's own "Exceeds maximum
 queue size". Images still without room after ``max_wait`` (the step's queue timeout) are refused the same
 way, undecoded.
@@ -20,10 +24,13 @@ the clients' deadlines.
 
 from __future__ import annotations
 
+import collections
 import http.client
+import itertools
 import logging
 import re
 import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,7 @@ def pending_requests(metrics_text: str, model: str) -> int | None:
 class Admission:
     """Lets a batch of requests on to preprocessing when ``model``'s queue can take it (see the module).
 
-    ``limit``: the most requests ``model`` should have pending once this batch is added (its queue bound, less
+    ``limit``: the most images ``model`` should have pending once this batch is added (its queue bound, less
     what other preprocess instances may add meanwhile). ``max_wait``: seconds to hold a batch at most.
     """
 
@@ -90,11 +97,15 @@ class Admission:
         # warm-up runs before it), a failure is expected and not worth a warning, for a while.
         self._read_once = False
         self._created = clock()
+        # The images of the requests admitted lately, newest last: what the gauge's pending requests carry.
+        self._admitted: collections.deque[int] = collections.deque(maxlen=limit)
         #: Requests refused for want of room so far.
         self.refused = 0
 
-    def pending(self) -> int | None:
-        """``model``'s pending requests now, or None when they cannot be read (admission then lets all in)."""
+    def pending(self) -> float | None:
+        """The images ``model`` has pending now, or None when they cannot be read (admission then lets all in):
+        its pending requests, counted with the images of as many requests admitted last (past what this
+        remembers, at their average)."""
         try:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
@@ -119,32 +130,40 @@ class Admission:
             log.info("admission on again: %s answers", self.url)
             self._failing = False
         self._read_once = True
-        return value
+        if not self._admitted:
+            return float(value)
+        latest = list(itertools.islice(reversed(self._admitted), value))
+        return sum(latest) + (value - len(latest)) * sum(self._admitted) / len(self._admitted)
 
-    def admit(self, n: int) -> tuple[int, float]:
-        """Wait until ``model`` can take ``n`` more requests. Returns how many of them may go on (the rest are
-        to be refused as overload) and the seconds waited: all ``n`` as soon as they fit, or when the gauge
-        cannot be read; those that fit after ``max_wait``, or at once when ``n`` would not fit even into an
-        empty queue."""
-        if n <= 0:
+    def admit(self, sizes: int | Sequence[int]) -> tuple[int, float]:
+        """Wait until ``model`` can take a batch of requests carrying ``sizes`` images each (an int ``n``: ``n``
+        requests of one image). Returns how many of the requests, in order, may go on (the rest are to be
+        refused as overload) and the seconds waited: all as soon as they fit, or when the gauge cannot be
+        read; those that fit after ``max_wait``, or at once when the batch would not fit even into an empty
+        queue (which takes at least one request, however many images it carries)."""
+        sizes = [1] * sizes if isinstance(sizes, int) else list(sizes)
+        if not sizes:
             return 0, 0.0
         start = self._clock()
         delay = self._poll[0]
-        admitted = n
+        admitted = len(sizes)
         while True:
             pending = self.pending()
             if pending is None:
                 break
             room = self.limit - pending
-            if room >= n:
+            if room >= sum(sizes):
                 break
             if pending <= 0 or self._clock() - start >= self.max_wait:
-                admitted = max(room, 0)
+                admitted = sum(1 for total in itertools.accumulate(sizes) if total <= room)
+                if pending <= 0:
+                    admitted = max(admitted, 1)
                 break
             self._sleep(delay)
             delay = min(delay * 2, self._poll[1])
         held = self._clock() - start
-        self.refused += n - admitted
+        self._admitted.extend(sizes[:admitted])
+        self.refused += len(sizes) - admitted
         return admitted, held
 
     def overloaded_message(self) -> str:
