@@ -7,6 +7,7 @@ import random
 import time
 
 import grpc
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
@@ -177,3 +178,71 @@ def test_wait_until_ready_returns_for_a_ready_server_and_times_out_otherwise(grp
 def test_unreadable_file_is_an_invalid_image(classifier, tmp_path):
     with pytest.raises(tv.InvalidImageError, match="cannot read"):
         classifier.classify(tmp_path / "missing.jpg")
+
+
+def _closed_file(tmp_path):
+    (tmp_path / "cat.jpg").write_bytes(b"\xff\xd8\xff")
+    f = open(tmp_path / "cat.jpg", "rb")
+    f.close()
+    return f
+
+
+def _pil(size):
+    from PIL import Image
+
+    return Image.new("L", size)
+
+
+# Inputs refused on the client (made in tmp_path), each with a part of the message that names it.
+CANNOT_ENCODE = {
+    "path with a NUL byte": (lambda tmp: str(tmp / "a\0b.jpg"), r"a\x00b.jpg"),
+    "closed file object": (_closed_file, "cat.jpg"),
+    "file object not open for reading": (lambda tmp: open(tmp / "out.jpg", "wb"), "out.jpg"),
+    "PIL image of 0x0 pixels": (lambda tmp: _pil((0, 0)), "0x0"),
+    "PIL image wider than JPEG allows": (lambda tmp: _pil((70000, 1)), "70000x1"),
+    "numpy image taller than JPEG allows": (lambda tmp: np.zeros((70000, 2), np.uint8), "2x70000"),
+}
+
+
+@pytest.mark.parametrize("call", ["classify", "submit", "async classify"])
+@pytest.mark.parametrize("name", sorted(CANNOT_ENCODE))
+def test_an_input_the_client_cannot_read_or_encode_is_an_invalid_image_naming_it(tmp_path, name, call):
+    make, named = CANNOT_ENCODE[name]
+    image = make(tmp_path)
+    url = f"127.0.0.1:{free_port()}"  # nothing listens: the image must be refused before anything is sent
+    try:
+        error = _refusal(call, url, image)
+    finally:
+        getattr(image, "close", lambda: None)()
+    assert error.status is None and error.reason is None
+    assert named in error.message, error.message
+
+
+def _refusal(call: str, url: str, image) -> tv.InvalidImageError:
+    if call == "async classify":
+        async def main():
+            async with tv.AsyncClassifier(url, retry=RetryPolicy(attempts=1)) as clf:
+                await clf.classify(image)
+
+        with pytest.raises(tv.InvalidImageError) as info:
+            asyncio.run(main())
+    else:
+        with tv.Classifier(url, retry=RetryPolicy(attempts=1)) as clf, pytest.raises(tv.InvalidImageError) as info:
+            if call == "submit":
+                clf.submit(image).result(10)
+            else:
+                clf.classify(image)
+    return info.value
+
+
+def test_pixels_too_large_for_jpeg_are_refused_by_their_size_before_encoding():
+    from tritonvision._images import encoded_bytes
+
+    # 66000x66000 pixels viewed from one byte: encoding it (4 GiB of pixels) would take seconds and then fail.
+    huge = np.broadcast_to(np.zeros(1, np.uint8), (66000, 66000))
+    started = time.monotonic()
+    for image in (huge, _pil((65501, 8))):
+        with pytest.raises(tv.InvalidImageError, match="at most 65500 pixels a side"):
+            encoded_bytes(image)
+    assert time.monotonic() - started < 1.0
+    assert encoded_bytes(np.zeros((1, 65500), np.uint8))[:3] == b"\xff\xd8\xff"  # the limit itself is encoded

@@ -103,3 +103,26 @@ def test_client_side_refusals_keep_their_place_in_the_stream(grpc_url, photos, r
             assert ("empty image" if name == "empty" else "cannot read") in r.error.message
         else:
             assert top(r.unwrap()) == reference[name], name
+
+
+@pytest.mark.parametrize("twin", ["sync", "async"])
+def test_inputs_the_client_cannot_read_or_encode_fail_alone_in_a_stream(grpc_url, photos, reference, tmp_path, twin):
+    import numpy as np
+    from PIL import Image
+
+    closed = open(tmp_path / "closed.jpg", "wb")
+    closed.close()
+    unsendable = {
+        "nul": str(tmp_path / "a\0b.jpg"),
+        "closed": closed,
+        "empty pixels": Image.new("RGB", (0, 0)),
+        "too wide": np.broadcast_to(np.zeros(1, np.uint8), (8, 66000)),
+    }
+    names = ["chelsea", "nul", "coffee", "closed", "empty pixels", "rocket", "too wide"]
+    results = _stream(twin, grpc_url, [unsendable.get(n, photos.get(n)) for n in names], max_in_flight=3)
+    assert [r.index for r in results] == list(range(len(names)))
+    for name, r in zip(names, results):
+        if name in unsendable:
+            assert isinstance(r.error, tv.InvalidImageError) and r.error.status is None, (name, r)
+        else:
+            assert top(r.unwrap()) == reference[name], name

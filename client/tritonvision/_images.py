@@ -24,6 +24,9 @@ ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", IO[byt
 
 #: Quality of the client-side JPEG encoding of pixel inputs: close to lossless for the classifier.
 JPEG_QUALITY = 95
+#: libjpeg's largest width or height (JPEG_MAX_DIMENSION): Pillow fails a larger image only after the time
+#: spent encoding it, so pixel inputs are refused by their size first.
+JPEG_MAX_SIDE = 65500
 
 
 def sample_images() -> list[Path]:
@@ -39,11 +42,25 @@ def _is_pil(image: Any) -> bool:
     return type(image).__module__.startswith("PIL.") and hasattr(image, "save") and hasattr(image, "mode")
 
 
-def _encode_pil(image: "PILImage") -> bytes:
-    if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+def _check_encodable(width: int, height: int, what: str) -> None:
+    """Refuse pixels JPEG cannot hold by their size alone, before any time goes into encoding them."""
+    if width == 0 or height == 0:
+        raise InvalidImageError(f"{what} of {width}x{height} pixels is empty")
+    if max(width, height) > JPEG_MAX_SIDE:
+        raise InvalidImageError(
+            f"{what} of {width}x{height} pixels is too large to encode as JPEG (at most {JPEG_MAX_SIDE} pixels a side)"
+        )
+
+
+def _encode_pil(image: "PILImage", what: str = "PIL image") -> bytes:
+    _check_encodable(*image.size, what)
+    try:
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    except (OSError, ValueError) as exc:
+        raise InvalidImageError(f"cannot encode {what} ({image.mode}, {image.width}x{image.height}) as JPEG: {exc}") from exc
     return buf.getvalue()
 
 
@@ -55,7 +72,9 @@ def _encode_array(array: np.ndarray) -> bytes:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
         raise InvalidImageError(f"numpy images must be uint8 HxW, HxWx3 or HxWx4, got shape {array.shape}")
-    return _encode_pil(Image.fromarray(np.ascontiguousarray(array)))
+    # Checked before the copy: a broadcast view of a few bytes can stand for gigabytes of pixels.
+    _check_encodable(array.shape[1], array.shape[0], "numpy image")
+    return _encode_pil(Image.fromarray(np.ascontiguousarray(array)), "numpy image")
 
 
 def encoded_bytes(image: ImageInput) -> bytes:
@@ -66,14 +85,19 @@ def encoded_bytes(image: ImageInput) -> bytes:
         path = Path(image)
         try:
             return path.read_bytes()
-        except OSError as exc:
-            raise InvalidImageError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            why = (exc.strerror if isinstance(exc, OSError) else None) or exc
+            raise InvalidImageError(f"cannot read image file {str(path)!r}: {why}") from exc
     if isinstance(image, np.ndarray):
         return _encode_array(image)
     if _is_pil(image):
         return _encode_pil(image)
     if hasattr(image, "read"):
-        data = image.read()
+        try:
+            data = image.read()
+        except (OSError, ValueError) as exc:  # closed, or not open for reading
+            name = getattr(image, "name", type(image).__name__)
+            raise InvalidImageError(f"cannot read image file object {name!r}: {exc}") from exc
         if not isinstance(data, (bytes, bytearray)):
             raise InvalidImageError("file objects must be opened in binary mode ('rb')")
         return bytes(data)
@@ -86,7 +110,7 @@ def encoded_bytes(image: ImageInput) -> bytes:
 
 def stream_source(image: ImageInput) -> bytes | InvalidImageError:
     """What a stream sends for ``image``: its bytes, or the error that refuses it on the client (an
-    unreadable file, no bytes), which the stream yields in its place."""
+    unreadable file, pixels that cannot be encoded, no bytes), which the stream yields in its place."""
     try:
         data = encoded_bytes(image)
     except InvalidImageError as exc:

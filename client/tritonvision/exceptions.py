@@ -51,7 +51,8 @@ class InvalidImageError(TritonVisionError):
         super().__init__(message, status=status)
         #: Why the server refused it: ``"header"`` (format, limits, truncation; checked before decoding) or
         #: ``"decode"`` (decoding failed), read from the message's ``image refused (<reason>): `` start;
-        #: None for an image refused on the client (empty, unreadable file) or by another server.
+        #: None for an image refused on the client (empty, unreadable file, pixels JPEG cannot hold) or by
+        #: another server.
         self.reason = reason if reason is not None else refusal_reason(message)
 
 
