@@ -148,3 +148,14 @@ def test_exit_codes_2_usage_and_3_overloaded_are_told_apart_and_documented(monke
     monkeypatch.setattr(_cli, "_stats", shed)
     assert main(["stats", "--url", "127.0.0.1:1"]) == _cli.EXIT_OVERLOADED == 3
     assert "overloaded" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["classify", "stats", "bench", "probe"])
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "soon"])
+def test_a_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(command, timeout, tmp_path, capsys):
+    image = str(tmp_path / "cat.jpg")
+    args = {"classify": [image], "stats": [], "bench": [image], "probe": ["--image", image]}[command]
+    with pytest.raises(SystemExit) as info:
+        main([command, "--url", "127.0.0.1:1", "--timeout", timeout, *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --timeout" in err and "Traceback" not in err, err

@@ -46,8 +46,9 @@ class AsyncClassifier(_ClassifierBase):
     async def classify(self, image: ImageInput, top_k: int = 5, *, timeout: float | None = None,
                        retry: RetryPolicy | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first; retried while the server is unavailable."""
+        top_k, timeout = self._call_settings(top_k, timeout)
         data = encoded_bytes(image)
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        deadline = Deadline(timeout)
         delays = (retry or self.retry).delays()
         while True:
             try:
@@ -62,6 +63,7 @@ class AsyncClassifier(_ClassifierBase):
     ) -> list[list[Prediction] | TritonVisionError]:
         """:meth:`Classifier.classify_batch` for asyncio: at most ``max_in_flight`` requests at a time; every
         image finishes, then the results come in input order, or the first error in input order is raised."""
+        self._call_settings(top_k, timeout)  # a bad argument is raised before any image is sent
         slots = asyncio.Semaphore(self.max_in_flight)
 
         async def one(image):
@@ -84,11 +86,12 @@ class AsyncClassifier(_ClassifierBase):
     ) -> AsyncIterator[Classification]:
         """:meth:`Classifier.classify_stream` for asyncio: ``async for c in clf.classify_stream(frames)``.
         ``images`` may be an async iterable. Close the generator (``await gen.aclose()``) to end early."""
+        top_k, timeout = self._call_settings(top_k, timeout)
         stream = AsyncInferStream(
             self._transport,
             top_k=top_k,
             max_in_flight=max_in_flight,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
             drain_timeout=drain_timeout,
         )
         return stream.classify(_sources(images))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._client import Classifier
+from ._client import Classifier, checked_timeout, checked_top_k
 from .extras import require
 from ._retry import RetryPolicy
 from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
@@ -242,9 +242,17 @@ def _top_k(text: str) -> int:
         k = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= k <= NUM_CLASSES:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {NUM_CLASSES}, got {k}")
-    return k
+    try:
+        return checked_top_k(k)  # the SDK's rule, so that the two cannot drift apart
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _timeout(text: str) -> float:
+    try:
+        return checked_timeout(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}") from None
 
 
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
@@ -264,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     _url(p)
     p.add_argument("--top-k", type=_top_k, default=5, help=f"classes per image, 1 to {NUM_CLASSES} (default 5)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=_timeout, default=None,
                    help="seconds per image; an image not answered in time counts as failed and the run goes on")
     _shm(p, "off")
     p.set_defaults(func=_classify)
@@ -274,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=0.0,
                    help="measure over this many seconds from now (default: everything since start-up)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--timeout", type=_timeout, default=None)
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("bench", help="throughput and latency percentiles at given concurrencies")
@@ -284,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     p.add_argument("--top-k", type=_top_k, default=5)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed (default 60)")
+    p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds before a request counts as failed (default 60)")
     p.add_argument("--ready-timeout", type=float, default=10.0,
                    help="seconds to wait for the server to be ready before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -295,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("probe", help="liveness check: classify one image end to end (exit 0 if served or shed, 1 if not)")
     _url(p)
     p.add_argument("--image", required=True, help="a valid image to send (e.g. the repository's warm-up photo)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds before the probe fails")
+    p.add_argument("--timeout", type=_timeout, default=10.0, help="seconds before the probe fails")
     p.set_defaults(func=_probe)
 
     # The server's own command (tritonvision_server.serve): its options and code live in the server package,

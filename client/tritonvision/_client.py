@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import numbers
 import os
 import socket
 import threading
@@ -17,12 +19,12 @@ from ._images import ImageInput, encoded_bytes, stream_source
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Breakdown, Statistics
 from ._transport._channel import TARGET_SCHEMES, Connection, Pem
-from ._transport._grpc import GrpcTransport, with_access_key
+from ._transport._grpc import MAX_TIMEOUT_S, GrpcTransport, with_access_key
 from ._transport._shm import ShmPool
 from ._transport._stream import InferStream
 from ._types import Classification, Prediction
 from .exceptions import DeadlineExceededError, OverloadedError, SharedMemoryError, TritonVisionError
-from .spec import ENSEMBLE
+from .spec import ENSEMBLE, NUM_CLASSES
 
 log = logging.getLogger("tritonvision")
 
@@ -67,6 +69,28 @@ def resolve_shm(shm: ShmMode, url: str, allow_remote: bool = False) -> str | Non
     raise ValueError(f"shm must be None, 'system', 'cuda' or 'auto', not {shm!r}")
 
 
+def checked_top_k(top_k: int) -> int:
+    """``top_k`` as an int, or raise: an integer from 1 to the number of classes. Checked here because the
+    server would refuse 0 or less as if the image were bad, and answer more than it has with nothing."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k must be an integer from 1 to {NUM_CLASSES}, got {top_k!r} ({type(top_k).__name__})")
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise ValueError(f"top_k must be an integer from 1 to {NUM_CLASSES}, got {top_k}")
+    return int(top_k)
+
+
+def checked_timeout(timeout: float | None) -> float | None:
+    """``timeout`` in seconds as a float, or None for no deadline, or raise: a finite number > 0 (beyond
+    ``MAX_TIMEOUT_S``, ~3 years, cut to it: gRPC cannot carry a longer deadline)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be None or a finite number of seconds > 0, got {timeout!r} ({type(timeout).__name__})")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be None or a finite number of seconds > 0, got {timeout!r}")
+    return min(float(timeout), MAX_TIMEOUT_S)
+
+
 class _ClassifierBase:
     """Settings and the decisions without I/O common to :class:`Classifier` and :class:`AsyncClassifier`
     (the twins keep only their I/O loops; the transport owns the connection and the shared memory)."""
@@ -86,6 +110,11 @@ class _ClassifierBase:
                 if isinstance(r, TritonVisionError):
                     raise r
         return results
+
+    def _call_settings(self, top_k: int, timeout: float | None) -> tuple[int, float | None]:
+        """A call's ``top_k`` and deadline (``timeout``, else the classifier's), checked where the call
+        starts, before anything is encoded or sent (ValueError or TypeError: the caller's mistake)."""
+        return checked_top_k(top_k), checked_timeout(self.timeout if timeout is None else timeout)
 
     # The transport class of the twin: GrpcTransport or AsyncGrpcTransport.
     _transport_class: type
@@ -116,7 +145,7 @@ class _ClassifierBase:
             tls_server_name=tls_server_name,
         )
         self.url = self.connection.target
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.retry = retry or RetryPolicy()
         self.max_in_flight = max_in_flight
         self.shm = resolve_shm(shm, self.url, allow_remote_shm)
@@ -141,11 +170,13 @@ class Classifier(_ClassifierBase):
     ...     top5 = clf.classify("cat.jpg")
     ...     print(top5[0].label, top5[0].score)
 
-    ``timeout`` is each call's deadline in seconds, over all its retries. Only an unreachable server
-    (:class:`ServerUnavailableError`) is retried, following ``retry``. ``shm`` sends images through shared
-    memory: ``"system"`` (server on this host), ``"cuda"`` (on this host's GPU; ``tritonvision[cuda]``) or
-    ``"auto"`` (system shared memory when the server is local); ``system``/``cuda`` for a server on
-    another host raise :class:`SharedMemoryError` unless ``allow_remote_shm``.
+    ``timeout`` is each call's deadline in seconds, over all its retries; a call's ``top_k`` (1 to the number
+    of classes) and ``timeout`` (None or a finite number > 0) are checked before anything is sent, and a bad
+    one raises ValueError or TypeError. Only an unreachable server (:class:`ServerUnavailableError`) is
+    retried, following ``retry``. ``shm`` sends images through shared memory: ``"system"`` (server on this
+    host), ``"cuda"`` (on this host's GPU; ``tritonvision[cuda]``) or ``"auto"`` (system shared memory when
+    the server is local); ``system``/``cuda`` for a server on another host raise :class:`SharedMemoryError`
+    unless ``allow_remote_shm``.
 
     ``url`` is the server's gRPC ``host:port`` (port 8001 if none is given; default ``$TRITONVISION_URL``,
     else ``127.0.0.1:8001``) or a gRPC target such as ``dns:///tritonvision-headless.ml.svc:8001``; with
@@ -170,8 +201,9 @@ class Classifier(_ClassifierBase):
                  retry: RetryPolicy | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first. ``timeout`` and ``retry`` override the classifier's
         for this call."""
+        top_k, timeout = self._call_settings(top_k, timeout)
         data = encoded_bytes(image)
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        deadline = Deadline(timeout)
         delays = (retry or self.retry).delays()
         while True:
             try:
@@ -209,6 +241,7 @@ class Classifier(_ClassifierBase):
         """Send one image without blocking: a :class:`concurrent.futures.Future` of its top-k predictions
         (or of its :class:`TritonVisionError`), retried as :meth:`classify` is. Done-callbacks run on a
         gRPC thread: keep them short."""
+        top_k, timeout = self._call_settings(top_k, timeout)
         future: Future = Future()
         future.set_running_or_notify_cancel()
 
@@ -223,7 +256,7 @@ class Classifier(_ClassifierBase):
         except TritonVisionError as exc:  # unreadable file: never sent
             future.set_exception(exc)
             return future
-        deadline = Deadline(timeout if timeout is not None else self.timeout)
+        deadline = Deadline(timeout)
         self._submit(data, top_k, deadline, done, (retry or self.retry).delays())
         return future
 
@@ -236,6 +269,7 @@ class Classifier(_ClassifierBase):
         alone: with ``return_exceptions=True`` its slot holds the error; otherwise the first error (in input
         order) is raised after all finish.
         """
+        self._call_settings(top_k, timeout)  # a bad argument is raised before any image is sent
         images = list(images)
         results: list = [None] * len(images)
         slots = threading.BoundedSemaphore(self.max_in_flight)
@@ -269,11 +303,12 @@ class Classifier(_ClassifierBase):
         a lost server raises. ``timeout`` bounds each image's wait. Close the generator (or exhaust it) to
         end the stream: images already sent are answered first (their results dropped), for up to
         ``drain_timeout`` seconds, after which the stream is cancelled."""
+        top_k, timeout = self._call_settings(top_k, timeout)
         stream = InferStream(
             self._transport,
             top_k=top_k,
             max_in_flight=max_in_flight,
-            timeout=timeout if timeout is not None else self.timeout,
+            timeout=timeout,
             drain_timeout=drain_timeout,
         )
         return stream.classify(stream_source(image) for image in images)

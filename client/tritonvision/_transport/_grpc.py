@@ -33,6 +33,11 @@ from ._shm import ShmInput, ShmPool
 
 Payload = Union[bytes, ShmInput]
 
+# The longest timeout a call is given, ~3 years: grpcio (1.85) fails a call at once whose deadline lies past
+# 2^63 ns after 1970 (a timeout over ~7e9 s), threading's waits stop at ~9.2e9 s, and Triton takes a request's
+# timeout as int64 microseconds. A longer timeout is cut to this one, which means the same.
+MAX_TIMEOUT_S = 1e8
+
 
 # The length prefix of each element of a serialized BYTES tensor.
 _ELEMENT_SIZE = struct.Struct("<I").unpack_from
