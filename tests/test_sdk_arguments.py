@@ -107,3 +107,25 @@ def test_a_timeout_longer_than_grpc_can_carry_means_no_practical_limit(grpc_url,
 
     (streamed,) = asyncio.run(main())
     assert streamed.ok, streamed.error
+
+
+@pytest.mark.parametrize("twin", [tv.Classifier, tv.AsyncClassifier])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_max_in_flight_below_one_is_refused_when_the_classifier_is_made(twin, bad):
+    # 0 made classify_batch wait forever for a slot.
+    with pytest.raises(ValueError, match="max_in_flight must be an integer >= 1"):
+        twin(f"127.0.0.1:{free_port()}", max_in_flight=bad)
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, 0, -1])
+def test_wait_until_ready_refuses_a_wait_that_is_not_a_finite_positive_number(timeout):
+    # A NaN deadline never passed: the wait went on forever against a server that is not there.
+    with tv.Classifier(f"127.0.0.1:{free_port()}") as clf, pytest.raises(ValueError, match="finite number"):
+        clf.wait_until_ready(timeout=timeout)
+
+    async def main():
+        async with tv.AsyncClassifier(f"127.0.0.1:{free_port()}") as clf:
+            await clf.wait_until_ready(timeout=timeout)
+
+    with pytest.raises(ValueError, match="finite number"):
+        asyncio.run(main())

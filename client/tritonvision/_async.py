@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from ._client import Measurement, _ClassifierBase
+from ._client import Measurement, _ClassifierBase, checked_wait
 from ._images import ImageInput, encoded_bytes, stream_source
 from ._retry import Deadline, RetryPolicy, backoff_or_raise
 from ._stats import Statistics
@@ -101,7 +101,7 @@ class AsyncClassifier(_ClassifierBase):
 
     async def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.25) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + checked_wait(timeout)
         while not await self._transport.is_ready(timeout=max(0.1, min(2.0, deadline - loop.time()))):
             if loop.time() + interval > deadline:
                 raise DeadlineExceededError(f"{self.url} was not ready after {timeout:g} s")

@@ -91,6 +91,13 @@ def checked_timeout(timeout: float | None) -> float | None:
     return min(float(timeout), MAX_TIMEOUT_S)
 
 
+def checked_wait(timeout: float) -> float:
+    """How long ``wait_until_ready`` may wait: a finite number of seconds > 0 (a NaN one would wait forever)."""
+    if timeout is None:
+        raise TypeError("timeout must be a finite number of seconds > 0, got None")
+    return checked_timeout(timeout)
+
+
 class _ClassifierBase:
     """Settings and the decisions without I/O common to :class:`Classifier` and :class:`AsyncClassifier`
     (the twins keep only their I/O loops; the transport owns the connection and the shared memory)."""
@@ -147,7 +154,9 @@ class _ClassifierBase:
         self.url = self.connection.target
         self.timeout = checked_timeout(timeout)
         self.retry = retry or RetryPolicy()
-        self.max_in_flight = max_in_flight
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, numbers.Integral) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")  # 0: waits forever
+        self.max_in_flight = int(max_in_flight)
         self.shm = resolve_shm(shm, self.url, allow_remote_shm)
         self._transport = self._transport_class(self.connection, model=model, shm=self.shm, device_id=cuda_device)
 
@@ -331,7 +340,7 @@ class Classifier(_ClassifierBase):
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.25) -> None:
         """Block until the server and the classifier are ready, or raise :class:`DeadlineExceededError`."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + checked_wait(timeout)
         while not self._transport.is_ready(timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
             if time.monotonic() + interval > deadline:
                 raise DeadlineExceededError(f"{self.url} was not ready after {timeout:g} s")
