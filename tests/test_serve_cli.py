@@ -78,3 +78,26 @@ def test_client_shared_memory_flag_goes_only_to_a_server_that_knows_it(caplog):
     # On the command line: a usage error before anything starts.
     assert main(["serve", "--allow-client-shm", "--model-repository", "/nonexistent"]) == 2
     assert "Triton 2.68+" in caplog.text
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu-torch"])
+def test_a_missing_model_repository_is_built_where_it_was_asked_for(tmp_path, monkeypatch, profile):
+    from tritonvision_server import build_engines, serve
+
+    built = []
+    monkeypatch.setattr(build_engines, "build_cpu_repository", lambda dest, **kw: built.append(("cpu", dest, kw)) or dest)
+    monkeypatch.setattr(build_engines, "build_gpu_torch_repository",
+                        lambda dest=None, **kw: built.append(("gpu-torch", dest, kw)) or dest)
+    missing = tmp_path / "repo"
+    assert serve._repository(str(missing), profile, "random:3", "cpu") == missing
+    assert [(b[0], b[1], b[2]["weights"]) for b in built] == [(profile, missing, "random:3")]
+    # One that exists is served as it is.
+    missing.mkdir()
+    assert serve._repository(str(missing), profile, "random:3", "cpu") == missing and len(built) == 1
+
+
+def test_a_missing_gpu_repository_is_named_with_how_to_build_it(tmp_path, caplog):
+    missing = tmp_path / "repo"
+    with caplog.at_level(logging.ERROR):
+        assert main(["serve", "--profile", "gpu", "--model-repository", str(missing)]) == 1
+    assert f"no model repository at {missing}" in caplog.text and "build_engines.py gpu" in caplog.text

@@ -70,19 +70,23 @@ def gpu_torch_device(requested: str) -> str:
 def _repository(model_repository: str | Path | None, profile: str, weights: str, torch_device: str = "cuda") -> Path:
     from .build_engines import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
 
-    if model_repository:
+    if model_repository and (Path(model_repository).exists() or profile == "gpu"):
         return Path(model_repository)
+    if model_repository:
+        log.info("no model repository at %s yet: building the %s profile's there (weights: %s)",
+                 model_repository, profile, weights)
     if profile == "gpu":
         return DEFAULT_GPU_REPOSITORY
     if profile == "gpu-torch":
         from .build_engines import build_gpu_torch_repository
 
         # Cheap when up to date: the state dict is kept and only the configs are rewritten.
-        return build_gpu_torch_repository(weights=weights, device=torch_device)
-    if not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
+        return build_gpu_torch_repository(Path(model_repository) if model_repository else None, weights=weights,
+                                          device=torch_device)
+    if not model_repository and not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
         log.info("no cpu model repository yet: building it (weights: %s)", weights)
     # Cheap when up to date: the ONNX export is skipped and only the configs are rewritten.
-    return build_cpu_repository(DEFAULT_CPU_REPOSITORY, weights=weights)
+    return build_cpu_repository(Path(model_repository or DEFAULT_CPU_REPOSITORY), weights=weights)
 
 
 def _demo(url: str, images: list[str]) -> None:
@@ -158,6 +162,9 @@ def serve(
         if torch_device == "cuda":
             server_args = list(GPU_TORCH_SERVER_ARGS) + server_args
     repository = _repository(model_repository, profile, weights, torch_device)
+    if not repository.is_dir():  # the gpu profile's is built on a GPU host, not here
+        log.error("no model repository at %s: build the gpu profile's with: build_engines.py gpu", repository)
+        return 1
     server = TritonServer(
         repository,
         host=host,
@@ -227,7 +234,8 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
                         "bundled server)")
     p.add_argument("--model-repository", default=None,
                    help="default: build/model_repository_cpu (cpu), model_repository (gpu), "
-                        "build/model_repository_gpu_torch[_cpu] (gpu-torch)")
+                        "build/model_repository_gpu_torch[_cpu] (gpu-torch); cpu and gpu-torch build it there if "
+                        "it is missing")
     p.add_argument("--torch-device", choices=("cuda", "cpu"), default=os.environ.get(TORCH_DEVICE_ENV, "cuda"),
                    help=f"gpu-torch: where its PyTorch steps run (env {TORCH_DEVICE_ENV}); cpu runs the same models "
                         "without a GPU, slowly, for tests")
