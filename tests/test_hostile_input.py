@@ -51,10 +51,14 @@ def test_refusals_do_not_echo_the_request_bytes(classifier):
     assert "SECRET" not in message and secret[:8].hex() not in message and "first bytes" not in message
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_resnet50_called_directly_refuses_non_finite_pixels(grpc_url, bad):
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38, -3e38])
+def test_resnet50_called_directly_refuses_non_finite_pixels_and_pixels_that_overflow(grpc_url, bad):
+    # Finite values near the float limit overflow inside the network: NaN scores came back with OK.
     pixels = np.zeros((1, *spec.CPU.pixels.dims), np.float32)
-    pixels[0, 1, 100, 100] = bad
+    if np.isfinite(bad):
+        pixels[:] = bad
+    else:
+        pixels[0, 1, 100, 100] = bad
     tensor = grpcclient.InferInput(spec.CPU.pixels.name, list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels)
     with grpcclient.InferenceServerClient(grpc_url) as client:
@@ -64,6 +68,21 @@ def test_resnet50_called_directly_refuses_non_finite_pixels(grpc_url, bad):
         # Finite pixels still go through, and the model keeps serving.
         tensor.set_data_from_numpy(np.zeros_like(pixels))
         assert client.infer(spec.RESNET50, [tensor]).as_numpy(spec.SCORES.name).shape == (1, spec.NUM_CLASSES)
+
+
+def test_a_valid_image_of_a_kind_the_decoder_does_not_take_is_not_called_corrupt(classifier, photos):
+    import io
+
+    from PIL import Image
+
+    # A 32-bit integer greyscale TIFF: a valid file that passes the header check and that DALI cannot decode.
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(40 * 60, dtype=np.int32).reshape(40, 60) * 1000).save(buf, "TIFF")
+    results = classifier.classify_batch([photos["coffee"], buf.getvalue()], return_exceptions=True)
+    assert not isinstance(results[0], tv.TritonVisionError)
+    assert isinstance(results[1], tv.InvalidImageError)
+    assert "could not decode the TIFF image" in results[1].message
+    assert "of a kind of TIFF the decoder does not support" in results[1].message
 
 
 def _status_kib(pid: int) -> dict[str, int]:

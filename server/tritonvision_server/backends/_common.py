@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import IMAGE, refusal_message
@@ -58,7 +59,10 @@ def count_refusal(reason: str) -> None:
 
 def decode_error_message(fmt: str) -> str:
     # The decoders' own exceptions name only an operator or a sample index, nothing a client can act on.
-    return f"could not decode the {fmt.upper()} image: the data is corrupt or truncated"
+    # The header check has passed: the file is damaged past its header, or a kind of its format the decoder
+    # does not take (a 32-bit integer TIFF, say), which the client should not be told is corrupt.
+    return (f"could not decode the {fmt.upper()} image: the data is corrupt or truncated, or of a kind of "
+            f"{fmt.upper()} the decoder does not support")
 
 
 def refusal(reason: str, detail: str):
@@ -88,6 +92,17 @@ def admission(params: dict[str, str]) -> Admission | None:
     # A step without a queue timeout still holds a batch for at most a second.
     max_wait = int(params.get("admission_max_wait_us", "0")) / 1e6 or 1.0
     return Admission(url, params["admission_model"], limit, max_wait)
+
+
+def scores_response(model, scores):
+    """The response carrying a request's ``scores`` (numpy) from ``model`` (its ``input_name`` and
+    ``output_name``), or an error where they are not finite: finite pixels far outside what preprocessing
+    makes (a direct call with values near the float limit) overflow inside the network into NaN scores,
+    which must not leave with OK."""
+    if not np.isfinite(scores).all():
+        return error_response(f"{model.output_name} came out NaN or infinite: {model.input_name} lies far outside "
+                              "the range preprocessing produces")
+    return pb_utils.InferenceResponse([pb_utils.Tensor(model.output_name, scores)])
 
 
 def overloaded_response(message: str):

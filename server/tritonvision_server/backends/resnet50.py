@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..ort import OnnxRunner
-from ._common import error_response, parameters
+from ._common import error_response, parameters, scores_response
 
 
 class TritonPythonModel:
@@ -38,6 +38,6 @@ class TritonPythonModel:
         scores = self.run(batch.astype(np.float32, copy=False))
         offset = 0
         for i, x in zip(slots, inputs):
-            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, scores[offset : offset + len(x)])])
+            responses[i] = scores_response(self, scores[offset : offset + len(x)])
             offset += len(x)
         return responses

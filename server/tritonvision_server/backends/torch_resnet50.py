@@ -17,7 +17,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from ._common import error_response, parameters
+from ._common import error_response, parameters, scores_response
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,6 @@ class TritonPythonModel:
         offset = 0
         for i, x in zip(slots, keep):
             n = x.shape[0]
-            responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, scores[offset : offset + n])])
+            responses[i] = scores_response(self, scores[offset : offset + n])
             offset += n
         return responses
