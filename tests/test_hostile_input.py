@@ -127,3 +127,34 @@ def test_oversized_requests_fail_alone_and_their_copies_do_not_pile_up(own_serve
         grown = (_status_kib(own_server.pid)["RssAnon"] - anon_before) * 1024
         # glibc keeps some of a copy's pages in its heaps (fragments), at most about one request's worth.
         assert grown <= 1.5 * oversized.size, f"tritonserver holds {grown >> 20} MiB more after 3 x {oversized.size >> 20} MiB"
+
+
+def test_a_request_of_many_large_images_is_decoded_within_the_run_budget(own_server):
+    """Limits are per image, so one small request can carry 32 images just under them. DALI keeps the buffers
+    of the largest run it decoded, so preprocess decodes a batch in runs of at most
+    ``spec.IMAGE_LIMITS.max_run_pixels`` (README, Hostile input): 32 rows of 30 MP (15 MB of JPEG) took
+    ~2.9 GB of the stub's memory for good when decoded as one run, and take one run's worth now."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5477, 5477), (120, 80, 200)).save(buf, "JPEG", quality=10)  # 30 MP, 0.47 MB
+    image = np.frombuffer(buf.getvalue(), np.uint8)
+    (stub,) = [pid for pid, cmd in own_server.stub_processes().items() if f"/{spec.PREPROCESS}/1/model.py" in cmd]
+    with grpcclient.InferenceServerClient(own_server.grpc_url) as client:
+        def infer(rows):
+            data = np.tile(image, (rows, 1))
+            tensor = grpcclient.InferInput(spec.IMAGE.name, list(data.shape), "UINT8")
+            tensor.set_data_from_numpy(data)
+            return client.infer(spec.ENSEMBLE, [tensor], client_timeout=120).as_numpy(spec.SCORES.name)
+
+        one = infer(1)
+        before = _status_kib(stub)["VmHWM"]
+        scores = infer(32)
+        grown = (_status_kib(stub)["VmHWM"] - before) * 1024
+    print(f"preprocess stub peak: +{grown >> 20} MiB for 32 x 30 MP")
+    assert scores.shape == (32, spec.NUM_CLASSES)
+    np.testing.assert_allclose(scores, np.repeat(one, 32, axis=0), atol=1e-6)
+    run_bytes = 3 * spec.IMAGE_LIMITS.max_run_pixels  # one run's decoded RGB pixels (measured: ~1.5x of it)
+    assert grown <= 3 * run_bytes, f"the preprocess stub's peak grew by {grown >> 20} MiB for 32 x 30 MP"

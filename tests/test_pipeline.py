@@ -114,3 +114,93 @@ def test_a_bad_image_costs_one_rebuild_and_one_rerun_of_its_batch(photos):
     for request, result in zip(requests, results):
         if request is not requests[1]:
             np.testing.assert_array_equal(result, alone(request))
+
+
+# --- decode memory: a batch is decoded in runs within a pixel budget ---------------------------------------
+
+
+def test_decoder_runs_keep_each_run_within_the_pixel_budget_and_the_batch_in_order():
+    from tritonvision_server.pipeline import decoder_runs
+
+    runs = decoder_runs([4, 1, 1, 9, 3, 3, 3, 12, 1], budget=6, max_images=32)
+    assert [list(r) for r in runs] == [[0, 1, 2], [3], [4, 5], [6], [7], [8]]
+    # Whatever the budget, a run holds at most max_images images, and an image over the budget runs alone.
+    assert [len(r) for r in decoder_runs([1] * 70, budget=10**9, max_images=32)] == [32, 32, 6]
+    assert [len(r) for r in decoder_runs([7, 7], budget=6, max_images=32)] == [1, 1]
+
+
+def test_a_full_batch_of_ordinary_photos_is_one_run_and_of_images_at_the_limit_one_run_each():
+    from tritonvision_server.pipeline import decoder_runs
+
+    batch = spec.CPU.preprocess.batching.max_batch_size
+    limits = spec.IMAGE_LIMITS
+    # 32 photos of 3.75 MP (a 2-3 MP photo is typical) still decode together, as before the budget.
+    assert len(decoder_runs([limits.max_pixels // batch] * batch, max_images=batch)) == 1
+    # 32 images at the size limit decode one at a time, not all at once (6 GB held for 16 of them).
+    assert [len(r) for r in decoder_runs([limits.max_pixels] * batch, max_images=batch)] == [1] * batch
+
+
+def test_a_batch_of_large_images_is_decoded_in_runs_within_the_pixel_budget(photos):
+    from PIL import Image
+
+    from tritonvision_server.pipeline import CpuPreprocessor
+
+    def solid(width, height):
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), (120, 80, 200)).save(out, "JPEG", quality=50)
+        return np.frombuffer(out.getvalue(), np.uint8)
+
+    small, large = np.frombuffer(photos["chelsea"], np.uint8), solid(1500, 1000)  # 0.14 MP and 1.5 MP
+    images = [small, large, small, large, large, small, small]
+    pixels = [451 * 300 if image is small else 1_500_000 for image in images]
+    pre = CpuPreprocessor(max_batch_size=32, num_threads=2, run_pixels=2_000_000)
+    out = pre(images, pixels=pixels)
+    assert pre.runs == 3  # [small, large, small] [large] [large, small, small], each within 2 MP
+    one_by_one = CpuPreprocessor(max_batch_size=1, num_threads=1)
+    np.testing.assert_array_equal(out, np.concatenate([one_by_one([image]) for image in images]))
+
+    # Without sizes the pipeline reads them from the headers itself: the same runs.
+    pre.runs = 0
+    np.testing.assert_array_equal(pre(images), out)
+    assert pre.runs == 3
+
+    # Requests keep their images and order when their images are split over runs.
+    requests = [[small, large], [small], [large, large, small], [small]]
+    sizes = [[451 * 300, 1_500_000], [451 * 300], [1_500_000, 1_500_000, 451 * 300], [451 * 300]]
+    results = pre.run_requests(requests, pixels=sizes)
+    for request, result in zip(requests, results):
+        np.testing.assert_array_equal(result, np.concatenate([one_by_one([image]) for image in request]))
+
+
+def test_a_bad_image_in_a_later_run_fails_only_its_request_and_reruns_only_its_run(photos):
+    from tritonvision_server.pipeline import CpuPreprocessor, DecodeError
+
+    good = np.frombuffer(photos["chelsea"], np.uint8)
+    bad = np.frombuffer(undecodable_jpeg(photos["chelsea"]), np.uint8)
+    size = 451 * 300
+    pre = CpuPreprocessor(max_batch_size=32, num_threads=2, run_pixels=2 * size)
+    requests = [[good], [good, good], [good, bad], [good]]  # runs: [0, 1a] [1b, 2a] [2b, 3]
+    results = pre.run_requests(requests, pixels=[[size] * len(r) for r in requests])
+    assert isinstance(results[2], DecodeError) and results[2].sample == 1  # the request's own second image
+    assert pre.rebuilds == 1
+    assert pre.runs == 4, "three runs and one rerun: only the failed run runs again, without the bad request"
+    alone = CpuPreprocessor(max_batch_size=32, num_threads=2)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(results[i], alone(requests[i]))
+
+
+def test_when_dali_names_no_image_the_runs_requests_are_decoded_one_by_one(photos, monkeypatch):
+    from tritonvision_server import pipeline
+
+    monkeypatch.setattr(pipeline, "_failed_sample", lambda error: None)  # as if DALI's message changed
+    good = np.frombuffer(photos["chelsea"], np.uint8)
+    bad = np.frombuffer(undecodable_jpeg(photos["chelsea"]), np.uint8)
+    size = 451 * 300
+    pre = pipeline.CpuPreprocessor(max_batch_size=32, num_threads=2, run_pixels=3 * size)
+    requests = [[good], [bad, good], [good], [good]]  # runs: [0, 1a, 1b] [2, 3]
+    results = pre.run_requests(requests, pixels=[[size] * len(r) for r in requests])
+    assert isinstance(results[1], pipeline.DecodeError) and results[1].sample is None
+    assert pre.runs == 4, "the failed run, then its two requests alone, then the second run"
+    alone = pipeline.CpuPreprocessor(max_batch_size=32, num_threads=2)
+    for i in (0, 2, 3):
+        np.testing.assert_array_equal(results[i], alone(requests[i]))

@@ -97,6 +97,12 @@ class ImageLimits:
     # A 100-megapixel medium-format camera photo is ~11600x8700; refuse anything beyond that before it is
     # decoded, so one upload cannot take gigabytes of decode buffers.
     max_pixels: int = 120_000_000
+    # Pixels decoded together: preprocess splits a batch into decoder runs whose images add up to at most
+    # this many (an image is never split; one over it runs alone). DALI sizes its buffers by the largest run
+    # and never gives them back, so with limits per image only, one request of 16 images at the limit left
+    # the step holding 6 GB. At max_pixels a run decodes no more than one largest image does, and 32 photos
+    # of up to 3.75 MP still decode as one run.
+    max_run_pixels: int = 120_000_000
     max_side: int = 16384
     max_bytes: int = 64 * 1024 * 1024
     # Long side over short side. The short side is resized to 256 pixels, so a 16384x1 PNG (133 bytes)

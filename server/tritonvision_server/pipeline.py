@@ -8,9 +8,10 @@ server image's own DALI (:func:`dali_model_source`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 
-from tritonvision.spec import ACCEPTED, IMAGE, PREPROCESSING
+from tritonvision.spec import ACCEPTED, IMAGE, IMAGE_LIMITS, PREPROCESSING
 
 from tritonvision.extras import require
 
@@ -75,9 +76,42 @@ def build_pipeline(
     )
 
 
+def decoder_runs(pixels: Sequence[int], *, budget: int = IMAGE_LIMITS.max_run_pixels, max_images: int) -> list[range]:
+    """Split a batch of images (their pixel counts, in order) into consecutive runs of the decoder: at most
+    ``max_images`` images a run, whose pixels add up to at most ``budget``; an image over it runs alone.
+
+    Measured with DALI 2.4 on the CPU: the decoder's buffers grow with the decoded pixels of a run (in steps
+    of up to 2x) and stay with the process for good, even across a rebuilt pipeline; after mixed batches up
+    to ~4x one run's decoded bytes stayed. Bounding the run rather than the batch bounds that memory whatever
+    a batch carries; the spec's budget (one largest image) leaves every batch of ordinary photos one run.
+    """
+    runs: list[range] = []
+    start, total = 0, 0
+    for i, p in enumerate(pixels):
+        if i > start and (total + p > budget or i - start == max_images):
+            runs.append(range(start, i))
+            start, total = i, 0
+        total += p
+    if len(pixels) > start:
+        runs.append(range(start, len(pixels)))
+    return runs
+
+
+def _header_pixels(image) -> int:
+    """Width x height from the image's header; an image whose header is refused counts as over any budget
+    (it runs alone, and fails alone)."""
+    from .imagecheck import InvalidImage, inspect
+
+    try:
+        info = inspect(image if isinstance(image, bytes) else memoryview(image).tobytes())
+    except InvalidImage:
+        return IMAGE_LIMITS.max_pixels + 1
+    return info.width * info.height
+
+
 class DecodeError(RuntimeError):
-    """A pipeline run failed; ``sample`` is the index (in the images of the call) of the image DALI names
-    as the one it could not decode, or None."""
+    """A pipeline run failed; ``sample`` is the index (in the images of the call, or of the request in
+    :meth:`CpuPreprocessor.run_requests`) of the image DALI names as the one it could not decode, or None."""
 
     def __init__(self, message: str, sample: int | None):
         super().__init__(message)
@@ -94,11 +128,18 @@ def _failed_sample(error: BaseException) -> int | None:
 
 
 class CpuPreprocessor:
-    """Runs the pipeline on the CPU over lists of encoded images, returning ``[n, 3, crop, crop]`` arrays."""
+    """Runs the pipeline on the CPU over lists of encoded images, returning ``[n, 3, crop, crop]`` arrays.
 
-    def __init__(self, *, max_batch_size: int, num_threads: int, pixels_dtype: str = "FP32"):
+    A list is decoded in runs of :func:`decoder_runs` (``max_batch_size`` images and ``run_pixels`` pixels at
+    most), so its decode memory is that of one run whatever it carries. Callers that know the images' sizes
+    (the header check read them) pass ``pixels``; otherwise they are read from the headers here."""
+
+    def __init__(self, *, max_batch_size: int, num_threads: int, pixels_dtype: str = "FP32",
+                 run_pixels: int = IMAGE_LIMITS.max_run_pixels):
         self._args = dict(batch_size=max_batch_size, num_threads=num_threads, pixels_dtype=pixels_dtype)
         self.max_batch_size = max_batch_size
+        self.run_pixels = run_pixels
+        self.runs = 0  # DALI runs started, failed ones included
         self.rebuilds = 0
         self._pipe = self._start()
 
@@ -107,58 +148,103 @@ class CpuPreprocessor:
         pipe.build()
         return pipe
 
-    def __call__(self, encoded: list):
+    def _runs(self, images: list, pixels: Sequence[int] | None) -> list[range]:
+        if pixels is None:
+            pixels = [_header_pixels(image) for image in images]
+        elif len(pixels) != len(images):
+            raise ValueError(f"{len(pixels)} pixel counts for {len(images)} images")
+        return decoder_runs(pixels, budget=self.run_pixels, max_images=self.max_batch_size)
+
+    def _decode(self, images: list):
+        """One DALI run over ``images`` (at most a batch); :class:`DecodeError` naming the index in ``images``."""
+        self.runs += 1
+        self._pipe.feed_input(IMAGE.name, images)
+        try:
+            (pixels,) = self._pipe.run()
+        except Exception as exc:
+            # After a failed run DALI (2.4) declares the pipeline object invalid ("no longer valid"):
+            # it cannot skip one bad sample or go on, so a failure costs a rebuild (~8-30 ms).
+            self._pipe = self._start()
+            self.rebuilds += 1
+            raise DecodeError(str(exc), _failed_sample(exc)) from exc
+        return pixels.as_array()
+
+    def __call__(self, encoded: list, pixels: Sequence[int] | None = None):
         """Pixels of every image; :class:`DecodeError` if one fails (naming it when DALI does)."""
         import numpy as np
 
         if not encoded:
             raise ValueError("no images")
         out = []
-        for start in range(0, len(encoded), self.max_batch_size):
-            chunk = encoded[start : start + self.max_batch_size]
-            self._pipe.feed_input(IMAGE.name, chunk)
+        for run in self._runs(encoded, pixels):
             try:
-                (pixels,) = self._pipe.run()
-            except Exception as exc:
-                # After a failed run DALI (2.4) declares the pipeline object invalid ("no longer valid"):
-                # it cannot skip one bad sample or go on, so a failure costs a rebuild (~8-30 ms).
-                self._pipe = self._start()
-                self.rebuilds += 1
-                index = _failed_sample(exc)
-                raise DecodeError(str(exc), None if index is None else start + index) from exc
-            out.append(pixels.as_array())
+                out.append(self._decode([encoded[k] for k in run]))
+            except DecodeError as exc:
+                raise DecodeError(str(exc), None if exc.sample is None else run.start + exc.sample) from exc.__cause__
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def run_requests(self, requests: list[list]) -> list:
+    def run_requests(self, requests: list[list], pixels: list[Sequence[int]] | None = None) -> list:
         """Pixels per request (a list of encoded images each), or the :class:`DecodeError` of a request
-        whose image failed; the others are unaffected. The batch is run as one; when DALI names the image
-        it could not decode, that request is set aside and the rest run again as one batch, so a bad image
-        costs a rebuild and one rerun of its batch. Only when DALI names none is each request run alone."""
+        whose image failed (``sample``: its index in the request); the others are unaffected.
+
+        The images of all requests are decoded in runs (a request's images may span runs). When DALI names
+        the image it could not decode, that request is set aside and the rest of the run runs again, so a
+        bad image costs a rebuild and one rerun of its run. Only when DALI names none are the run's requests
+        decoded one at a time."""
+        import numpy as np
+
+        owner = [r for r, images in enumerate(requests) for _ in images]
+        flat = [image for images in requests for image in images]
+        first: dict[int, int] = {}  # request -> the index of its first image in flat
+        for k, r in enumerate(owner):
+            first.setdefault(r, k)
+        decoded: list = [None] * len(flat)  # (the run's pixels, row) of each image
+        failed: dict[int, DecodeError] = {}
+
+        def refuse(r: int, exc: DecodeError, k: int | None) -> None:
+            failed[r] = DecodeError(str(exc), None if k is None else k - first[r])
+
+        def decode(members: list[int]) -> None:  # raises DecodeError, naming an index in flat
+            try:
+                array = self._decode([flat[k] for k in members])
+            except DecodeError as exc:
+                named = exc.sample is not None and exc.sample < len(members)
+                raise DecodeError(str(exc), members[exc.sample] if named else None) from exc.__cause__
+            for row, k in enumerate(members):
+                decoded[k] = (array, row)
+
+        sizes = None if pixels is None else [p for request in pixels for p in request]
+        for run in self._runs(flat, sizes) if flat else []:
+            members = [k for k in run if owner[k] not in failed]
+            while members:
+                try:
+                    decode(members)
+                except DecodeError as exc:
+                    if exc.sample is not None:
+                        refuse(owner[exc.sample], exc, exc.sample)
+                        members = [k for k in members if owner[k] not in failed]
+                        continue
+                    for r in dict.fromkeys(owner[k] for k in members):  # DALI named none: request by request
+                        try:
+                            decode([k for k in members if owner[k] == r])
+                        except DecodeError as exc_alone:
+                            refuse(r, exc_alone, exc_alone.sample)
+                break
+
         results: list = [None] * len(requests)
-        pending = list(range(len(requests)))
-        while pending:
-            flat, owner = [], []
-            for r in pending:
-                flat += requests[r]
-                owner += [r] * len(requests[r])
-            try:
-                pixels = self(flat)
-            except DecodeError as exc:
-                if exc.sample is None or exc.sample >= len(owner):
-                    break
-                results[owner[exc.sample]] = exc
-                pending.remove(owner[exc.sample])
-                continue
-            offset = 0
-            for r in pending:
-                results[r] = pixels[offset : offset + len(requests[r])]
-                offset += len(requests[r])
-            return results
-        for r in pending:  # DALI named no sample: one request at a time
-            try:
-                results[r] = self(requests[r])
-            except DecodeError as exc:
-                results[r] = exc
+        for r, images in enumerate(requests):
+            if r in failed:
+                results[r] = failed[r]
+            elif not images:
+                dtype = np.float16 if self._args["pixels_dtype"] == "FP16" else np.float32
+                results[r] = np.zeros((0, 3, PREPROCESSING.crop, PREPROCESSING.crop), dtype)
+            else:
+                parts = decoded[first[r] : first[r] + len(images)]
+                array, row = parts[0]
+                if all(a is array and k == row + i for i, (a, k) in enumerate(parts)):
+                    results[r] = array[row : row + len(parts)]  # a view, as one run gave it
+                else:
+                    results[r] = np.stack([a[k] for a, k in parts])
         return results
 
 
