@@ -116,6 +116,29 @@ def test_an_undecodable_image_fails_only_its_own_slot(photos):
     assert torch.equal(out[0], out[3]) and out[0].shape == (3, 300, 451)
 
 
+def test_a_batch_is_decoded_and_resized_in_runs_within_the_pixel_budget(photos, monkeypatch):
+    # One decode call per run, each run's images resized before the next run is decoded: decoded images of
+    # one run at a time, not of the whole batch (the CUDA caching allocator would keep the batch's peak).
+    names = ["chelsea", "coffee", "bad", "chelsea", "astronaut"]
+    data = {**photos, "bad": undecodable_jpeg(photos["chelsea"])}
+    rows = [np.frombuffer(data[n], np.uint8) for n in names]
+    sizes = [451 * 300, 600 * 400, 451 * 300, 451 * 300, 512 * 512]
+    decode, calls = tp.decode, []
+    monkeypatch.setattr(tp, "decode", lambda batch, device: calls.append(len(batch)) or decode(batch, device))
+    with torch.inference_mode():
+        pixels, where = tp.preprocess_runs(rows, sizes, "cpu", tp.Normaliser("cpu", torch.float32), budget=300_000)
+    assert calls == [1, 1, 2, 1]  # [chelsea] [coffee] [bad, chelsea] [astronaut], each within 0.3 MP
+    assert isinstance(where[2], tp.DecodeFailed)
+    good = [k for k in range(len(rows)) if k != 2]
+    assert [where[k] for k in good] == [0, 1, 2, 3] and pixels.shape == (4, 3, 224, 224)
+    expected = tp.preprocess(decode([rows[k] for k in good], "cpu"), "cpu")
+    assert torch.equal(pixels, expected)
+    # With the spec's budget (one largest image) these photos are one run, as before the budget.
+    calls.clear()
+    tp.preprocess_runs(rows, sizes, "cpu", tp.Normaliser("cpu", torch.float32))
+    assert calls == [len(rows)]
+
+
 @pytest.mark.parametrize(("n", "expected"), [(1, 1), (2, 4), (4, 4), (5, 8), (8, 8), (9, 8)])
 def test_a_batch_runs_on_the_smallest_captured_size_that_holds_it(n, expected):
     assert tp.graph_batch_size(n, (8, 1, 4)) == expected

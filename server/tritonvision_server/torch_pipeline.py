@@ -20,9 +20,10 @@ import warnings
 from dataclasses import dataclass
 
 from tritonvision.extras import require
-from tritonvision.spec import NUM_CLASSES, PREPROCESSING
+from tritonvision.spec import IMAGE_LIMITS, NUM_CLASSES, PREPROCESSING
 
 from .imagecheck import InvalidImage, is_frame_header, jpeg_segments
+from .pipeline import decoder_runs
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,36 @@ class Normaliser:
 def preprocess(images: list, device, dtype=None):
     """Decoded images (each ``[3, H, W]`` uint8 on ``device``) -> ``[N, 3, crop, crop]`` pixels of ``dtype``."""
     return Normaliser(images[0].device, dtype or torch.float32)(resize_crop(images))
+
+
+def preprocess_runs(rows, pixels, device, normalise, *, budget: int = IMAGE_LIMITS.max_run_pixels):
+    """Decode, resize, crop and normalise encoded images (1-D uint8 arrays) in runs of at most ``budget``
+    pixels (``pixels``: each image's width x height from its header; :func:`.pipeline.decoder_runs`).
+
+    Returns ``(pixels, where)``: ``[n, 3, crop, crop]`` pixels of the images that decoded, in order (None if
+    none did), and for each row its index in them or its :class:`DecodeFailed`. A run's decoded images (and
+    their float copies in :func:`resize_crop`, 4 bytes a channel) are released before the next run is
+    decoded, so the memory a batch takes, and on CUDA what the caching allocator keeps of it afterwards, is
+    that of one run, however many large images the batch carries. The spec's budget keeps a batch of
+    ordinary photos one nvJPEG call."""
+    where: list = [None] * len(rows)
+    parts, done = [], 0
+    for run in decoder_runs(pixels, budget=budget, max_images=max(len(rows), 1)):
+        images = decode([rows[k] for k in run], device)
+        good = []
+        for k, image in zip(run, images):
+            if isinstance(image, DecodeFailed):
+                where[k] = image
+            else:
+                where[k] = done + len(good)
+                good.append(image)
+        if good:
+            parts.append(normalise(resize_crop(good)))
+            done += len(good)
+        del images, good  # before the next run is decoded, or two runs' images would be held at once
+    if not parts:
+        return None, where
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), where
 
 
 # --- the model ----------------------------------------------------------------------------------------------

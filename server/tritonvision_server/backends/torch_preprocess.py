@@ -1,10 +1,13 @@
 """gpu-torch profile ``preprocess``: header checks, then nvJPEG batch decode and resize/crop/normalise in PyTorch.
 
 Each request is header-checked on its own first (:mod:`..imagecheck`), as in the other profiles. The accepted
-images of the whole dynamic batch are decoded in one nvJPEG call (the CPU decoder for formats nvJPEG does not
-take); an image that fails to decode fails only its own request (:func:`..torch_pipeline.decode` retries a
-failed batch image by image). The pixels stay in GPU memory and leave through DLPack: the python backend
-hands them to ``resnet50`` (whose inputs are not forced to the CPU) without a copy through host memory.
+images of the dynamic batch are decoded in nvJPEG batch calls (the CPU decoder for formats nvJPEG does not
+take) of at most ``spec.IMAGE_LIMITS.max_run_pixels`` pixels, from the sizes the header check read, each
+resized before the next is decoded (:func:`..torch_pipeline.preprocess_runs`): a batch of ordinary photos is
+one call, a batch of large images takes the memory of one run. An image that fails to decode fails only its
+own request (:func:`..torch_pipeline.decode` retries a failed call image by image). The pixels stay in GPU
+memory and leave through DLPack: the python backend hands them to ``resnet50`` (whose inputs are not forced to
+the CPU) without a copy through host memory.
 
 Model parameters: ``device`` (``cuda``: the instance's GPU; ``cpu``: the override that runs the same code
 without a GPU), ``num_threads`` (PyTorch's CPU threads) and ``admission_*`` (:mod:`..admission`, which holds a
@@ -45,15 +48,16 @@ class TritonPythonModel:
             self.admission.close()
 
     def _rows(self, request):
+        """The request's images, their formats and their pixel counts (width x height from the header)."""
         array = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
-        formats = [info.format for info in inspect_rows(array)]
+        infos = inspect_rows(array)
         rows = array.reshape(1, -1) if array.ndim == 1 else array
-        return list(rows), formats
+        return list(rows), [i.format for i in infos], [i.width * i.height for i in infos]
 
     def execute(self, requests):
         tp = self.tp
         responses = [None] * len(requests)
-        checked = {}  # request index -> (rows, formats)
+        checked = {}  # request index -> (rows, formats, pixel counts)
         for i, request in enumerate(requests):
             try:
                 checked[i] = self._rows(request)
@@ -64,33 +68,26 @@ class TritonPythonModel:
             checked = {i: checked[i] for i in kept}
         if not checked:
             return responses
-        work, rows = [], []  # (request index, first row, row count, formats)
-        for i, (request_rows, formats) in checked.items():
+        work, rows, sizes = [], [], []  # (request index, first row, row count, formats)
+        for i, (request_rows, formats, request_sizes) in checked.items():
             work.append((i, len(rows), len(request_rows), formats))
             rows += request_rows
+            sizes += request_sizes
         try:
-            images = tp.decode(rows, self.device)
-            ok = []  # (request index, first row, row count) of the requests whose images all decoded
-            for i, start, n, formats in work:
-                if any(isinstance(img, tp.DecodeFailed) for img in images[start : start + n]):
-                    responses[i] = refusal("decode", decode_error_message(formats[0]))
-                else:
-                    ok.append((i, start, n))
-            if not ok:
-                return responses
             with tp.torch.inference_mode():
-                pixels = self.normalise(tp.resize_crop([images[start + k] for _, start, n in ok for k in range(n)]))
+                pixels, where = tp.preprocess_runs(rows, sizes, self.device, self.normalise)
         except Exception as exc:  # noqa: BLE001 - anything but a decode failure: fail this batch only
             log.exception("preprocessing failed")
             for i, _, _, _ in work:
-                if responses[i] is None:
-                    responses[i] = error_response(f"preprocessing failed: {exc}", invalid_argument=False)
+                responses[i] = error_response(f"preprocessing failed: {exc}", invalid_argument=False)
             return responses
-        offset = 0
-        for i, _, n in ok:
-            # A slice along the batch axis is contiguous; from_dlpack syncs the producing stream (r24.10
-            # PbTensor::FromDLPack), so the pixels are complete when Triton takes them.
-            part = pixels[offset : offset + n]
+        for i, start, n, formats in work:
+            if any(isinstance(w, tp.DecodeFailed) for w in where[start : start + n]):
+                responses[i] = refusal("decode", decode_error_message(formats[0]))
+                continue
+            # A request's images are consecutive in the pixels, and a slice along the batch axis is contiguous;
+            # from_dlpack syncs the producing stream (r24.10 PbTensor::FromDLPack), so the pixels are complete
+            # when Triton takes them.
+            part = pixels[where[start] : where[start] + n]
             responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(self.pixels_name, part)])
-            offset += n
         return responses
