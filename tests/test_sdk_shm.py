@@ -117,3 +117,24 @@ def test_a_call_interrupted_by_ctrl_c_never_reuses_its_region(grpc_url, photos):
         assert top(clf.classify(photos["coffee"], top_k=1))
         assert first in clf.shm_regions and len(clf.shm_regions) == 2
     assert_no_regions(prefix, registered(grpc_url))
+
+
+def test_a_forked_child_that_exits_leaves_the_parents_regions_alone(grpc_url, photos):
+    """A child inherits the pool and runs its finalizer when it exits; the regions are the parent's, still in
+    use there: unlinked and unregistered by the child, the parent's next call failed."""
+    import os
+
+    with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
+        expected = top(clf.classify(photos["chelsea"]))
+        (name,) = clf.shm_regions
+        pid = os.fork()
+        if pid == 0:  # the child: what exiting (or collecting the classifier) runs, then out without pytest
+            try:
+                clf._transport.pool._finalizer()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert name in registered(grpc_url) and os.path.exists(f"/dev/shm/{name}")
+        assert top(clf.classify(photos["chelsea"])) == expected
+    assert_no_regions(clf.shm_prefix, registered(grpc_url))

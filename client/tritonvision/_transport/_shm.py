@@ -128,6 +128,9 @@ class _State:
 
     registrar: Registrar
     backend: Any
+    # The process that made the regions: a forked child inherits the pool (and its finalizer, run when the
+    # child exits), but the regions and their registrations are the parent's, still in use there.
+    pid: int = field(default_factory=os.getpid)
     regions: dict[str, Region] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -166,6 +169,8 @@ def _destroy(state: _State, region: Region, *, unregister: bool = True) -> None:
 
 
 def _release_all(state: _State) -> None:
+    if os.getpid() != state.pid:
+        return
     with state.lock:
         for region in list(state.regions.values()):
             _destroy(state, region)
