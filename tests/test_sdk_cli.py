@@ -159,3 +159,70 @@ def test_a_timeout_that_is_not_a_finite_positive_number_is_a_usage_error(command
         main([command, "--url", "127.0.0.1:1", "--timeout", timeout, *args])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "argument --timeout" in err and "Traceback" not in err, err
+
+
+def _usage_error(argv: list[str], option: str, capsys) -> None:
+    """``main(argv)`` stops with exit 2 and one argparse error line naming ``option``, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("levels", ["0", "-2", "x", "1,0", "1,,4", "2.5", ""])
+def test_bench_concurrency_levels_that_are_not_integers_of_at_least_1_are_a_usage_error(levels, tmp_path, capsys):
+    _usage_error(["bench", "--url", "127.0.0.1:1", "--concurrency", levels, str(tmp_path / "cat.jpg")],
+                 "--concurrency", capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("option", ["--seconds", "--ready-timeout"])
+def test_bench_seconds_and_ready_timeout_must_be_finite_and_positive(option, value, tmp_path, capsys):
+    _usage_error(["bench", "--url", "127.0.0.1:1", option, value, str(tmp_path / "cat.jpg")], option, capsys)
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "soon"])
+def test_bench_warmup_must_be_finite_and_not_negative(value, tmp_path, capsys):
+    _usage_error(["bench", "--url", "127.0.0.1:1", "--warmup", value, str(tmp_path / "cat.jpg")], "--warmup", capsys)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_stats_interval_must_be_finite_and_positive(value, capsys):
+    _usage_error(["stats", "--url", "127.0.0.1:1", "--interval", value], "--interval", capsys)
+
+
+def test_bench_accepts_zero_warmup_and_levels_with_spaces():
+    from tritonvision._cli import parser
+
+    args = parser().parse_args(["bench", "--warmup", "0", "--concurrency", "1, 4,16", "cat.jpg"])
+    assert args.warmup == 0 and args.concurrency == [1, 4, 16]
+    assert parser().parse_args(["bench", "cat.jpg"]).concurrency == [1, 4, 16]
+    assert parser().parse_args(["stats"]).interval is None  # no --interval: everything since start-up
+
+
+@pytest.mark.parametrize("kind", ["missing", "dangling symlink"])
+def test_bench_on_an_unreadable_file_exits_2_naming_it(kind, tmp_path, capsys, caplog):
+    image = tmp_path / "cat.jpg"
+    if kind == "dangling symlink":
+        image.symlink_to(tmp_path / "gone.jpg")
+    # Nothing listens on port 1: the file is checked before anything connects.
+    assert main(["bench", "--url", "127.0.0.1:1", "--ready-timeout", "1", "--no-progress", str(image)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert str(image) in line and "No such file" in line
+
+
+def test_classify_json_with_no_images_exits_2_and_prints_nothing_on_stdout(tmp_path, capsys, caplog):
+    # Like every exit 2 (a usage or server error), no JSON: stdout holds a list only when images were classified.
+    assert main(["classify", "--url", "127.0.0.1:1", "--json", str(tmp_path / "nomatch" / "*.jpg")]) == 2
+    assert capsys.readouterr().out == "" and "no images to classify" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs", [{"concurrency": 0}, {"concurrency": -2}, {"concurrency": 2.0},
+                                    {"concurrency": 2, "seconds": 0}, {"concurrency": 2, "seconds": float("nan")},
+                                    {"concurrency": 2, "warmup": -5}])
+def test_bench_run_refuses_settings_that_would_hang_or_measure_nothing(kwargs):
+    from tritonvision import _bench
+
+    with pytest.raises(ValueError):
+        _bench.run(None, [b"jpeg"], **kwargs)  # refused before the client is used

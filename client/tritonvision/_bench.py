@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,11 @@ def run(
     Like perf_analyzer, every request that completes inside the measured window counts (also one sent
     before it: excluding those would undercount by about one latency's worth of the window at high
     concurrency). No retries: a failure is a failure."""
+    # Checked here too, for callers other than the CLI: no request in flight would wait forever for the last.
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    if not (math.isfinite(seconds) and seconds > 0 and math.isfinite(warmup) and warmup >= 0):
+        raise ValueError(f"seconds must be finite and > 0 and warmup finite and >= 0, got {seconds!r}, {warmup!r}")
     if concurrency == 1:
         return _sequential(clf, images, seconds=seconds, warmup=warmup, top_k=top_k, timeout=timeout, progress=progress)
     latencies: list[float] = []

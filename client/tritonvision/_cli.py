@@ -21,6 +21,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from ._client import Classifier, checked_timeout, checked_top_k
+from ._images import encoded_bytes
 from .extras import require
 from ._retry import RetryPolicy
 from ._transport._channel import DEFAULT_PORT, DEFAULT_URL, LOAD_BALANCING, URL_ENV, Connection, normalize_url
@@ -150,8 +152,9 @@ def _bench(args: argparse.Namespace) -> int:
     if not files:
         log.error("no images to send")
         return EXIT_ERROR
-    images = [Path(f).read_bytes() for f in files]
-    levels = [int(c) for c in str(args.concurrency).split(",")]
+    # A file that cannot be read is an InvalidImageError naming it (exit 2), before anything connects.
+    images = [encoded_bytes(f) for f in files]
+    levels = args.concurrency
     results = []
     with _connect(args, shm=args.shm) as clf:
         # Fail fast: a server that is down would otherwise turn every level into a column of errors.
@@ -192,7 +195,7 @@ def _serve(argv: list[str]) -> int:
 def _probe(args: argparse.Namespace) -> int:
     """A liveness check that runs the whole ensemble: Triton's own health endpoints stay true while a
     step cannot serve (a dead python-backend stub). A server that sheds the probe is busy, not dead."""
-    data = Path(args.image).read_bytes()
+    data = encoded_bytes(args.image)
     with _connect(args, timeout=args.timeout, retry=RetryPolicy(attempts=1)) as clf:
         why = clf.probe(data)
     if why is not None:
@@ -255,6 +258,26 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}") from None
 
 
+def _warmup(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return seconds
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return levels
+
+
 def _shm(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--shm", choices=("auto", "system", "cuda", "off"), default=default,
                    help=f"send images through shared memory (default {default}; auto = system when the server is local)")
@@ -279,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="per-stage time breakdown from Triton's statistics")
     _url(p)
-    p.add_argument("--interval", type=float, default=0.0,
+    p.add_argument("--interval", type=_timeout, default=None,
                    help="measure over this many seconds from now (default: everything since start-up)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=_timeout, default=None)
@@ -288,12 +311,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput and latency percentiles at given concurrencies")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="images sent round-robin (files, folders, globs)")
     _url(p)
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated requests in flight (default 1,4,16)")
-    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per concurrency")
-    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    p.add_argument("--concurrency", type=_levels, default="1,4,16",
+                   help="comma-separated requests in flight, each >= 1 (default 1,4,16)")
+    p.add_argument("--seconds", type=_timeout, default=10.0, help="measured seconds per concurrency (default 10)")
+    p.add_argument("--warmup", type=_warmup, default=1.0, help="unmeasured seconds first, 0 for none (default 1)")
     p.add_argument("--top-k", type=_top_k, default=5)
     p.add_argument("--timeout", type=_timeout, default=60.0, help="seconds before a request counts as failed (default 60)")
-    p.add_argument("--ready-timeout", type=float, default=10.0,
+    p.add_argument("--ready-timeout", type=_timeout, default=10.0,
                    help="seconds to wait for the server to be ready before giving up (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn unless stderr is a terminal)")
