@@ -138,3 +138,26 @@ def test_a_forked_child_that_exits_leaves_the_parents_regions_alone(grpc_url, ph
         assert name in registered(grpc_url) and os.path.exists(f"/dev/shm/{name}")
         assert top(clf.classify(photos["chelsea"])) == expected
     assert_no_regions(clf.shm_prefix, registered(grpc_url))
+
+
+def test_registering_a_region_counts_against_the_call_s_deadline(tmp_path, photos):
+    """Against a server that stopped answering, a call that needs a new region ends with its deadline; the
+    registration had no deadline and blocked until the server came back."""
+    import os
+    import signal
+
+    from tritonvision_server.configs import write_light_repository
+    from tritonvision_server.launcher import TritonServer
+
+    with TritonServer(write_light_repository(tmp_path / "repo")) as server:
+        with tv.Classifier(server.grpc_url, shm="system", retry=tv.RetryPolicy(attempts=1)) as clf:
+            clf.classify(photos["chelsea"])
+            larger = photos["chelsea"] + bytes(2 * 2**20)  # outgrows the region: a new one must be registered
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(tv.DeadlineExceededError):
+                    clf.classify(larger, timeout=2)
+                assert time.monotonic() - started < 4
+            finally:
+                os.kill(server.pid, signal.SIGCONT)

@@ -58,7 +58,7 @@ class AsyncInferStream(StreamBase):
         payload: object = data
         if self._pool is not None:
             # Creating or registering a region is a blocking RPC: off the event loop.
-            region, payload = await asyncio.to_thread(self._pool.acquire, data)
+            region, payload = await asyncio.to_thread(self._pool.acquire, data, self._timeout)
             self._regions[i] = region
         future = asyncio.get_running_loop().create_future()
         self._waiting[i] = future

@@ -29,7 +29,7 @@ from .._types import Prediction
 from ..spec import ENSEMBLE, IMAGE, SCORES
 from ._channel import CHANNEL_ARGS, Connection, open_channel  # noqa: F401 - CHANNEL_ARGS: the benchmarks' bare loop
 from ._errors import map_error
-from ._shm import ShmInput, ShmPool
+from ._shm import Deadline, ShmInput, ShmPool
 
 Payload = Union[bytes, ShmInput]
 
@@ -154,14 +154,15 @@ class ShmCalls:
     def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub):
         self._stub = stub
 
-    def register_system_shm(self, name: str, key: str, byte_size: int) -> None:
+    def register_system_shm(self, name: str, key: str, byte_size: int, timeout: float | None = None) -> None:
         request = service_pb2.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=byte_size)
-        _call(self._stub.SystemSharedMemoryRegister, request)
+        _call(self._stub.SystemSharedMemoryRegister, request, timeout)
 
-    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
+                          timeout: float | None = None) -> None:
         request = service_pb2.CudaSharedMemoryRegisterRequest(name=name, raw_handle=raw_handle, device_id=device_id,
                                                               byte_size=byte_size)
-        _call(self._stub.CudaSharedMemoryRegister, request)
+        _call(self._stub.CudaSharedMemoryRegister, request, timeout)
 
     def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None:
         if kind == "cuda":
@@ -169,11 +170,11 @@ class ShmCalls:
         else:
             _call(self._stub.SystemSharedMemoryUnregister, service_pb2.SystemSharedMemoryUnregisterRequest(name=name), timeout)
 
-    def registered_shm(self, kind: str = "system") -> list[str]:
+    def registered_shm(self, kind: str = "system", timeout: float | None = None) -> list[str]:
         if kind == "cuda":
-            status = _call(self._stub.CudaSharedMemoryStatus, service_pb2.CudaSharedMemoryStatusRequest())
+            status = _call(self._stub.CudaSharedMemoryStatus, service_pb2.CudaSharedMemoryStatusRequest(), timeout)
         else:
-            status = _call(self._stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest())
+            status = _call(self._stub.SystemSharedMemoryStatus, service_pb2.SystemSharedMemoryStatusRequest(), timeout)
         return sorted(status.regions)
 
 
@@ -209,12 +210,16 @@ class GrpcTransport:
         """One image's top-k, through a shared-memory region when the transport has a pool."""
         if self.pool is None:
             return self._infer(data, top_k, timeout)
-        return self.pool.send(data, lambda ref: self._infer(ref, top_k, timeout))
+        # Registering a region counts against the caller's deadline; the request gets what is left of it.
+        deadline = Deadline(timeout)
+        return self.pool.send(data, lambda ref: self._infer(ref, top_k, deadline.left()), timeout=timeout)
 
     def async_infer(self, data: bytes, top_k: int, callback, timeout: float | None = None) -> None:
         """Send one image without blocking; ``callback(predictions, error)`` runs on a gRPC thread when the
         response arrives (or on this thread, if it already has). Raises what fails before it is sent."""
-        region, payload = self.pool.acquire(data) if self.pool is not None else (None, data)
+        deadline = Deadline(timeout)
+        region, payload = self.pool.acquire(data, timeout) if self.pool is not None else (None, data)
+        timeout = deadline.left()
         try:
             future = self._model_infer.future(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
         except Exception as exc:
@@ -298,7 +303,8 @@ class AsyncGrpcTransport:
     async def infer(self, data: bytes, top_k: int, timeout: float | None = None) -> list[Prediction]:
         if self.pool is None:
             return await self._infer(data, top_k, timeout)
-        return await self.pool.asend(data, lambda ref: self._infer(ref, top_k, timeout))
+        deadline = Deadline(timeout)
+        return await self.pool.asend(data, lambda ref: self._infer(ref, top_k, deadline.left()), timeout=timeout)
 
     def open_stream(self, timeout: float | None = None):
         """Start ``ModelStreamInfer``; ``await call.write(request)``, iterate the call for responses,

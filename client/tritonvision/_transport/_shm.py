@@ -60,10 +60,25 @@ class ShmInput:
 class Registrar(Protocol):
     """The server calls a pool makes (:class:`._grpc.ShmCalls`)."""
 
-    def register_system_shm(self, name: str, key: str, byte_size: int) -> None: ...
-    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None: ...
+    def register_system_shm(self, name: str, key: str, byte_size: int, timeout: float | None = None) -> None: ...
+    def register_cuda_shm(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
+                          timeout: float | None = None) -> None: ...
     def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None: ...
-    def registered_shm(self, kind: str = "system") -> list[str]: ...
+    def registered_shm(self, kind: str = "system", timeout: float | None = None) -> list[str]: ...
+
+
+class Deadline:
+    """What is left of a call's ``timeout`` (seconds; None: no deadline) as the call goes on. An exhausted
+    one gives a moment, not zero, so that the next RPC fails as DEADLINE_EXCEEDED rather than not at all."""
+
+    def __init__(self, timeout: float | None):
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self, at_most: float | None = None) -> float | None:
+        if self._end is None:
+            return at_most
+        left = max(self._end - time.monotonic(), 0.001)
+        return left if at_most is None else min(left, at_most)
 
 
 @dataclass(eq=False)
@@ -89,8 +104,8 @@ class _System:
     def write(self, handle, data: bytes) -> None:
         self.shm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
 
-    def register(self, registrar: Registrar, region: Region) -> None:
-        registrar.register_system_shm(region.name, "/" + region.name, region.byte_size)
+    def register(self, registrar: Registrar, region: Region, timeout: float | None = None) -> None:
+        registrar.register_system_shm(region.name, "/" + region.name, region.byte_size, timeout)
 
     def destroy(self, handle) -> None:
         self.shm.destroy_shared_memory_region(handle)
@@ -114,9 +129,9 @@ class _Cuda:
     def write(self, handle, data: bytes) -> None:
         self.cudashm.set_shared_memory_region(handle, [np.frombuffer(data, dtype=np.uint8)])
 
-    def register(self, registrar: Registrar, region: Region) -> None:
+    def register(self, registrar: Registrar, region: Region, timeout: float | None = None) -> None:
         raw = self.cudashm.get_raw_handle(region.handle)
-        registrar.register_cuda_shm(region.name, raw, self.device_id, region.byte_size)
+        registrar.register_cuda_shm(region.name, raw, self.device_id, region.byte_size, timeout)
 
     def destroy(self, handle) -> None:
         self.cudashm.destroy_shared_memory_region(handle)
@@ -139,17 +154,17 @@ class _State:
 IN_USE_WAIT = 10.0
 
 
-def _unregister(state: _State, region: Region) -> None:
+def _unregister(state: _State, region: Region, deadline: Deadline | None = None) -> None:
     waited, pause = 0.0, 0.02
     while True:
         try:
-            state.registrar.unregister_shm(state.backend.kind, region.name)
+            state.registrar.unregister_shm(state.backend.kind, region.name, deadline.left(5.0) if deadline else 5.0)
             return
         except TritonVisionError as exc:
             # Triton refuses to unregister a region a request is reading ("... it is currently in use"):
             # a cancelled request may still be in the server. Triton has no status code of its own for
             # this, hence the message. Anything else means the server is gone, and its registrations too.
-            if "in use" not in exc.message or waited >= IN_USE_WAIT:
+            if "in use" not in exc.message or waited >= IN_USE_WAIT or (deadline and deadline.left() <= 0.001):
                 log.debug("could not unregister %s: %s", region.name, exc)
                 return
         time.sleep(pause)
@@ -157,9 +172,9 @@ def _unregister(state: _State, region: Region) -> None:
         pause = min(pause * 2, 0.5)
 
 
-def _destroy(state: _State, region: Region, *, unregister: bool = True) -> None:
+def _destroy(state: _State, region: Region, *, unregister: bool = True, deadline: Deadline | None = None) -> None:
     if unregister and region.registered:
-        _unregister(state, region)
+        _unregister(state, region, deadline)
         region.registered = False
     try:
         state.backend.destroy(region.handle)
@@ -212,20 +227,22 @@ class ShmPool:
             state.regions[name] = region
         return region
 
-    def _register(self, region: Region) -> None:
+    def _register(self, region: Region, deadline: Deadline) -> None:
         if region.registered:
             return
         try:
             # A region the server lost (it restarted) may still be registered under our name elsewhere:
             # nothing else uses our unique names, so unregistering first is safe and makes this idempotent.
-            self._state.registrar.unregister_shm(self.kind, region.name)
+            self._state.registrar.unregister_shm(self.kind, region.name, deadline.left(at_most=5.0))
         except TritonVisionError:
             pass
-        self._state.backend.register(self._state.registrar, region)
+        self._state.backend.register(self._state.registrar, region, deadline.left())
         region.registered = True
 
-    def acquire(self, data: bytes) -> tuple[Region, ShmInput]:
-        """A registered region holding ``data``; give it back with :meth:`release`."""
+    def acquire(self, data: bytes, timeout: float | None = None) -> tuple[Region, ShmInput]:
+        """A registered region holding ``data``; give it back with :meth:`release`. Registering it is a call
+        to the server, bounded by ``timeout`` (the caller's deadline): DeadlineExceededError past it."""
+        deadline = Deadline(timeout)
         if not self._finalizer.alive:
             raise SharedMemoryError("the shared-memory pool is closed")
         with self._state.lock:
@@ -236,7 +253,7 @@ class ShmPool:
                 self._free.remove(region)
         try:
             if region is not None and region.byte_size < len(data):
-                _destroy(self._state, region)
+                _destroy(self._state, region, deadline=deadline)
                 region = None
             if region is None:
                 region = self._create(_round_up(len(data)))
@@ -244,10 +261,10 @@ class ShmPool:
                 self._state.backend.write(region.handle, data)
             except Exception as exc:  # noqa: BLE001
                 raise SharedMemoryError(f"cannot write shared memory region {region.name}: {exc}") from exc
-            self._register(region)
+            self._register(region, deadline)
         except BaseException:
             if region is not None:
-                _destroy(self._state, region)
+                _destroy(self._state, region, deadline=deadline)
             raise
         return region, ShmInput(region.name, len(data))
 
@@ -277,11 +294,11 @@ class ShmPool:
         for region in list(self._state.regions.values()):
             region.registered = False
 
-    def forgotten_by_server(self) -> bool:
+    def forgotten_by_server(self, timeout: float | None = None) -> bool:
         """Whether the server no longer knows regions this pool registered (it restarted between two
         calls, which then fail with NOT_FOUND for an unknown region). If so, every region is marked
         unknown, to be registered again on next use."""
-        known = set(self._state.registrar.registered_shm(self._state.backend.kind))
+        known = set(self._state.registrar.registered_shm(self._state.backend.kind, timeout))
         with self._state.lock:
             lost = [r for r in self._state.regions.values() if r.registered and r.name not in known]
         if lost:
@@ -289,8 +306,8 @@ class ShmPool:
         return bool(lost)
 
     @contextmanager
-    def lease(self, data: bytes) -> Iterator[ShmInput]:
-        region, ref = self.acquire(data)
+    def lease(self, data: bytes, timeout: float | None = None) -> Iterator[ShmInput]:
+        region, ref = self.acquire(data, timeout)
         try:
             yield ref
         except Exception as exc:
@@ -302,23 +319,26 @@ class ShmPool:
             raise
         self.release(region)
 
-    def send(self, data: bytes, call: Callable[[ShmInput], T]) -> T:
-        """``call(ref)`` with ``data`` in a leased region. A server restarted since our regions were
-        registered answers NOT_FOUND/INVALID_ARGUMENT for them: then register again and call once more."""
+    def send(self, data: bytes, call: Callable[[ShmInput], T], timeout: float | None = None) -> T:
+        """``call(ref)`` with ``data`` in a leased region, the pool's calls to the server bounded by ``timeout``.
+        A server restarted since our regions were registered answers NOT_FOUND/INVALID_ARGUMENT for them:
+        then register again and call once more."""
+        deadline = Deadline(timeout)
         for last in (False, True):
-            with self.lease(data) as ref:
+            with self.lease(data, deadline.left()) as ref:
                 try:
                     return call(ref)
                 except (InvalidImageError, ModelNotReadyError):
-                    if last or not self.forgotten_by_server():
+                    if last or not self.forgotten_by_server(deadline.left()):
                         raise
             log.info("the server lost its shared-memory registrations; registering again")
         raise AssertionError("unreachable")
 
-    async def asend(self, data: bytes, call: Callable[[ShmInput], Awaitable[T]]) -> T:
+    async def asend(self, data: bytes, call: Callable[[ShmInput], Awaitable[T]], timeout: float | None = None) -> T:
         """:meth:`send` for a coroutine ``call``; the pool's blocking work runs in a worker thread."""
+        deadline = Deadline(timeout)
         for last in (False, True):
-            region, ref = await asyncio.to_thread(self.acquire, data)
+            region, ref = await asyncio.to_thread(self.acquire, data, deadline.left())
             try:
                 result = await call(ref)
             except asyncio.CancelledError:
@@ -327,7 +347,7 @@ class ShmPool:
                 raise
             except (InvalidImageError, ModelNotReadyError) as exc:
                 self.release(region, exc)
-                if last or not await asyncio.to_thread(self.forgotten_by_server):
+                if last or not await asyncio.to_thread(self.forgotten_by_server, deadline.left()):
                     raise
                 log.info("the server lost its shared-memory registrations; registering again")
                 continue

@@ -149,7 +149,7 @@ class InferStream(StreamBase):
     def _send(self, i: int, data: bytes) -> None:
         payload: bytes | object = data
         if self._pool is not None:
-            region, payload = self._pool.acquire(data)
+            region, payload = self._pool.acquire(data, self._timeout)
             self._regions[i] = region
         self._requests.put(infer_request(self._transport.model, payload, self._top_k, str(i), timeout=self._timeout))
 
