@@ -161,3 +161,26 @@ def test_registering_a_region_counts_against_the_call_s_deadline(tmp_path, photo
                 assert time.monotonic() - started < 4
             finally:
                 os.kill(server.pid, signal.SIGCONT)
+
+
+def test_closing_against_a_server_that_stopped_answering_waits_once_not_once_per_region(tmp_path, photos):
+    import os
+    import signal
+
+    from tritonvision_server.configs import write_light_repository
+    from tritonvision_server.launcher import TritonServer
+
+    with TritonServer(write_light_repository(tmp_path / "repo")) as server:
+        clf = tv.Classifier(server.grpc_url, shm="system")
+        pool = clf._transport.pool
+        held = [pool.acquire(photos["chelsea"])[0] for _ in range(4)]  # four registered regions
+        assert len(held) == 4 and all(r.registered for r in held)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            clf.close()
+            # One unregister timeout (5 s), then the rest are only destroyed here; it was 4 x 5 s.
+            assert time.monotonic() - started < 9
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(clf.shm_prefix)]
+        finally:
+            os.kill(server.pid, signal.SIGCONT)

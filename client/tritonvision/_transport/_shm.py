@@ -154,19 +154,20 @@ class _State:
 IN_USE_WAIT = 10.0
 
 
-def _unregister(state: _State, region: Region, deadline: Deadline | None = None) -> None:
+def _unregister(state: _State, region: Region, deadline: Deadline | None = None) -> bool:
+    """Unregister ``region``; False when the server did not (it is gone, restarted or not answering)."""
     waited, pause = 0.0, 0.02
     while True:
         try:
             state.registrar.unregister_shm(state.backend.kind, region.name, deadline.left(5.0) if deadline else 5.0)
-            return
+            return True
         except TritonVisionError as exc:
             # Triton refuses to unregister a region a request is reading ("... it is currently in use"):
             # a cancelled request may still be in the server. Triton has no status code of its own for
             # this, hence the message. Anything else means the server is gone, and its registrations too.
             if "in use" not in exc.message or waited >= IN_USE_WAIT or (deadline and deadline.left() <= 0.001):
                 log.debug("could not unregister %s: %s", region.name, exc)
-                return
+                return False
         time.sleep(pause)
         waited += pause
         pause = min(pause * 2, 0.5)
@@ -186,8 +187,14 @@ def _destroy(state: _State, region: Region, *, unregister: bool = True, deadline
 def _release_all(state: _State) -> None:
     if os.getpid() != state.pid:
         return
+    answering = True
     with state.lock:
         for region in list(state.regions.values()):
+            # A server that did not answer for one region will not for the next: waiting out a timeout per
+            # region made closing take 5 s a region against a stopped server (64 in flight: over 5 minutes).
+            if answering and region.registered:
+                answering = _unregister(state, region)
+            region.registered = False
             _destroy(state, region)
 
 
