@@ -184,3 +184,21 @@ def test_closing_against_a_server_that_stopped_answering_waits_once_not_once_per
             assert not [n for n in os.listdir("/dev/shm") if n.startswith(clf.shm_prefix)]
         finally:
             os.kill(server.pid, signal.SIGCONT)
+
+
+def test_a_region_in_use_is_unregistered_after_it_is_freed_also_without_a_deadline():
+    """Unregistering retries while Triton says the region is in use, until the call's deadline, if it has
+    one (a call without one compared None with a number there and raised TypeError)."""
+    from tritonvision._retry import Deadline
+    from tritonvision._transport._shm import Region, _State, _unregister
+
+    class Registrar:
+        calls = 0
+
+        def unregister_shm(self, kind, name, timeout=5.0):
+            Registrar.calls += 1
+            if Registrar.calls == 1:
+                raise tv.TritonVisionError("failed to unregister: it is currently in use")
+
+    state = _State(Registrar(), type("Backend", (), {"kind": "system"})())
+    assert _unregister(state, Region("r", 64, None), Deadline(None)) and Registrar.calls == 2

@@ -56,6 +56,19 @@ class Deadline:
             return None
         return self._end - time.monotonic()
 
+    def expired(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def left(self, at_most: float | None = None) -> float | None:
+        """The timeout to give the call's next RPC: what is left, at most ``at_most``. An exhausted deadline
+        gives a moment, not zero or less, so that the RPC fails as DEADLINE_EXCEEDED rather than not at all."""
+        left = self.remaining()
+        if left is None:
+            return at_most
+        left = max(left, 0.001)
+        return left if at_most is None else min(left, at_most)
+
     def check(self, cause: BaseException | None = None) -> float | None:
         """The seconds left, or raise :class:`DeadlineExceededError` if none are."""
         left = self.remaining()

@@ -25,11 +25,12 @@ from typing import Union
 from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from .._retry import Deadline
 from .._types import Prediction
 from ..spec import ENSEMBLE, IMAGE, SCORES
 from ._channel import CHANNEL_ARGS, Connection, open_channel  # noqa: F401 - CHANNEL_ARGS: the benchmarks' bare loop
 from ._errors import map_error
-from ._shm import Deadline, ShmInput, ShmPool
+from ._shm import ShmInput, ShmPool
 
 Payload = Union[bytes, ShmInput]
 

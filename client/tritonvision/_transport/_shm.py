@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from .._retry import Deadline
 from ..extras import require
 from ..exceptions import InvalidImageError, ModelNotReadyError, ServerUnavailableError, SharedMemoryError, TritonVisionError
 
@@ -65,20 +66,6 @@ class Registrar(Protocol):
                           timeout: float | None = None) -> None: ...
     def unregister_shm(self, kind: str, name: str, timeout: float | None = 5.0) -> None: ...
     def registered_shm(self, kind: str = "system", timeout: float | None = None) -> list[str]: ...
-
-
-class Deadline:
-    """What is left of a call's ``timeout`` (seconds; None: no deadline) as the call goes on. An exhausted
-    one gives a moment, not zero, so that the next RPC fails as DEADLINE_EXCEEDED rather than not at all."""
-
-    def __init__(self, timeout: float | None):
-        self._end = None if timeout is None else time.monotonic() + timeout
-
-    def left(self, at_most: float | None = None) -> float | None:
-        if self._end is None:
-            return at_most
-        left = max(self._end - time.monotonic(), 0.001)
-        return left if at_most is None else min(left, at_most)
 
 
 @dataclass(eq=False)
@@ -165,7 +152,7 @@ def _unregister(state: _State, region: Region, deadline: Deadline | None = None)
             # Triton refuses to unregister a region a request is reading ("... it is currently in use"):
             # a cancelled request may still be in the server. Triton has no status code of its own for
             # this, hence the message. Anything else means the server is gone, and its registrations too.
-            if "in use" not in exc.message or waited >= IN_USE_WAIT or (deadline and deadline.left() <= 0.001):
+            if "in use" not in exc.message or waited >= IN_USE_WAIT or (deadline is not None and deadline.expired()):
                 log.debug("could not unregister %s: %s", region.name, exc)
                 return False
         time.sleep(pause)
