@@ -9,7 +9,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonvision.spec import IMAGE, refusal_message
+from tritonvision.spec import refusal_message
 
 from ..admission import ADMISSION_METRIC, DEFAULT_METRICS_URL, EXPIRED_MESSAGE, METRICS_URL_ENV, Admission
 
@@ -111,17 +111,13 @@ def overloaded_response(message: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE))
 
 
-def _images(request) -> int:
-    """The images a request carries: the rows of its ``[batch, bytes]`` input (a 1-D one is one image)."""
-    shape = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy().shape
-    return shape[0] if len(shape) > 1 else 1
-
-
-def admit(gate: Admission, requests, indices: list[int], responses: list) -> list[int]:
-    """Hold the batch until resnet50 can queue the requests at ``indices``; answer those refused (no room,
-    or their own timeout ran out while held: surely expired, whatever they had waited before) in
-    ``responses`` and return the indices that go on to be decoded, in order."""
-    admitted, held = gate.admit([_images(requests[i]) for i in indices])
+def admit(gate: Admission, requests, images: dict[int, int], responses: list) -> list[int]:
+    """Hold the batch until resnet50 can queue the requests ``images`` names (request index: the images it
+    carries, in order); answer those refused (no room, or their own timeout ran out while held: surely
+    expired, whatever they had waited before) in ``responses`` and return the indices that go on to be
+    decoded, in order."""
+    indices = list(images)
+    admitted, held = gate.admit(list(images.values()))
     for i in indices[admitted:]:
         count(ADMISSION_METRIC, "overloaded")
         responses[i] = overloaded_response(gate.overloaded_message())

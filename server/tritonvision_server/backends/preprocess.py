@@ -65,7 +65,7 @@ class TritonPythonModel:
             work.append((i, samples, formats, pixels))
         if work and self.admission is not None:
             # Only requests that passed the header check go on to resnet50; the newest are refused first.
-            kept = set(admit(self.admission, requests, [w[0] for w in work], responses))
+            kept = set(admit(self.admission, requests, {w[0]: len(w[1]) for w in work}, responses))
             work = [w for w in work if w[0] in kept]
         if work:
             try:

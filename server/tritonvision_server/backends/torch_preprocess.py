@@ -64,7 +64,7 @@ class TritonPythonModel:
             except InvalidImage as exc:
                 responses[i] = refusal("header", str(exc))
         if checked and self.admission is not None:
-            kept = admit(self.admission, requests, list(checked), responses)
+            kept = admit(self.admission, requests, {i: len(rows) for i, (rows, _, _) in checked.items()}, responses)
             checked = {i: checked[i] for i in kept}
         if not checked:
             return responses
