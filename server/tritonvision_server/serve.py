@@ -70,23 +70,22 @@ def gpu_torch_device(requested: str) -> str:
 def _repository(model_repository: str | Path | None, profile: str, weights: str, torch_device: str = "cuda") -> Path:
     from .build_engines import DEFAULT_CPU_REPOSITORY, DEFAULT_GPU_REPOSITORY, build_cpu_repository
 
-    if model_repository and (Path(model_repository).exists() or profile == "gpu"):
-        return Path(model_repository)
-    if model_repository:
-        log.info("no model repository at %s yet: building the %s profile's there (weights: %s)",
-                 model_repository, profile, weights)
-    if profile == "gpu":
-        return DEFAULT_GPU_REPOSITORY
+    path = Path(model_repository) if model_repository else None
+    if profile == "gpu":  # built with build_engines.py gpu, on a host with TensorRT
+        return path or DEFAULT_GPU_REPOSITORY
+    if path is not None:
+        if path.exists():
+            return path
+        log.info("no model repository at %s yet: building the %s profile's there (weights: %s)", path, profile, weights)
+    elif profile == "cpu" and not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
+        log.info("no cpu model repository yet: building it (weights: %s)", weights)
     if profile == "gpu-torch":
         from .build_engines import build_gpu_torch_repository
 
         # Cheap when up to date: the state dict is kept and only the configs are rewritten.
-        return build_gpu_torch_repository(Path(model_repository) if model_repository else None, weights=weights,
-                                          device=torch_device)
-    if not model_repository and not (DEFAULT_CPU_REPOSITORY / "resnet50" / "1" / "model.onnx").exists():
-        log.info("no cpu model repository yet: building it (weights: %s)", weights)
+        return build_gpu_torch_repository(path, weights=weights, device=torch_device)
     # Cheap when up to date: the ONNX export is skipped and only the configs are rewritten.
-    return build_cpu_repository(Path(model_repository or DEFAULT_CPU_REPOSITORY), weights=weights)
+    return build_cpu_repository(path or DEFAULT_CPU_REPOSITORY, weights=weights)
 
 
 def _demo(url: str, images: list[str]) -> None:
