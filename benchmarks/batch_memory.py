@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "batch_memory"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import hardware  # noqa: E402
+from machine import hardware, proc_status  # noqa: E402
 
 log = logging.getLogger("batch_memory")
 
@@ -58,8 +58,7 @@ def repository() -> Path:
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+    return proc_status(pid, "VmRSS")["VmRSS"] / 2**20
 
 
 def run_case(repo: Path, fmt: str, data: bytes, rows: int, photo: bytes) -> dict:

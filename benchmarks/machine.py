@@ -17,6 +17,17 @@ def gpu() -> str | None:
     return out.splitlines()[0] if out else None
 
 
+def proc_status(pid: int, *keys: str) -> dict[str, int]:
+    """The memory fields ``keys`` (VmRSS, RssAnon, ...) of ``/proc/<pid>/status``, in bytes."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in keys:
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
 def hardware() -> dict:
     cpu = "unknown"
     try:

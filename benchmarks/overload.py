@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import hardware  # noqa: E402
+from machine import hardware, proc_status  # noqa: E402
 
 log = logging.getLogger("overload")
 BUILD = ROOT / "build" / "overload"
@@ -147,13 +147,7 @@ def memory(server) -> dict:
     allocated (tmpfs blocks, whether touched or not), in MiB."""
 
     def status(pid: int) -> dict[str, int]:
-        fields = {}
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssShmem"):
-                    fields[key] = int(value.split()[0]) * 1024
-        return fields
+        return proc_status(pid, "VmRSS", "RssAnon", "RssShmem")
 
     server_status = status(server.pid)
     stubs_anon = 0
