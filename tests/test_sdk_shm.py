@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -122,8 +125,6 @@ def test_a_call_interrupted_by_ctrl_c_never_reuses_its_region(grpc_url, photos):
 def test_a_forked_child_that_exits_leaves_the_parents_regions_alone(grpc_url, photos):
     """A child inherits the pool and runs its finalizer when it exits; the regions are the parent's, still in
     use there: unlinked and unregistered by the child, the parent's next call failed."""
-    import os
-
     with tv.Classifier(grpc_url, timeout=120, shm="system") as clf:
         expected = top(clf.classify(photos["chelsea"]))
         (name,) = clf.shm_regions
@@ -140,50 +141,50 @@ def test_a_forked_child_that_exits_leaves_the_parents_regions_alone(grpc_url, ph
     assert_no_regions(clf.shm_prefix, registered(grpc_url))
 
 
-def test_registering_a_region_counts_against_the_call_s_deadline(tmp_path, photos):
+@pytest.fixture(scope="module")
+def light_server(tmp_path_factory):
+    """A server of its own (the light ensemble), for tests that stop it."""
+    from tritonvision_server.configs import write_light_repository
+    from tritonvision_server.launcher import TritonServer
+
+    with TritonServer(write_light_repository(tmp_path_factory.mktemp("light") / "repo")) as server:
+        yield server
+
+
+@contextmanager
+def stopped(server):
+    """The server stopped (SIGSTOP: it takes calls and answers none) for the block."""
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def test_registering_a_region_counts_against_the_call_s_deadline(light_server, photos):
     """Against a server that stopped answering, a call that needs a new region ends with its deadline; the
     registration had no deadline and blocked until the server came back."""
-    import os
-    import signal
-
-    from tritonvision_server.configs import write_light_repository
-    from tritonvision_server.launcher import TritonServer
-
-    with TritonServer(write_light_repository(tmp_path / "repo")) as server:
-        with tv.Classifier(server.grpc_url, shm="system", retry=tv.RetryPolicy(attempts=1)) as clf:
-            clf.classify(photos["chelsea"])
-            larger = photos["chelsea"] + bytes(2 * 2**20)  # outgrows the region: a new one must be registered
-            os.kill(server.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                with pytest.raises(tv.DeadlineExceededError):
-                    clf.classify(larger, timeout=2)
-                assert time.monotonic() - started < 4
-            finally:
-                os.kill(server.pid, signal.SIGCONT)
-
-
-def test_closing_against_a_server_that_stopped_answering_waits_once_not_once_per_region(tmp_path, photos):
-    import os
-    import signal
-
-    from tritonvision_server.configs import write_light_repository
-    from tritonvision_server.launcher import TritonServer
-
-    with TritonServer(write_light_repository(tmp_path / "repo")) as server:
-        clf = tv.Classifier(server.grpc_url, shm="system")
-        pool = clf._transport.pool
-        held = [pool.acquire(photos["chelsea"])[0] for _ in range(4)]  # four registered regions
-        assert len(held) == 4 and all(r.registered for r in held)
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
+    with tv.Classifier(light_server.grpc_url, shm="system", retry=tv.RetryPolicy(attempts=1)) as clf:
+        clf.classify(photos["chelsea"])
+        larger = photos["chelsea"] + bytes(2 * 2**20)  # outgrows the region: a new one must be registered
+        with stopped(light_server):
             started = time.monotonic()
-            clf.close()
-            # One unregister timeout (5 s), then the rest are only destroyed here; it was 4 x 5 s.
-            assert time.monotonic() - started < 9
-            assert not [n for n in os.listdir("/dev/shm") if n.startswith(clf.shm_prefix)]
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
+            with pytest.raises(tv.DeadlineExceededError):
+                clf.classify(larger, timeout=2)
+            assert time.monotonic() - started < 4
+
+
+def test_closing_against_a_server_that_stopped_answering_waits_once_not_once_per_region(light_server, photos):
+    clf = tv.Classifier(light_server.grpc_url, shm="system")
+    pool = clf._transport.pool
+    held = [pool.acquire(photos["chelsea"])[0] for _ in range(4)]  # four registered regions
+    assert len(held) == 4 and all(r.registered for r in held)
+    with stopped(light_server):
+        started = time.monotonic()
+        clf.close()
+        # One unregister timeout (5 s), then the rest are only destroyed here; it was 4 x 5 s.
+        assert time.monotonic() - started < 9
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(clf.shm_prefix)]
 
 
 def test_a_region_in_use_is_unregistered_after_it_is_freed_also_without_a_deadline():
