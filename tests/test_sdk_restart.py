@@ -10,6 +10,7 @@ import pytest
 import tritonvision as tv
 from sdk_helpers import assert_no_regions, own_server, registered, top
 from tritonvision._transport._shm import leftover_files
+from tritonvision.spec import ENSEMBLE, PREPROCESS, RESNET50
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +94,20 @@ def test_async_stream_and_calls_fail_cleanly_when_the_server_goes_away(server, p
     prefix = asyncio.run(main())
     assert leftover_files(prefix) == []
     server.start()
+
+
+def test_statistics_across_a_restart_count_from_the_restart_instead_of_going_negative(server, photos):
+    with tv.Classifier(server.grpc_url, timeout=120, retry=PATIENT) as clf:
+        clf.classify_batch([photos["chelsea"]] * 3, top_k=1)
+        before = clf.settled_statistics()
+        assert before.models[ENSEMBLE].success.count >= 3
+        server.stop()
+        server.start()
+        clf.classify(photos["coffee"], top_k=1)
+        b = clf.settled_statistics() - before
+    assert set(b.restarted) >= {ENSEMBLE, PREPROCESS, RESNET50}
+    for stage in b.stages:
+        assert min(stage.requests, stage.failures, stage.executions, stage.inferences) >= 0, stage
+        assert min(stage.queue_ms, stage.infer_ms, stage.infer_ms_per_image) >= 0, stage
+    # The steps' counts since the restart include the server's own warm-up; the ensemble's are ours alone.
+    assert b[ENSEMBLE].requests == 1 and b[RESNET50].inferences >= 1

@@ -54,6 +54,29 @@ def test_breakdown_differences_two_snapshots():
     assert "avg_batch" in r.to_dict() and RESNET50 in b.table()
 
 
+def test_a_model_whose_counters_went_backwards_restarted_and_counts_from_zero():
+    # 10 images before; the server restarted (or the model was reloaded) and has served 3 since.
+    before = tv.Statistics.parse({"model_stats": [
+        model(RESNET50, inferences=10, executions=5, success=10, queue_ns=10_000_000, infer_ns=100_000_000,
+              batches={2: (5, 100_000_000)}),
+        model(ENSEMBLE, inferences=10, executions=10, success=10, queue_ns=0, infer_ns=0, batches={}),
+    ]}, taken_at=10.0)
+    after = tv.Statistics.parse({"model_stats": [
+        model(RESNET50, inferences=3, executions=3, success=3, queue_ns=3_000_000, infer_ns=30_000_000,
+              batches={1: (3, 30_000_000)}),
+        model(ENSEMBLE, inferences=14, executions=14, success=14, queue_ns=0, infer_ns=0, batches={}),
+    ]}, taken_at=20.0)
+    b = after - before
+    r = b[RESNET50]
+    assert r.restarted and not b[ENSEMBLE].restarted
+    assert (r.requests, r.inferences, r.executions) == (3, 3, 3)
+    assert r.queue_ms == pytest.approx(1.0) and r.infer_ms_per_image == pytest.approx(10.0)
+    assert b.restarted == [RESNET50]
+    assert b[ENSEMBLE].requests == 4
+    assert b.to_dict()["stages"][1]["restarted"] is True
+    assert "restarted" in b.table() and "*" in b.table()
+
+
 def test_measure_reports_every_stage_of_the_pipeline(classifier, photos):
     images = [photos["chelsea"], photos["coffee"], photos["rocket"]]
     with classifier.measure() as m:

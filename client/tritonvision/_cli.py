@@ -133,6 +133,9 @@ def _stats(args: argparse.Namespace) -> int:
             log.info("measuring for %g s", args.interval)
             time.sleep(args.interval)
             breakdown = (clf.statistics() - before).active()
+            if breakdown.restarted:
+                log.warning("%s started again during the interval (server restart or model reload): their figures "
+                            "count from that start", ", ".join(breakdown.restarted))
         else:
             breakdown = before.breakdown()
     if args.json:

@@ -7,6 +7,10 @@ counted 8 times); ``batch_stats`` count executions per batch size once each. Bet
 * requests = success.count; average request/queue/input/infer/output time = ns / count
 * executions and inferences (images): their ratio is the average dynamic batch size
 * infer time per image = the executions' compute_infer ns (from ``batch_stats``) / inferences
+
+Counters that went backwards mean the model started again in between (a server restart, a model reload):
+its figures then count from that start, and the stage is marked ``restarted``. A restart after which the
+model served more than before goes unnoticed; the counters cannot tell it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ class ModelCounters:
             batches={int(b["batch_size"]): Counter.parse(b.get("compute_infer")) for b in d.get("batch_stats", [])},
         )
 
+    def went_back_from(self, earlier: "ModelCounters") -> bool:
+        """True when a cumulative counter is lower than in ``earlier``: the model started again since."""
+        pairs = [(self.inference_count, earlier.inference_count), (self.execution_count, earlier.execution_count),
+                 (self.success.count, earlier.success.count), (self.fail.count, earlier.fail.count)]
+        return any(now < before for now, before in pairs)
+
     def __sub__(self, other: "ModelCounters") -> "ModelCounters":
         sizes = set(self.batches) | set(other.batches)
         return ModelCounters(
@@ -100,6 +110,8 @@ class StageStats:
     infer_ms: float
     output_ms: float
     infer_ms_per_image: float
+    #: the model started again during the interval (its counters went backwards): figures since that start
+    restarted: bool = False
 
     @property
     def avg_batch(self) -> float:
@@ -107,9 +119,10 @@ class StageStats:
         return self.inferences / self.executions if self.executions else 0.0
 
     @classmethod
-    def from_delta(cls, d: ModelCounters) -> "StageStats":
+    def from_delta(cls, d: ModelCounters, restarted: bool = False) -> "StageStats":
         batch_infer_ns = sum(c.ns for c in d.batches.values())
         return cls(
+            restarted=restarted,
             model=d.name,
             requests=d.success.count,
             failures=d.fail.count,
@@ -146,7 +159,8 @@ class Statistics:
         stages = []
         for name, now in self.models.items():
             before = earlier.models.get(name, ModelCounters(name))
-            stages.append(StageStats.from_delta(now - before))
+            restarted = now.went_back_from(before)
+            stages.append(StageStats.from_delta(now - (ModelCounters(name) if restarted else before), restarted))
         return Breakdown(_ordered(stages), self.taken_at - earlier.taken_at)
 
     def breakdown(self) -> "Breakdown":
@@ -189,15 +203,23 @@ class Breakdown:
                 return s
         raise KeyError(model)
 
+    @property
+    def restarted(self) -> list[str]:
+        """The models that started again during the interval; their figures count from that start."""
+        return [s.model for s in self.stages if s.restarted]
+
     def active(self) -> "Breakdown":
-        """Only the models that served requests in the interval."""
-        return Breakdown([s for s in self.stages if s.requests or s.failures], self.seconds)
+        """Only the models that served requests in the interval, or started again during it."""
+        return Breakdown([s for s in self.stages if s.requests or s.failures or s.restarted], self.seconds)
 
     def table(self) -> str:
         header = "  ".join(fmt.replace(".2f", "").format(title) for title, fmt, _ in _COLUMNS)
         lines = [header, "-" * len(header)]
         for s in self.stages:
-            lines.append("  ".join(fmt.format(getattr(s, attr)) for _, fmt, attr in _COLUMNS))
+            row = "  ".join(fmt.format(getattr(s, attr)) for _, fmt, attr in _COLUMNS)
+            lines.append(row + ("  *" if s.restarted else ""))
+        if self.restarted:
+            lines.append("* restarted during the interval (server restart or model reload): counted from that start")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
