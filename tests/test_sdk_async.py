@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import pytest
 
@@ -138,3 +139,47 @@ def test_classify_batch_raises_the_first_error_in_input_order_once_every_image_f
     assert type(results[1]) is type(error) and str(results[1]) == str(error)
     assert isinstance(results[2], tv.TritonVisionError) and "missing.jpg" in str(results[2])
     assert [type(r) for r in (results[0], results[3])] == [list, list]
+
+
+def test_async_calls_encode_pixels_off_the_event_loop(grpc_url, photos, classifier, monkeypatch):
+    """Encoding pixels to JPEG takes milliseconds to seconds of CPU: done on the event loop's thread, it would
+    stall every other task of the application (its health checks, its other requests) meanwhile."""
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from tritonvision import _images
+
+    pixels = np.asarray(Image.open(io.BytesIO(photos["chelsea"])).convert("RGB"))
+    expected = top(classifier.classify(pixels))
+    real = _images._encode_pil
+
+    def encode(image, what="PIL image"):
+        # The event loop must run another task while this waits; on the loop's own thread it waits in vain.
+        started.set()
+        assert loop_ran.wait(10), "encoding pixels blocked the event loop"
+        return real(image, what)
+
+    monkeypatch.setattr(_images, "_encode_pil", encode)
+
+    async def other_task():
+        while not started.is_set():
+            await asyncio.sleep(0.002)
+        loop_ran.set()
+
+    async def call(kind):
+        async with tv.AsyncClassifier(grpc_url, timeout=120) as clf:
+            if kind == "classify":
+                return top(await clf.classify(pixels))
+            return [top(c.predictions) async for c in clf.classify_stream([pixels])][0]
+
+    async def main(kind):
+        ticker = asyncio.create_task(other_task())
+        result = await call(kind)
+        await ticker
+        return result
+
+    for kind in ("classify", "stream"):
+        started, loop_ran = threading.Event(), threading.Event()
+        assert asyncio.run(main(kind)) == expected, kind

@@ -19,14 +19,22 @@ from .exceptions import DeadlineExceededError, TritonVisionError
 log = logging.getLogger("tritonvision")
 
 
+async def _off_the_loop(convert, image: ImageInput):
+    """``convert(image)``; reading a file or encoding pixels to JPEG blocks for milliseconds to seconds, so
+    that runs in a worker thread and the event loop keeps serving the application's other tasks."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return convert(image)
+    return await asyncio.to_thread(convert, image)
+
+
 async def _sources(images: Iterable[ImageInput] | AsyncIterable[ImageInput]) -> AsyncIterator:
     """The stream's items: each image's bytes, or the error that refuses it on the client."""
     if isinstance(images, AsyncIterable):
         async for image in images:
-            yield stream_source(image)
+            yield await _off_the_loop(stream_source, image)
     else:
         for image in images:
-            yield stream_source(image)
+            yield await _off_the_loop(stream_source, image)
 
 
 class AsyncClassifier(_ClassifierBase):
@@ -47,7 +55,7 @@ class AsyncClassifier(_ClassifierBase):
                        retry: RetryPolicy | None = None) -> list[Prediction]:
         """Top-k predictions for one image, best first; retried while the server is unavailable."""
         top_k, timeout = self._call_settings(top_k, timeout)
-        data = encoded_bytes(image)
+        data = await _off_the_loop(encoded_bytes, image)
         deadline = Deadline(timeout)
         delays = (retry or self.retry).delays()
         while True:
