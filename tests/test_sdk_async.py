@@ -183,3 +183,25 @@ def test_async_calls_encode_pixels_off_the_event_loop(grpc_url, photos, classifi
     for kind in ("classify", "stream"):
         started, loop_ran = threading.Event(), threading.Event()
         assert asyncio.run(main(kind)) == expected, kind
+
+
+def test_an_async_classifier_made_outside_a_loop_serves_each_loop_it_is_used_in(grpc_url, photos, classifier):
+    """Made at import time (a web app's module global) or in synchronous set-up code, then used under the
+    application's event loop, or under one asyncio.run() after another (scripts, tests)."""
+    expected = top(classifier.classify(photos["chelsea"]))
+    for shm in (None, "system"):
+        clf = tv.AsyncClassifier(grpc_url, timeout=120, shm=shm)
+
+        async def one():
+            preds = top(await clf.classify(photos["chelsea"]))
+            streamed = [top(c.predictions) async for c in clf.classify_stream([photos["chelsea"]])]
+            return preds, streamed
+
+        for _ in range(2):
+            assert asyncio.run(one()) == (expected, [expected]), shm
+        prefix = clf.shm_prefix
+        asyncio.run(clf.close())
+        if shm:
+            assert_no_regions(prefix, registered(grpc_url))
+        with pytest.raises(tv.TritonVisionError, match="closed"):
+            asyncio.run(clf.classify(photos["chelsea"]))

@@ -17,7 +17,7 @@ never see a region.
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 import struct
 from collections.abc import Mapping
 from typing import Union
@@ -27,10 +27,13 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._retry import Deadline
 from .._types import Prediction
+from ..exceptions import TritonVisionError
 from ..spec import ENSEMBLE, IMAGE, SCORES
 from ._channel import CHANNEL_ARGS, Connection, open_channel  # noqa: F401 - CHANNEL_ARGS: the benchmarks' bare loop
 from ._errors import map_error
 from ._shm import ShmInput, ShmPool
+
+log = logging.getLogger(__name__)
 
 Payload = Union[bytes, ShmInput]
 
@@ -287,16 +290,35 @@ class AsyncGrpcTransport:
         self.model = model
         self._registrar = GrpcTransport(self.connection, model=model, shm=shm, device_id=device_id) if shm else None
         self.pool: ShmPool | None = self._registrar.pool if self._registrar is not None else None
-        self._channel = open_channel(self.connection, aio=True)
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        # A grpc.aio channel belongs to the event loop it was opened in: it is opened in the first loop that
+        # uses the transport, and again in each later one (a client made at import time, then used under
+        # the application's loop or one asyncio.run() after another).
+        self._channel = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stub_of_loop: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         # The connection's headers go with every call as its metadata (see open_channel).
         self._metadata = self.connection.headers or None
-        self._model_infer = functools.partial(self._stub.ModelInfer, metadata=self._metadata)
+
+    @property
+    def _stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        if self._closed:
+            raise TritonVisionError(f"the client of {self.url} is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._channel is not None:
+                # Its loop has ended or is another thread's: it cannot be closed from here, and it goes with it.
+                log.debug("opening a new channel to %s for another event loop", self.url)
+            self._channel = open_channel(self.connection, aio=True)
+            self._loop = loop
+            self._stub_of_loop = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub_of_loop
 
     async def _infer(self, payload: Payload, top_k: int, timeout: float | None) -> list[Prediction]:
         try:
             return predictions(
-                await self._model_infer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout)
+                await self._stub.ModelInfer(infer_request(self.model, payload, top_k, timeout=timeout), timeout=timeout,
+                                            metadata=self._metadata)
             )
         except Exception as exc:
             raise map_error(exc) from exc
@@ -330,7 +352,10 @@ class AsyncGrpcTransport:
 
     async def close(self) -> None:
         try:
-            await self._channel.close()
+            if self._channel is not None and self._loop is asyncio.get_running_loop():
+                await self._channel.close()
+            self._channel = self._loop = self._stub_of_loop = None
+            self._closed = True
         finally:
             if self._registrar is not None:
                 # Unregistering waits for regions a cancelled request may still read: not on the event loop.
