@@ -5,6 +5,7 @@ and validated against Kubernetes' schemas (custom resources: their shape is chec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,35 @@ def test_an_object_store_repository_cannot_be_combined_with_the_pod_local_engine
         render({"modelRepository": {"url": "s3://b/p"}})  # engineBuild.enabled defaults to true
     with pytest.raises(helm.HelmValuesError):
         render({"modelRepository": {"url": "http://b/p"}, "engineBuild": {"enabled": False}})
+
+
+def test_the_liveness_probe_sends_a_photo_the_container_has_when_triton_downloads_the_repository():
+    import re
+
+    c = server(m := render(S3))
+    (image,) = [a.split("=", 1)[1] for a in c["livenessProbe"]["exec"]["command"] if a.startswith("--image=")]
+    # Nothing is copied to the repository's mount for a downloaded repository (no init container): the photo
+    # comes from the image, where deploy/Dockerfile copies the project into its WORKDIR.
+    assert "initContainers" not in pod(m) and not image.startswith("/models/")
+    dockerfile = (CHART.parents[2] / "deploy" / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    (workdir,) = re.findall(r"^WORKDIR (\S+)$", final_stage, flags=re.M)
+    assert re.search(r"^COPY \. \.$", final_stage, flags=re.M)
+    assert (CHART.parents[2] / Path(image).relative_to(workdir)).is_file()
+    # A copied repository (the image's, a volume's) has it at the mount.
+    assert f"--image=/models/preprocess/warmup/photo.jpg" in server(render(PVC))["livenessProbe"]["exec"]["command"]
+
+
+def test_a_mig_slice_is_the_gpu_the_engine_is_built_on():
+    # MIG nodes (mixed strategy) offer slices as their own resources and no nvidia.com/gpu.
+    mig = {"resources": {"limits": {"nvidia.com/gpu": None, "nvidia.com/mig-3g.40gb": 1, "memory": "24Gi"}},
+           "engineBuild": {"resources": {"limits": {"memory": "8Gi"}}}}
+    m = render(mig)
+    (init,) = pod(m)["initContainers"]
+    assert init["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": 1, "memory": "8Gi"}
+    assert server(m)["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": 1, "memory": "24Gi"}
+    validate_all(m)
+    lint(mig)
 
 
 @pytest.mark.parametrize("values, volume", [(PVC, {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}),
