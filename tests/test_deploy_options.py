@@ -187,6 +187,36 @@ def test_the_server_keeps_no_grpc_request_objects_for_reuse_unless_asked():
     assert pool_args({"server": {"grpcRequestPool": None}}) == []
 
 
+def test_only_the_kubelet_and_the_helm_test_reach_the_plain_http_port():
+    # Triton's HTTP port serves inference without TLS: open to the cluster, it would let any pod around gRPC's
+    # TLS, client certificates included. Probes come from the node, which a NetworkPolicy always lets through.
+    m = render(EVERYTHING)
+    policy = m["NetworkPolicy"]
+    assert policy["spec"]["podSelector"] == m["Deployment"]["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert set(rules) == {"http", "grpc", "metrics"} and all(len(r["ports"]) == 1 for r in rules.values())
+    assert "from" not in rules["grpc"] and "from" not in rules["metrics"]  # anyone, by default
+    (peer,) = rules["http"]["from"]
+    selected = peer["podSelector"]["matchLabels"].items()
+    assert selected <= m["Pod"]["metadata"]["labels"].items(), "the helm test pod must reach the http port"
+    assert not selected <= m["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert set(peer) == {"podSelector"}, "only pods of the release's namespace"
+    validate_all(m)
+
+    team = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vision-clients"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    debug = {"podSelector": {"matchLabels": {"role": "debug"}}}
+    own = render({"networkPolicy": {"grpcFrom": [team], "metricsFrom": [monitoring], "httpFrom": [debug]}})
+    rules = {r["ports"][0]["port"]: r for r in own["NetworkPolicy"]["spec"]["ingress"]}
+    assert rules["grpc"]["from"] == [team] and rules["metrics"]["from"] == [monitoring]
+    assert rules["http"]["from"][1:] == [debug]
+    validate_all(own)
+    assert "NetworkPolicy" not in render({"networkPolicy": {"enabled": False}})
+    with pytest.raises(helm.HelmValuesError):
+        render({"networkPolicy": {"grpcFrom": [{"cidr": "10.0.0.0/8"}]}})  # not a NetworkPolicyPeer
+
+
 def test_server_tls_comes_from_a_secret():
     m = render(EVERYTHING)
     args = server(m)["args"]
