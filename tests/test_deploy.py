@@ -294,6 +294,31 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     assert not any("restricted" in a for a in off["args"]) and "env" not in off
 
 
+def test_the_generated_access_key_survives_upgrades(tmp_path):
+    """An upgrade that drew a new key would leave running pods on the old one (a Secret read into the
+    environment is not re-read) while new pods and clients take the new one. The chart reads the Secret it
+    made back from the cluster (`lookup`, empty when rendering offline, as here): its helper is rendered
+    below with the Secret a cluster would return."""
+    import shutil
+
+    template = (CHART / "templates" / "secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    assert 'include "tritonvision.accessKeyData" (dict "existing" $existing)' in template
+    chart = tmp_path / "keycheck"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: keycheck\nversion: 0.1.0\n")
+    shutil.copy(CHART / "templates" / "_helpers.tpl", chart / "templates" / "_helpers.tpl")
+    (chart / "templates" / "keys.yaml").write_text(
+        'kept: {{ include "tritonvision.accessKeyData" (dict "existing" (dict "data" (dict "accessKey" "czNjcmV0"))) }}\n'
+        'new: {{ include "tritonvision.accessKeyData" (dict "existing" (dict)) }}\n'
+        'other: {{ include "tritonvision.accessKeyData" (dict "existing" (dict)) }}\n')
+    keys = yaml.safe_load(helm.Chart.load(chart).render(None, name="tv")["keycheck/templates/keys.yaml"])
+    assert keys["kept"] == "czNjcmV0"
+    import base64
+
+    assert len(base64.b64decode(keys["new"])) == 32 and keys["new"] != keys["other"]
+
+
 def _probe_args(container: dict, monkeypatch, env: dict[str, str]):
     """The liveness probe's command as the tritonvision CLI parses it, with the container's environment
     (the kubelet's $(VAR) expansion of env values done here)."""
