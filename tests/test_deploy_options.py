@@ -163,6 +163,20 @@ def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():
         render({"gateway": {"enabled": True}})  # a route attached to nothing
 
 
+def test_the_ingress_presents_a_client_certificate_to_a_server_that_requires_one():
+    # Under tls.mutual Triton refuses a TLS handshake without a client certificate: ingress-nginx then
+    # presents the server's own (the Secret the liveness probe presents too; it carries ca.crt as well).
+    def annotations(values):
+        return render(values)["Ingress"]["metadata"]["annotations"]
+
+    assert annotations(EVERYTHING)["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == "ml/tv-tls"
+    one_way = {"ingress": {"enabled": True}, "tls": {"enabled": True, "secretName": "tv-tls"}}
+    assert "nginx.ingress.kubernetes.io/proxy-ssl-secret" not in annotations(one_way)
+    own = {"nginx.ingress.kubernetes.io/proxy-ssl-secret": "ingress/edge-client"}
+    mine = annotations({**EVERYTHING, "ingress": {**EVERYTHING["ingress"], "annotations": own}})
+    assert mine["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == "ingress/edge-client"  # the user's wins, once
+
+
 def test_the_ingress_refuses_requests_larger_than_the_largest_accepted_image():
     from tritonvision import spec
 
