@@ -264,8 +264,22 @@ def test_the_disruption_budget_lets_a_one_pod_install_drain():
     pdb = render({"autoscaling": {"enabled": False}, "replicaCount": 1})["PodDisruptionBudget"]["spec"]
     # kubectl drain evicts through the budget: with one pod, minAvailable 1 would block it for ever.
     assert pdb == {"maxUnavailable": 1, "selector": pdb["selector"]}
-    floor = render({"podDisruptionBudget": {"minAvailable": 2}})["PodDisruptionBudget"]["spec"]
+    floor = render({"podDisruptionBudget": {"minAvailable": 2}, "autoscaling": {"minReplicas": 3}})["PodDisruptionBudget"]["spec"]
     assert floor["minAvailable"] == 2 and "maxUnavailable" not in floor
+
+
+@pytest.mark.parametrize("values", [
+    {"autoscaling": {"enabled": False}, "replicaCount": 1, "podDisruptionBudget": {"minAvailable": 1}},
+    {"autoscaling": {"enabled": False}, "replicaCount": 3, "podDisruptionBudget": {"minAvailable": 3}},
+    # The autoscaler's floor is where the pods sit when the load is low, when nodes are drained.
+    {"autoscaling": {"minReplicas": 2}, "podDisruptionBudget": {"minAvailable": 2}},
+    {"podDisruptionBudget": {"minAvailable": "100%"}},
+])
+def test_a_floor_that_would_block_every_drain_is_refused(values):
+    # A budget that allows no eviction at the usual replica count makes `kubectl drain` (node upgrades,
+    # autoscaler scale-down) wait for ever.
+    with pytest.raises(helm.HelmRenderError, match="minAvailable"):
+        render(values)
 
 
 def test_summary_latencies_alerts_and_dashboard():
