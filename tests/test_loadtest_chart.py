@@ -112,6 +112,16 @@ def test_the_default_locustfile_path_is_where_the_load_test_image_puts_it():
     assert "'.[loadtest]'" in dockerfile
 
 
+def test_both_roles_run_the_image_pinned_by_digest():
+    digest = "sha256:" + "cd" * 32
+    m = render({"image": {"digest": digest}})
+    for role in ("master", "worker"):
+        assert container(m, role)["image"] == f"ghcr.io/example/tritonvision-loadtest@{digest}"
+    assert container(render(), "worker")["image"] == "ghcr.io/example/tritonvision-loadtest:0.1.0"
+    with pytest.raises(helm.HelmValuesError):
+        render({"image": {"digest": "latest"}})
+
+
 def test_names_fit_dns_labels_for_long_release_names():
     m = render(name="a-release-name-long-enough-to-push-every-generated-name-past-sixty-three")
     names = [doc["metadata"]["name"] for doc in m.values()]
