@@ -43,6 +43,20 @@ def test_chart_lints_clean_in_strict_mode():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_manifests_are_valid_from_the_oldest_kubernetes_the_chart_allows_to_the_newest_schemas():
+    import re
+
+    from kubernetes_validate.utils import latest_version
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    oldest = re.fullmatch(r">=(\d+\.\d+)\.0-0", chart["kubeVersion"]).group(1)
+    newest = latest_version().rsplit(".", 1)[0]
+    for version in (oldest, newest):
+        for doc in render({"ingress": {"enabled": True}, "podDisruptionBudget": {"minAvailable": 1},
+                           "autoscaling": {"minReplicas": 2}}).values():
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
 @pytest.mark.parametrize("values", [
     None,
     {"autoscaling": {"enabled": False}, "engineBuild": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
