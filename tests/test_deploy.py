@@ -245,6 +245,8 @@ def test_names_fit_dns_labels_for_long_release_names():
     {"service": {"annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": True}}},
     {"podDisruptionBudget": {"maxUnavailable": "one"}},
     {"podDisruptionBudget": {"minAvailable": "150%"}},
+    # Client certificates asked for without TLS: the server would serve plaintext to anyone.
+    {"tls": {"mutual": True, "secretName": "tv-tls"}},
 ])
 def test_schema_refuses_bad_values(values):
     with pytest.raises(helm.HelmValuesError):
