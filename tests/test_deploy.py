@@ -409,7 +409,8 @@ def test_the_image_build_context_leaves_out_what_git_leaves_out_at_the_root():
     local = [line.strip().strip("/").replace("*", "dali") for line in (root / ".gitignore").read_text().splitlines()
              if line.startswith("/")]
     assert ".venv-dali" in local and ".venv" in local
-    for entry in local + [".git", ".pytest_cache", "client/tritonvision/__pycache__"]:
+    # Tools' caches ignore themselves with a .gitignore of their own (ruff's, mypy's).
+    for entry in local + [".git", ".pytest_cache", ".ruff_cache", ".mypy_cache", "client/tritonvision/__pycache__"]:
         assert _docker_ignores(patterns, f"{entry}/x"), f"{entry}/ is sent to the image build"
     # What the image needs stays in.
     for path in ("build_engines.py", "constraints.txt", "pyproject.toml", "model_repository/preprocess/1/dali.py",
