@@ -92,11 +92,11 @@ def test_the_liveness_probe_sends_a_photo_the_container_has_when_triton_download
     assert "initContainers" not in pod(m) and not image.startswith("/models/")
     dockerfile = (CHART.parents[2] / "deploy" / "Dockerfile").read_text()
     final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
-    (workdir,) = re.findall(r"^WORKDIR (\S+)$", final_stage, flags=re.M)
-    assert re.search(r"^COPY \. \.$", final_stage, flags=re.M)
+    (workdir,) = re.findall(r"^WORKDIR (\S+)$", final_stage, flags=re.MULTILINE)
+    assert re.search(r"^COPY \. \.$", final_stage, flags=re.MULTILINE)
     assert (CHART.parents[2] / Path(image).relative_to(workdir)).is_file()
     # A copied repository (the image's, a volume's) has it at the mount.
-    assert f"--image=/models/preprocess/warmup/photo.jpg" in server(render(PVC))["livenessProbe"]["exec"]["command"]
+    assert "--image=/models/preprocess/warmup/photo.jpg" in server(render(PVC))["livenessProbe"]["exec"]["command"]
 
 
 def test_a_mig_slice_is_the_gpu_the_engine_is_built_on():
