@@ -260,6 +260,14 @@ def test_escape_hatches_reach_the_pod():
             render(bad)
 
 
+def test_every_pod_pulls_with_the_registry_secrets():
+    # A cluster that pulls through a private mirror needs them for the helm test's image as well.
+    m = render({"imagePullSecrets": [{"name": "mirror"}], "tests": {"image": "mirror.example.com/curlimages/curl:8.10.1"}})
+    assert pod(m)["imagePullSecrets"] == [{"name": "mirror"}]
+    assert m["Pod"]["spec"]["imagePullSecrets"] == [{"name": "mirror"}]
+    assert "imagePullSecrets" not in render()["Pod"]["spec"]
+
+
 def test_the_disruption_budget_lets_a_one_pod_install_drain():
     pdb = render({"autoscaling": {"enabled": False}, "replicaCount": 1})["PodDisruptionBudget"]["spec"]
     # kubectl drain evicts through the budget: with one pod, minAvailable 1 would block it for ever.
