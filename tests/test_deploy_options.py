@@ -163,6 +163,17 @@ def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():
         render({"gateway": {"enabled": True}})  # a route attached to nothing
 
 
+@pytest.mark.parametrize("exposed", [{"ingress": {"enabled": True}},
+                                     {"gateway": {"enabled": True, "parentRefs": [{"name": "public"}]}}])
+def test_administrative_rpcs_are_not_published_outside_the_cluster_without_the_access_key(exposed):
+    # The proxies route every RPC of the service: without the key anyone outside could unload the models
+    # (model-repository), read statistics, or register /dev/shm keys of the pod (Triton before 2.68).
+    with pytest.raises(helm.HelmValuesError):
+        render({**exposed, "accessKey": {"enabled": False, "name": "tritonvision-admin", "existingSecret": ""}})
+    validate_all(render(exposed))
+    validate_all(render({"accessKey": {"enabled": False, "name": "tritonvision-admin", "existingSecret": ""}}))
+
+
 def test_the_ingress_presents_a_client_certificate_to_a_server_that_requires_one():
     # Under tls.mutual Triton refuses a TLS handshake without a client certificate: ingress-nginx then
     # presents the server's own (the Secret the liveness probe presents too; it carries ca.crt as well).
