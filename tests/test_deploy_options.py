@@ -164,7 +164,8 @@ def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():
 
 
 @pytest.mark.parametrize("exposed", [{"ingress": {"enabled": True}},
-                                     {"gateway": {"enabled": True, "parentRefs": [{"name": "public"}]}}])
+                                     {"gateway": {"enabled": True, "parentRefs": [{"name": "public"}]}},
+                                     {"service": {"type": "LoadBalancer"}}, {"service": {"type": "NodePort"}}])
 def test_administrative_rpcs_are_not_published_outside_the_cluster_without_the_access_key(exposed):
     # The proxies route every RPC of the service: without the key anyone outside could unload the models
     # (model-repository), read statistics, or register /dev/shm keys of the pod (Triton before 2.68).
