@@ -43,6 +43,20 @@ def test_chart_lints_clean_in_strict_mode():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_manifests_are_valid_from_the_oldest_kubernetes_the_chart_allows_to_the_newest_schemas():
+    import re
+
+    from kubernetes_validate.utils import latest_version
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    oldest = re.fullmatch(r">=(\d+\.\d+)\.0-0", chart["kubeVersion"]).group(1)
+    newest = latest_version().rsplit(".", 1)[0]
+    for version in (oldest, newest):
+        for doc in render({"ingress": {"enabled": True}, "podDisruptionBudget": {"minAvailable": 1},
+                           "autoscaling": {"minReplicas": 2}}).values():
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
 @pytest.mark.parametrize("values", [
     None,
     {"autoscaling": {"enabled": False}, "engineBuild": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
@@ -197,6 +211,20 @@ def test_extra_server_arguments_and_the_drain_time_reach_the_server():
     assert pod(m)["terminationGracePeriodSeconds"] > 60
 
 
+def test_a_stopping_pod_keeps_serving_until_it_has_left_the_endpoints_then_drains():
+    # From SIGTERM on, Triton 2.51 refuses every new inference (UNAVAILABLE "Server is stopping", core r24.10
+    # DynamicBatchScheduler::Enqueue) and closes its HTTP port, while kube-proxy, ingress controllers and
+    # clients resolving the headless Service still send it requests for a few seconds: the preStop hook
+    # holds SIGTERM back until they have let the pod go.
+    m = render({"server": {"exitTimeoutSeconds": 60, "preStopSeconds": 12}})
+    assert server(m)["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "12"]}}
+    # The grace period covers the wait, then the drain, then unloading the models.
+    assert pod(m)["terminationGracePeriodSeconds"] >= 12 + 60 + 10
+    default = render()
+    assert int(server(default)["lifecycle"]["preStop"]["exec"]["command"][1]) >= 5
+    assert "lifecycle" not in server(render({"server": {"preStopSeconds": 0}}))
+
+
 def test_names_fit_dns_labels_for_long_release_names():
     m = render(name="a-release-name-long-enough-to-push-every-generated-name-past-sixty-three")
     for doc in m.values():
@@ -210,10 +238,38 @@ def test_names_fit_dns_labels_for_long_release_names():
     {"autoscaling": {"minReplicas": 0}},
     {"server": {"extraArgs": ["allow-client-shm=true"]}},
     {"replicas": 2},
+    # Kubernetes takes only strings in these maps; YAML's true and 1 are not.
+    {"nodeSelector": {"nvidia.com/gpu.present": True}},
+    {"podAnnotations": {"prometheus.io/scrape": True}},
+    {"podLabels": {"tier": 1}},
+    {"service": {"annotations": {"service.beta.kubernetes.io/aws-load-balancer-internal": True}}},
+    {"podDisruptionBudget": {"maxUnavailable": "one"}},
+    {"podDisruptionBudget": {"minAvailable": "150%"}},
+    # Client certificates asked for without TLS: the server would serve plaintext to anyone.
+    {"tls": {"mutual": True, "secretName": "tv-tls"}},
 ])
 def test_schema_refuses_bad_values(values):
     with pytest.raises(helm.HelmValuesError):
         helm.Chart.load(CHART).render(values, name="tv")
+
+
+def test_autoscaling_refuses_a_floor_above_its_ceiling():
+    # The API server would refuse the HPA at install time, after the rest of the release was applied.
+    with pytest.raises(helm.HelmRenderError, match="minReplicas"):
+        render({"autoscaling": {"minReplicas": 4, "maxReplicas": 2}})
+    assert render({"autoscaling": {"minReplicas": 2, "maxReplicas": 2}})["HorizontalPodAutoscaler"]["spec"]["minReplicas"] == 2
+
+
+@pytest.mark.parametrize("values", [
+    {"sharedMemorySizeLimit": "2.5Gi"},
+    {"sharedMemorySizeLimit": "3G"},
+    {"podDisruptionBudget": {"maxUnavailable": "25%"}},
+    {"podDisruptionBudget": {"minAvailable": "50%"}},
+    {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, "podAnnotations": {"prometheus.io/scrape": "true"}},
+])
+def test_schema_accepts_what_kubernetes_accepts(values):
+    for doc in render(values).values():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
 
 
 def test_the_metrics_adapter_rule_serves_the_metric_the_hpa_scales_on():
@@ -252,6 +308,31 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     assert server(own)["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "mine"
     off = server(render({"accessKey": {"enabled": False}}))
     assert not any("restricted" in a for a in off["args"]) and "env" not in off
+
+
+def test_the_generated_access_key_survives_upgrades(tmp_path):
+    """An upgrade that drew a new key would leave running pods on the old one (a Secret read into the
+    environment is not re-read) while new pods and clients take the new one. The chart reads the Secret it
+    made back from the cluster (`lookup`, empty when rendering offline, as here): its helper is rendered
+    below with the Secret a cluster would return."""
+    import shutil
+
+    template = (CHART / "templates" / "secret.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    assert 'include "tritonvision.accessKeyData" (dict "existing" $existing)' in template
+    chart = tmp_path / "keycheck"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: keycheck\nversion: 0.1.0\n")
+    shutil.copy(CHART / "templates" / "_helpers.tpl", chart / "templates" / "_helpers.tpl")
+    (chart / "templates" / "keys.yaml").write_text(
+        'kept: {{ include "tritonvision.accessKeyData" (dict "existing" (dict "data" (dict "accessKey" "czNjcmV0"))) }}\n'
+        'new: {{ include "tritonvision.accessKeyData" (dict "existing" (dict)) }}\n'
+        'other: {{ include "tritonvision.accessKeyData" (dict "existing" (dict)) }}\n')
+    keys = yaml.safe_load(helm.Chart.load(chart).render(None, name="tv")["keycheck/templates/keys.yaml"])
+    assert keys["kept"] == "czNjcmV0"
+    import base64
+
+    assert len(base64.b64decode(keys["new"])) == 32 and keys["new"] != keys["other"]
 
 
 def _probe_args(container: dict, monkeypatch, env: dict[str, str]):
@@ -295,6 +376,47 @@ def test_liveness_probe_speaks_tls_and_carries_the_access_key(monkeypatch):
     assert {v["name"]: v for v in pod(m)["volumes"]}["tls"]["secret"]["secretName"] == "tv-tls"
     for doc in m.values():
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def _docker_ignores(patterns: list[str], path: str) -> bool:
+    """Whether a .dockerignore leaves `path` out of the build context (Docker's rules: Go filepath.Match on
+    the path relative to the context, `**` for any number of folders, a folder taking its contents with it,
+    later `!` patterns re-including)."""
+    import re
+
+    def regex(pattern: str) -> re.Pattern:
+        out = ""
+        for part in re.split(r"(\*\*/?|\*|\?)", pattern.strip("/")):
+            out += {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+        return re.compile(out + "$")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        exclude = not pattern.startswith("!")
+        if any(regex(pattern.lstrip("!")).match(p) for p in prefixes):
+            ignored = exclude
+    return ignored
+
+
+def test_the_image_build_context_leaves_out_what_git_leaves_out_at_the_root():
+    root = CHART.parents[2]
+    patterns = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    # Local virtual environments (`make test` puts two DALI versions in .venv-dali/, 1.6 GB), wheels, build
+    # outputs and results: COPY . . would put them into the image.
+    local = [line.strip().strip("/").replace("*", "dali") for line in (root / ".gitignore").read_text().splitlines()
+             if line.startswith("/")]
+    assert ".venv-dali" in local and ".venv" in local
+    # Tools' caches ignore themselves with a .gitignore of their own (ruff's, mypy's).
+    for entry in local + [".git", ".pytest_cache", ".ruff_cache", ".mypy_cache", "client/tritonvision/__pycache__"]:
+        assert _docker_ignores(patterns, f"{entry}/x"), f"{entry}/ is sent to the image build"
+    # What the image needs stays in.
+    for path in ("build_engines.py", "constraints.txt", "pyproject.toml", "model_repository/preprocess/1/dali.py",
+                 "model_repository/preprocess/warmup/photo.jpg", "client/tritonvision/samples/chelsea.jpg",
+                 "server/tritonvision_server/configs.py", "loadtest/locustfile.py"):
+        assert not _docker_ignores(patterns, path), path
 
 
 def test_server_image_targets_the_charts_release_and_refuses_random_weights():

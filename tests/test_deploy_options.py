@@ -5,6 +5,7 @@ and validated against Kubernetes' schemas (custom resources: their shape is chec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,35 @@ def test_an_object_store_repository_cannot_be_combined_with_the_pod_local_engine
         render({"modelRepository": {"url": "http://b/p"}, "engineBuild": {"enabled": False}})
 
 
+def test_the_liveness_probe_sends_a_photo_the_container_has_when_triton_downloads_the_repository():
+    import re
+
+    c = server(m := render(S3))
+    (image,) = [a.split("=", 1)[1] for a in c["livenessProbe"]["exec"]["command"] if a.startswith("--image=")]
+    # Nothing is copied to the repository's mount for a downloaded repository (no init container): the photo
+    # comes from the image, where deploy/Dockerfile copies the project into its WORKDIR.
+    assert "initContainers" not in pod(m) and not image.startswith("/models/")
+    dockerfile = (CHART.parents[2] / "deploy" / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    (workdir,) = re.findall(r"^WORKDIR (\S+)$", final_stage, flags=re.MULTILINE)
+    assert re.search(r"^COPY \. \.$", final_stage, flags=re.MULTILINE)
+    assert (CHART.parents[2] / Path(image).relative_to(workdir)).is_file()
+    # A copied repository (the image's, a volume's) has it at the mount.
+    assert "--image=/models/preprocess/warmup/photo.jpg" in server(render(PVC))["livenessProbe"]["exec"]["command"]
+
+
+def test_a_mig_slice_is_the_gpu_the_engine_is_built_on():
+    # MIG nodes (mixed strategy) offer slices as their own resources and no nvidia.com/gpu.
+    mig = {"resources": {"limits": {"nvidia.com/gpu": None, "nvidia.com/mig-3g.40gb": 1, "memory": "24Gi"}},
+           "engineBuild": {"resources": {"limits": {"memory": "8Gi"}}}}
+    m = render(mig)
+    (init,) = pod(m)["initContainers"]
+    assert init["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": 1, "memory": "8Gi"}
+    assert server(m)["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": 1, "memory": "24Gi"}
+    validate_all(m)
+    lint(mig)
+
+
 @pytest.mark.parametrize("values, volume", [(PVC, {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}),
                                             (NFS, {"nfs": {"server": "nfs.internal", "path": "/exports/models", "readOnly": True}})])
 def test_a_volume_repository_is_copied_and_gets_its_engine_built(values, volume):
@@ -133,6 +163,32 @@ def test_ingress_and_grpcroute_send_grpc_to_the_service_with_tls():
         render({"gateway": {"enabled": True}})  # a route attached to nothing
 
 
+@pytest.mark.parametrize("exposed", [{"ingress": {"enabled": True}},
+                                     {"gateway": {"enabled": True, "parentRefs": [{"name": "public"}]}},
+                                     {"service": {"type": "LoadBalancer"}}, {"service": {"type": "NodePort"}}])
+def test_administrative_rpcs_are_not_published_outside_the_cluster_without_the_access_key(exposed):
+    # The proxies route every RPC of the service: without the key anyone outside could unload the models
+    # (model-repository), read statistics, or register /dev/shm keys of the pod (Triton before 2.68).
+    with pytest.raises(helm.HelmValuesError):
+        render({**exposed, "accessKey": {"enabled": False, "name": "tritonvision-admin", "existingSecret": ""}})
+    validate_all(render(exposed))
+    validate_all(render({"accessKey": {"enabled": False, "name": "tritonvision-admin", "existingSecret": ""}}))
+
+
+def test_the_ingress_presents_a_client_certificate_to_a_server_that_requires_one():
+    # Under tls.mutual Triton refuses a TLS handshake without a client certificate: ingress-nginx then
+    # presents the server's own (the Secret the liveness probe presents too; it carries ca.crt as well).
+    def annotations(values):
+        return render(values)["Ingress"]["metadata"]["annotations"]
+
+    assert annotations(EVERYTHING)["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == "ml/tv-tls"
+    one_way = {"ingress": {"enabled": True}, "tls": {"enabled": True, "secretName": "tv-tls"}}
+    assert "nginx.ingress.kubernetes.io/proxy-ssl-secret" not in annotations(one_way)
+    own = {"nginx.ingress.kubernetes.io/proxy-ssl-secret": "ingress/edge-client"}
+    mine = annotations({**EVERYTHING, "ingress": {**EVERYTHING["ingress"], "annotations": own}})
+    assert mine["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == "ingress/edge-client"  # the user's wins, once
+
+
 def test_the_ingress_refuses_requests_larger_than_the_largest_accepted_image():
     from tritonvision import spec
 
@@ -155,6 +211,36 @@ def test_the_server_keeps_no_grpc_request_objects_for_reuse_unless_asked():
     assert pool_args({}) == ["--grpc-infer-allocation-pool-size=0"]
     assert pool_args({"server": {"grpcRequestPool": 8}}) == ["--grpc-infer-allocation-pool-size=8"]
     assert pool_args({"server": {"grpcRequestPool": None}}) == []
+
+
+def test_only_the_kubelet_and_the_helm_test_reach_the_plain_http_port():
+    # Triton's HTTP port serves inference without TLS: open to the cluster, it would let any pod around gRPC's
+    # TLS, client certificates included. Probes come from the node, which a NetworkPolicy always lets through.
+    m = render(EVERYTHING)
+    policy = m["NetworkPolicy"]
+    assert policy["spec"]["podSelector"] == m["Deployment"]["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert set(rules) == {"http", "grpc", "metrics"} and all(len(r["ports"]) == 1 for r in rules.values())
+    assert "from" not in rules["grpc"] and "from" not in rules["metrics"]  # anyone, by default
+    (peer,) = rules["http"]["from"]
+    selected = peer["podSelector"]["matchLabels"].items()
+    assert selected <= m["Pod"]["metadata"]["labels"].items(), "the helm test pod must reach the http port"
+    assert not selected <= m["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert set(peer) == {"podSelector"}, "only pods of the release's namespace"
+    validate_all(m)
+
+    team = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vision-clients"}}}
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    debug = {"podSelector": {"matchLabels": {"role": "debug"}}}
+    own = render({"networkPolicy": {"grpcFrom": [team], "metricsFrom": [monitoring], "httpFrom": [debug]}})
+    rules = {r["ports"][0]["port"]: r for r in own["NetworkPolicy"]["spec"]["ingress"]}
+    assert rules["grpc"]["from"] == [team] and rules["metrics"]["from"] == [monitoring]
+    assert rules["http"]["from"][1:] == [debug]
+    validate_all(own)
+    assert "NetworkPolicy" not in render({"networkPolicy": {"enabled": False}})
+    with pytest.raises(helm.HelmValuesError):
+        render({"networkPolicy": {"grpcFrom": [{"cidr": "10.0.0.0/8"}]}})  # not a NetworkPolicyPeer
 
 
 def test_server_tls_comes_from_a_secret():
@@ -186,12 +272,34 @@ def test_escape_hatches_reach_the_pod():
             render(bad)
 
 
+def test_every_pod_pulls_with_the_registry_secrets():
+    # A cluster that pulls through a private mirror needs them for the helm test's image as well.
+    m = render({"imagePullSecrets": [{"name": "mirror"}], "tests": {"image": "mirror.example.com/curlimages/curl:8.10.1"}})
+    assert pod(m)["imagePullSecrets"] == [{"name": "mirror"}]
+    assert m["Pod"]["spec"]["imagePullSecrets"] == [{"name": "mirror"}]
+    assert "imagePullSecrets" not in render()["Pod"]["spec"]
+
+
 def test_the_disruption_budget_lets_a_one_pod_install_drain():
     pdb = render({"autoscaling": {"enabled": False}, "replicaCount": 1})["PodDisruptionBudget"]["spec"]
     # kubectl drain evicts through the budget: with one pod, minAvailable 1 would block it for ever.
     assert pdb == {"maxUnavailable": 1, "selector": pdb["selector"]}
-    floor = render({"podDisruptionBudget": {"minAvailable": 2}})["PodDisruptionBudget"]["spec"]
+    floor = render({"podDisruptionBudget": {"minAvailable": 2}, "autoscaling": {"minReplicas": 3}})["PodDisruptionBudget"]["spec"]
     assert floor["minAvailable"] == 2 and "maxUnavailable" not in floor
+
+
+@pytest.mark.parametrize("values", [
+    {"autoscaling": {"enabled": False}, "replicaCount": 1, "podDisruptionBudget": {"minAvailable": 1}},
+    {"autoscaling": {"enabled": False}, "replicaCount": 3, "podDisruptionBudget": {"minAvailable": 3}},
+    # The autoscaler's floor is where the pods sit when the load is low, when nodes are drained.
+    {"autoscaling": {"minReplicas": 2}, "podDisruptionBudget": {"minAvailable": 2}},
+    {"podDisruptionBudget": {"minAvailable": "100%"}},
+])
+def test_a_floor_that_would_block_every_drain_is_refused(values):
+    # A budget that allows no eviction at the usual replica count makes `kubectl drain` (node upgrades,
+    # autoscaler scale-down) wait for ever.
+    with pytest.raises(helm.HelmRenderError, match="minAvailable"):
+        render(values)
 
 
 def test_summary_latencies_alerts_and_dashboard():

@@ -112,6 +112,25 @@ def test_the_default_locustfile_path_is_where_the_load_test_image_puts_it():
     assert "'.[loadtest]'" in dockerfile
 
 
+def test_load_generators_are_not_throttled():
+    # A CPU limit throttles a worker in 100 ms periods whenever its gevent loop and gRPC's threads together
+    # pass it: the pauses land in the latencies it reports as the server's. Each worker asks for its core.
+    m = render()
+    for role in ("master", "worker"):
+        assert "cpu" not in container(m, role)["resources"].get("limits", {})
+    assert container(m, "worker")["resources"]["requests"]["cpu"] == "1"
+
+
+def test_both_roles_run_the_image_pinned_by_digest():
+    digest = "sha256:" + "cd" * 32
+    m = render({"image": {"digest": digest}})
+    for role in ("master", "worker"):
+        assert container(m, role)["image"] == f"ghcr.io/example/tritonvision-loadtest@{digest}"
+    assert container(render(), "worker")["image"] == "ghcr.io/example/tritonvision-loadtest:0.1.0"
+    with pytest.raises(helm.HelmValuesError):
+        render({"image": {"digest": "latest"}})
+
+
 def test_names_fit_dns_labels_for_long_release_names():
     m = render(name="a-release-name-long-enough-to-push-every-generated-name-past-sixty-three")
     names = [doc["metadata"]["name"] for doc in m.values()]

@@ -31,7 +31,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* The container both roles share; "args" is the role's own Locust arguments. */}}
 {{- define "tvload.container" -}}
 - name: locust
-  image: "{{ .root.Values.image.repository }}:{{ .root.Values.image.tag }}"
+  image: {{ ternary (printf "%s@%s" .root.Values.image.repository .root.Values.image.digest) (printf "%s:%s" .root.Values.image.repository .root.Values.image.tag) (not (empty .root.Values.image.digest)) | quote }}
   imagePullPolicy: {{ .root.Values.image.pullPolicy }}
   securityContext:
     {{- toYaml .root.Values.securityContext | nindent 4 }}

@@ -46,6 +46,14 @@ The Secret with the access key of the administrative protocols: the user's, or t
 {{- define "tritonvision.accessKeySecret" -}}
 {{- .Values.accessKey.existingSecret | default (printf "%s-access-key" (include "tritonvision.fullname" . | trunc 52 | trimSuffix "-")) }}
 {{- end }}
+{{/*
+The access key's Secret data: the value of the Secret already in the cluster ("existing", what lookup
+returned: empty on install and offline), else 32 random characters. Quoted, base64.
+*/}}
+{{- define "tritonvision.accessKeyData" -}}
+{{- $kept := index ((.existing | default dict).data | default dict) "accessKey" }}
+{{- $kept | default (randAlphaNum 32 | b64enc) | quote }}
+{{- end }}
 {{/* The image reference: pinned by digest when one is given. */}}
 {{- define "tritonvision.image" -}}
 {{- if .Values.image.digest }}
