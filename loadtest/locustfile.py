@@ -220,6 +220,12 @@ class LatencyRecorder:
 
 @events.init.add_listener
 def _init(environment, **_kw) -> None:
+    def users_in_all(user_count, **_kw) -> None:
+        # On a worker, the runner counts only its own users; the master tells every worker the total when
+        # spawning completes (after each step of a load shape too), and the users pace to their share of it.
+        environment.tritonvision_users_in_all = user_count
+
+    environment.events.spawning_complete.add_listener(users_in_all)
     opts = environment.parsed_options
     if opts is not None and opts.latency_file:
         recorder = LatencyRecorder(Path(opts.latency_file))
@@ -238,11 +244,16 @@ class TritonUser(User):
     def wait_time(self) -> float:
         # Closed loop by default: the next request leaves when the previous answer came. With an arrival
         # rate each user paces itself to rate / users requests per second (Locust's constant_throughput,
-        # with the share recomputed as the user count changes).
+        # with the share recomputed as the user count changes), users counted over all workers.
         rate = self.environment.parsed_options.arrival_rate
         if rate <= 0:
             return 0.0
-        users = max(1, self.environment.runner.user_count if self.environment.runner else 1)
+        runner = self.environment.runner
+        users = runner.user_count if runner else 1
+        if isinstance(runner, WorkerRunner):
+            # Until the master's first total arrives, this worker's own count (the first requests go early).
+            users = max(users, getattr(self.environment, "tritonvision_users_in_all", 0))
+        users = max(1, users)
         interval = users / rate
         return max(0.0, interval - (time.perf_counter() - self._task_started))
 

@@ -127,7 +127,9 @@ def test_load_shapes_change_the_user_count_over_time_and_end_by_themselves(grpc_
     assert phases == expected, counts
 
 
-def test_master_with_two_workers_shares_the_load_and_sums_their_statistics(grpc_url, tmp_path):
+def distributed(grpc_url, tmp_path, *extra) -> tuple[list[int], int]:
+    """A headless master with two workers, 4 UnaryUsers for 5 s: the requests each worker recorded, and the
+    count the master's statistics show."""
     from tritonvision_server.launcher import free_port
 
     port = free_port()
@@ -136,7 +138,7 @@ def test_master_with_two_workers_shares_the_load_and_sums_their_statistics(grpc_
     master = subprocess.Popen(
         locust_cmd(grpc_url, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                    "--headless", "--expect-workers", "2", "-u", "4", "-r", "4", "-t", "5s", "--csv", str(prefix),
-                   "UnaryUser"),
+                   *extra, "UnaryUser"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Workers take the options the user code reads from the master; the recording is set up at each
     # worker's start, so it takes its file from the environment.
@@ -156,10 +158,21 @@ def test_master_with_two_workers_shares_the_load_and_sums_their_statistics(grpc_
     files = sorted(tmp_path.glob("latency.*.json"))
     assert len(files) == 2, "each worker writes its own recording"
     per_worker = [len(json.loads(f.read_text())["requests"].get("unary classify", [])) for f in files]
+    return per_worker, int(stats(prefix)["unary classify"]["Request Count"])
+
+
+def test_master_with_two_workers_shares_the_load_and_sums_their_statistics(grpc_url, tmp_path):
+    per_worker, summed = distributed(grpc_url, tmp_path)
     assert all(n > 0 for n in per_worker), per_worker
     # The master sums what the workers report; a request in flight when the master stops (one per user at
     # most) finishes on its worker after the last report.
-    assert sum(per_worker) - 4 <= int(stats(prefix)["unary classify"]["Request Count"]) <= sum(per_worker)
+    assert sum(per_worker) - 4 <= summed <= sum(per_worker)
+
+
+def test_an_arrival_rate_is_the_rate_of_all_workers_together(grpc_url, tmp_path):
+    per_worker, _ = distributed(grpc_url, tmp_path, "--arrival-rate", "4")
+    # ~4/s over 5 s in all; each worker pacing its own users to the whole rate would send twice that.
+    assert all(n > 0 for n in per_worker) and 12 <= sum(per_worker) <= 30, per_worker
 
 
 # -- the sweep --------------------------------------------------------------------------------------------
