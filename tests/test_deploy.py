@@ -152,6 +152,34 @@ def test_the_server_keeps_writable_tmp_and_a_memory_backed_dev_shm():
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
+def test_a_restarted_server_container_does_not_inherit_the_shared_memory_its_crashed_run_left(tmp_path):
+    """The pod's /dev/shm outlives a container that crashed, and Triton's python backend leaves its regions there
+    when the server dies (measured with the bundled 2.51: SIGSEGV of tritonserver left its 48 MiB). Each
+    restart would inherit them until /dev/shm is full and the validate step cannot load: a crash loop that
+    never heals. The container's command removes the regions of the server's own prefix, then becomes
+    tritonserver with its arguments untouched."""
+    import os
+    import subprocess
+
+    c = server(render({"accessKey": {"enabled": True}}))
+    prefixes = [a.rsplit("=", 1)[1] for a in c["args"] if a.startswith("--backend-config=python,shm-region-prefix-name=")]
+    assert len(prefixes) == 1 and prefixes[0]
+    (prefix,) = prefixes
+    # Run the container's command as the kubelet would, with /dev/shm and tritonserver stood in for.
+    shm, bin_dir = tmp_path / "shm", tmp_path / "bin"
+    shm.mkdir(), bin_dir.mkdir()
+    for name in (f"{prefix}1b2c-region", f"{prefix}9f00-region"):
+        (shm / name).write_bytes(b"\0" * 4096)
+    (shm / "tritonvision_client_42_0a1b_0").write_bytes(b"a co-located client's region: not the server's")
+    (bin_dir / "tritonserver").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path}/args\n')
+    (bin_dir / "tritonserver").chmod(0o755)
+    command = [part.replace("/dev/shm/", f"{shm}/") for part in c["command"]]
+    assert command != c["command"], "the command removes files under /dev/shm/"
+    subprocess.run([*command, *c["args"]], check=True, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert [p.name for p in shm.iterdir()] == ["tritonvision_client_42_0a1b_0"]
+    assert (tmp_path / "args").read_text().splitlines() == c["args"], "tritonserver gets the arguments unchanged"
+
+
 def _bytes(quantity: str) -> int:
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
     return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)

@@ -86,3 +86,6 @@ returned: empty on install and offline), else 32 random characters. Quoted, base
 
 {{/* The TLS Secret's mount point in the server container. */}}
 {{- define "tritonvision.tlsDir" -}}/etc/tritonvision/tls{{- end }}
+
+{{/* The python backend's shared-memory regions in the pod's /dev/shm are named with this prefix. */}}
+{{- define "tritonvision.shmPrefix" -}}tritonvision_server_{{- end }}
