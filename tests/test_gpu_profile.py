@@ -82,6 +82,12 @@ def test_cuda_graphs_run_every_dynamic_batch_size_padded_to_the_next_captured_on
     assert [g.batch_size for g in graphs] == sizes
     assert [g.graph_lower_bound.batch_size for g in graphs] == [1] + [s + 1 for s in sizes[:-1]]
     assert sizes[-1] == spec.GPU.resnet50.batching.max_batch_size
+    # The TensorRT backend honours a lower bound only when the spec and the bound both give the input's shape
+    # (without the batch dimension); otherwise a graph runs its own batch size alone.
+    pixels = spec.GPU.pixels
+    for g in graphs:
+        assert {k: list(v.dim) for k, v in g.input.items()} == {pixels.name: list(pixels.dims)}
+        assert {k: list(v.dim) for k, v in g.graph_lower_bound.input.items()} == {pixels.name: list(pixels.dims)}
     # Every batch the dynamic batcher can form falls in exactly one graph's range, the smallest that holds it.
     for batch in range(1, spec.GPU.resnet50.batching.max_batch_size + 1):
         holding = [g.batch_size for g in graphs if g.graph_lower_bound.batch_size <= batch <= g.batch_size]
