@@ -359,7 +359,9 @@ def test_trtexec_builds_strongly_typed_without_precision_flags(tmp_path, fake_on
     assert cmd[0] == "/usr/src/tensorrt/bin/trtexec" and "--stronglyTyped" in cmd
     for arg in ("--minShapes=PIXELS:1x3x224x224", "--optShapes=PIXELS:128x3x224x224",
                 "--maxShapes=PIXELS:128x3x224x224", "--skipInference",
-                "--memPoolSize=workspace:4096M", f"--timingCacheFile={tmp_path / 't.cache'}",
+                # MiB without a unit: trtexec 10.0.x multiplies a suffixed value by 2^20 again (its options
+                # take sizeInMiB, stod("4096M") * the suffix's multiplier), 10.1+ defaults a bare number to MiB.
+                "--memPoolSize=workspace:4096", f"--timingCacheFile={tmp_path / 't.cache'}",
                 f"--saveEngine={tmp_path / 'e.plan'}", f"--onnx={fake_onnx}"):
         assert arg in cmd
     assert not [a for a in cmd if a.split("=")[0] in REMOVED_TRTEXEC_FLAGS]
