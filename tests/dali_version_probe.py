@@ -2,7 +2,8 @@
 
 It loads a generated ``preprocess/1/dali.py`` exactly as the Triton DALI backend does, then:
 
-1. autoserialises its GPU pipeline (``invoke_autoserialize``, the backend's own call) without a GPU;
+1. autoserialises its GPU pipeline (``invoke_autoserialize``, the backend's own call) without a GPU, and
+   reports the boolean operator arguments the serialised pipeline sets (what the GPU decoder will be told);
 2. runs the very same graph function from that file with the CPU decoder over the images in a folder
    and saves the pixels, so the caller can compare them with torchvision and across DALI releases.
 
@@ -12,10 +13,21 @@ Usage: python dali_version_probe.py DALI_PY IMAGES_DIR OUT_DIR   (writes OUT_DIR
 import ast
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+
+# Boolean arguments as DALI's serialised pipeline stores them: the name, the type "bool", then the value.
+BOOL_ARGUMENTS = ("jpeg_fancy_upsampling", "adjust_orientation")
+
+
+def serialized_bools(data: bytes) -> dict[str, list[bool]]:
+    """``{argument: [value for each operator that sets it]}`` in a serialised DALI pipeline."""
+    return {name: [v == b"\x01" for v in re.findall(re.escape(name.encode()) + rb"\x12\x04bool0([\x00\x01])", data)]
+            for name in BOOL_ARGUMENTS}
 
 
 def main(dali_py: str, images_dir: str, out_dir: str) -> int:
@@ -57,6 +69,7 @@ def main(dali_py: str, images_dir: str, out_dir: str) -> int:
     (out / "result.json").write_text(json.dumps({
         "dali_version": dali.__version__,
         "serialized_bytes": serialized.stat().st_size,
+        "serialized_bools": serialized_bools(serialized.read_bytes()),
         "decoder": decoder.__module__ + "." + decoder.__name__,
         "images": names,
     }))

@@ -113,6 +113,17 @@ def test_each_supported_dali_autoserialises_the_committed_gpu_pipeline_without_a
 
 
 @pytest.mark.parametrize("version", SUPPORTED)
+def test_each_supported_dali_tells_the_gpu_decoder_to_upsample_chroma_as_the_cpu_one_does(runs, version):
+    # The pixels above come from the CPU decoder (libjpeg-turbo's fancy upsampling, as PIL). DALI's GPU
+    # decoders upsample chroma another way unless jpeg_fancy_upsampling is set (its default there is off),
+    # so the GPU profile would answer with other colours than the ones these tests compare; the serialised
+    # GPU pipeline must ask for it, and for the EXIF orientation (decoder and shape peek alike).
+    bools = runs[version]["serialized_bools"]
+    assert bools["jpeg_fancy_upsampling"] == [True], bools
+    assert bools["adjust_orientation"] == [True, True], bools
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
 def test_each_supported_dali_matches_torchvision_on_awkward_and_exif_rotated_photos(runs, images, version):
     diffs = {}
     for name, pixels in runs[version]["pixels"].items():

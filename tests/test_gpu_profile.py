@@ -82,6 +82,12 @@ def test_cuda_graphs_run_every_dynamic_batch_size_padded_to_the_next_captured_on
     assert [g.batch_size for g in graphs] == sizes
     assert [g.graph_lower_bound.batch_size for g in graphs] == [1] + [s + 1 for s in sizes[:-1]]
     assert sizes[-1] == spec.GPU.resnet50.batching.max_batch_size
+    # The TensorRT backend honours a lower bound only when the spec and the bound both give the input's shape
+    # (without the batch dimension); otherwise a graph runs its own batch size alone.
+    pixels = spec.GPU.pixels
+    for g in graphs:
+        assert {k: list(v.dim) for k, v in g.input.items()} == {pixels.name: list(pixels.dims)}
+        assert {k: list(v.dim) for k, v in g.graph_lower_bound.input.items()} == {pixels.name: list(pixels.dims)}
     # Every batch the dynamic batcher can form falls in exactly one graph's range, the smallest that holds it.
     for batch in range(1, spec.GPU.resnet50.batching.max_batch_size + 1):
         holding = [g.batch_size for g in graphs if g.graph_lower_bound.batch_size <= batch <= g.batch_size]
@@ -353,7 +359,9 @@ def test_trtexec_builds_strongly_typed_without_precision_flags(tmp_path, fake_on
     assert cmd[0] == "/usr/src/tensorrt/bin/trtexec" and "--stronglyTyped" in cmd
     for arg in ("--minShapes=PIXELS:1x3x224x224", "--optShapes=PIXELS:128x3x224x224",
                 "--maxShapes=PIXELS:128x3x224x224", "--skipInference",
-                "--memPoolSize=workspace:4096M", f"--timingCacheFile={tmp_path / 't.cache'}",
+                # MiB without a unit: trtexec 10.0.x multiplies a suffixed value by 2^20 again (its options
+                # take sizeInMiB, stod("4096M") * the suffix's multiplier), 10.1+ defaults a bare number to MiB.
+                "--memPoolSize=workspace:4096", f"--timingCacheFile={tmp_path / 't.cache'}",
                 f"--saveEngine={tmp_path / 'e.plan'}", f"--onnx={fake_onnx}"):
         assert arg in cmd
     assert not [a for a in cmd if a.split("=")[0] in REMOVED_TRTEXEC_FLAGS]

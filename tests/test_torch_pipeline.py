@@ -108,6 +108,27 @@ def test_jpeg_info_reads_components_and_routes_cmyk_and_other_formats_to_pil(odd
         assert np.abs(out[i] - torchvision_pixels(odd_photos[n])).max() <= GREY_LEVEL + 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_image_decodes_as_the_other_profiles_decode_it(fmt):
+    # PIL opens these as mode I;16, whose convert("RGB") clips at 255: a full-range 16-bit photo came out
+    # almost all white. DALI (cpu and gpu profiles) scales 16 bits to 8; the fallback decoder does the same.
+    from PIL import Image
+
+    from tritonvision_server.pipeline import CpuPreprocessor
+
+    ramp = np.linspace(0, 65535, 200 * 300).reshape(200, 300)
+    noise = np.random.default_rng(0).integers(0, 300, ramp.shape)
+    buf = io.BytesIO()
+    Image.fromarray((ramp + noise).clip(0, 65535).astype(np.uint16)).save(buf, format=fmt)
+    data = np.frombuffer(buf.getvalue(), np.uint8)
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I;16")
+    (decoded,) = tp.decode([data], "cpu")
+    assert float((decoded == 255).float().mean()) < 0.05  # the ramp's top few percent, not the whole image
+    pixels = tp.preprocess([decoded], "cpu").numpy()
+    dali = CpuPreprocessor(max_batch_size=1, num_threads=1)([data])
+    assert np.abs(pixels - dali).max() <= GREY_LEVEL + 1e-5
+
+
 def test_an_undecodable_image_fails_only_its_own_slot(photos):
     good = photos["chelsea"]
     rows = [good, undecodable_jpeg(good), b"\x89PNG\r\n\x1a\n" + b"\0" * 40, good]

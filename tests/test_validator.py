@@ -73,6 +73,11 @@ BROKEN = {
         "preferred", configs.RESNET50, lambda c: c.optimization.cuda.graph_spec.add(batch_size=256)),
     "CUDA graphs without lower bounds leave batch sizes without a graph": (
         "graphs", configs.RESNET50, lambda c: [g.ClearField("graph_lower_bound") for g in c.optimization.cuda.graph_spec]),
+    "CUDA graph specs without input shapes, whose lower bounds the TensorRT backend then never matches": (
+        "graphs", configs.RESNET50,
+        lambda c: [(g.ClearField("input"), g.graph_lower_bound.ClearField("input")) for g in c.optimization.cuda.graph_spec]),
+    "CUDA graph lower bound without the input shape its spec gives": (
+        "graphs", configs.RESNET50, lambda c: c.optimization.cuda.graph_spec[1].graph_lower_bound.ClearField("input")),
     "CUDA graph lower bound above its batch size": (
         "graphs", configs.RESNET50, lambda c: setattr(c.optimization.cuda.graph_spec[1].graph_lower_bound, "batch_size", 99)),
     "variable-length input without ragged batching": (

@@ -150,7 +150,7 @@ def resnet50_config(profile: Profile) -> mc.ModelConfig:
         if profile.cuda_graph_batch_sizes:
             cuda = config.optimization.cuda
             cuda.graphs = True
-            cuda.graph_spec.extend(graph_specs(profile.cuda_graph_batch_sizes))
+            cuda.graph_spec.extend(graph_specs(profile.cuda_graph_batch_sizes, config.input))
     else:
         raise ValueError(f"resnet50 cannot run on the {profile.resnet50.backend} backend")
     if profile.warmup_full_batch and profile.resnet50.backend == "python":
@@ -186,18 +186,29 @@ def shm_bytes(profile: Profile, upload_bytes: int) -> int:
     return total + SHM_HEADROOM_BYTES
 
 
-def graph_specs(batch_sizes) -> list[mc.ModelOptimizationPolicy.Cuda.GraphSpec]:
+def graph_specs(batch_sizes, inputs=()) -> list[mc.ModelOptimizationPolicy.Cuda.GraphSpec]:
     """CUDA graphs that cover every batch size from 1 to the largest one captured.
 
     The TensorRT backend runs a graph only for the exact batch size it was captured at, unless its spec has
     a ``graph_lower_bound``: then any batch from that bound up to the graph's size runs the graph, padded.
     Each graph's bound is one more than the next smaller graph, so every dynamic batch runs the smallest
     graph that holds it (tensorrt_backend ``FindClosestCudaGraph``).
+
+    The bound works only when the spec and its bound also give each input's shape (``inputs``: the model's
+    inputs, whose dims are concrete): without them the backend builds the bound's key from the graph's own
+    input shape, batch size included, and a smaller batch never matches it (tensorrt_backend r24.10 to
+    r26.06, ``SetCudaGraphShape``; the server's ``qa/L0_cuda_graph`` expects exactly that: a bound without
+    shapes runs only the graph's own size).
     """
     specs, previous = [], 0
     for size in sorted(set(batch_sizes)):
         spec_ = mc.ModelOptimizationPolicy.Cuda.GraphSpec(batch_size=size)
         spec_.graph_lower_bound.batch_size = previous + 1
+        for tensor in inputs:
+            if any(d < 0 for d in tensor.dims):
+                raise ValueError(f"a CUDA graph needs the concrete shape of input {tensor.name}, got {list(tensor.dims)}")
+            spec_.input[tensor.name].dim.extend(tensor.dims)
+            spec_.graph_lower_bound.input[tensor.name].dim.extend(tensor.dims)
         specs.append(spec_)
         previous = size
     return specs

@@ -51,9 +51,11 @@ def preprocess_graph(input_name, accepted_name, decoder_device, pixels_dtype, hw
         never_mirror = fn.cast(accepted, dtype=types.INT32) * 0
     if decoder_device == "mixed":
         # hw_decoder_load: the share of each batch sent to the A100/H100/H200 hardware JPEG decoder; the
-        # rest goes to the CUDA decoder so both run at once.
+        # rest goes to the CUDA decoder so both run at once. jpeg_fancy_upsampling: both GPU decoders
+        # upsample chroma the way the CPU decoder (libjpeg-turbo, like PIL) does; DALI's default for them is
+        # off, which gives chroma-subsampled JPEGs (most photos) other colours than the CPU decoder.
         images = decode(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                        adjust_orientation=True)
+                        jpeg_fancy_upsampling=True, adjust_orientation=True)
     else:
         images = decode(encoded, device="cpu", output_type=types.RGB, adjust_orientation=True)
     # torchvision's Resize truncates the long side (int(256 * long / short)) and CenterCrop rounds its

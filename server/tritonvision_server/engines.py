@@ -319,7 +319,9 @@ def trtexec_command(trtexec: Path, onnx: Path, plan: Path, spec: EngineSpec, *, 
     ]
     if spec.precision == "fp32":
         cmd.append("--noTF32")  # TF32 is on by default: tf32 engines keep it, fp32 ones are true FP32
-    cmd += [f"--memPoolSize=workspace:{spec.workspace_mib}M", f"--timingCacheFile={timing_cache}"]
+    # A bare number is MiB in every trtexec from 10.0 (10.0.x takes MiB only: there a unit suffix multiplied
+    # the MiB again, "4096M" meaning 4096 TiB; 10.1 and newer take B/K/M/G and default to M).
+    cmd += [f"--memPoolSize=workspace:{spec.workspace_mib}", f"--timingCacheFile={timing_cache}"]
     return cmd
 
 

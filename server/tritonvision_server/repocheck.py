@@ -10,7 +10,8 @@ Rules (each problem names its rule, so tests can ask for a broken variant of eac
 - ``preferred``   preferred batch sizes are within 1..max_batch_size and inside the engine's profiles;
                   CUDA-graph batch sizes likewise
 - ``graphs``      CUDA graphs, with their lower bounds, run every batch size 1..max_batch_size (the TensorRT
-                  backend runs a graph only for batches between its ``graph_lower_bound`` and its size)
+                  backend runs a graph only for batches between its ``graph_lower_bound`` and its size, and
+                  only when the spec and the bound give every input's shape: otherwise for its size alone)
 - ``ragged``      a variable-length input of a dynamically batched model allows ragged batching
 - ``labels``      a ``label_filename`` exists with one line per class of its output
 - ``warmup``      a warm-up file exists at ``<model>/warmup/<file>`` and its dims are concrete and match it
@@ -157,18 +158,30 @@ def _check_graphs(name: str, cfg: mc.ModelConfig) -> list[Problem]:
     if not cuda.graphs or not cuda.graph_spec or cfg.max_batch_size < 1:
         return []
     problems, covered = [], set()
+    inputs = {t.name for t in cfg.input}
     for graph in cuda.graph_spec:
         low = graph.graph_lower_bound.batch_size if graph.HasField("graph_lower_bound") else graph.batch_size
         if not 1 <= low <= graph.batch_size:
             problems.append(Problem("graphs", name, f"CUDA graph of batch {graph.batch_size}: lower bound {low} must be "
                                                     f"within 1..{graph.batch_size} (Triton refuses to load it)"))
             continue
+        bound = graph.graph_lower_bound
+        unbounded = [i for i in graph.input if i not in bound.input or len(bound.input[i].dim) != len(graph.input[i].dim)]
+        if unbounded:
+            problems.append(Problem("graphs", name, f"CUDA graph of batch {graph.batch_size}: its lower bound gives no "
+                                                    f"shape of the same rank for {unbounded} (Triton refuses to load it)"))
+            continue
+        # tensorrt_backend (r24.10 to r26.06, SetCudaGraphShape): without every input's shape in the spec, the
+        # bound's key holds the graph's own input shape, batch size included, and only that size matches it.
+        if set(graph.input) != inputs or set(bound.input) != inputs:
+            low = graph.batch_size
         covered.update(range(low, graph.batch_size + 1))
     missing = sorted(set(range(1, cfg.max_batch_size + 1)) - covered)
     if missing and not problems:
         shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
         problems.append(Problem("graphs", name, f"{len(missing)} batch sizes run without a CUDA graph ({shown}): give "
-                                                "the graph specs lower bounds (graph_lower_bound)"))
+                                                "the graph specs lower bounds (graph_lower_bound), and both the spec "
+                                                "and its bound every input's shape"))
     return problems
 
 

@@ -125,15 +125,30 @@ def _as_tensor(row):
     return torch.from_numpy(row)
 
 
+# PIL modes of 16-bit single-channel images (16-bit greyscale PNG and TIFF).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _rgb_array(image):
+    """An opened PIL image as ``[H, W, 3]`` uint8. 16-bit greyscale is scaled to 8 bits as DALI's decoders do
+    (``round(v * 255 / 65535)``): PIL's ``convert("RGB")`` clips such values at 255 instead, which turns an
+    ordinary 16-bit greyscale PNG almost entirely white, where the other profiles decode it as it is."""
+    import numpy as np
+
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.float32)
+        grey = np.clip(np.rint(grey * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def _decode_other(data: bytes, device):
     """Formats nvJPEG does not take (PNG, BMP, TIFF, WebP, CMYK JPEG): PIL on the CPU, as the reference does."""
-    import numpy as np
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-            array = np.asarray(rgb)
+            array = _rgb_array(ImageOps.exif_transpose(image))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
         raise DecodeFailed(f"could not decode the image: {exc}") from exc
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(device, non_blocking=True)
