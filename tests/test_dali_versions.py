@@ -152,3 +152,38 @@ def test_rotated_photos_are_turned_upright_under_every_release(runs, images):
             name = f"exif_{orientation}.jpg"
             as_stored = _jpeg(np.asarray(Image.open(images / name).convert("RGB")))
             assert np.abs(run["pixels"][name] - torchvision_pixels(as_stored)).max() > 0.5, (version, name)
+
+
+@pytest.fixture(scope="module")
+def rotated_webp(tmp_path_factory) -> Path:
+    """The same photo as JPEG and as WebP, carrying the same EXIF orientation."""
+    from PIL import Image
+    import skimage.data
+
+    photo = Image.fromarray(skimage.data.coffee()[:300, :451])
+    folder = tmp_path_factory.mktemp("rotated_webp")
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
+            photo.save(folder / f"exif_{orientation}.{suffix}", fmt, quality=95, exif=exif.tobytes())
+    return folder
+
+
+def test_supported_dali_decode_a_rotated_webp_wrongly_which_is_why_validate_refuses_it(rotated_webp, tmp_path):
+    """The gpu profile's validate step refuses WebP images with an EXIF orientation (backends/validate.py)
+    because these releases decode them into pixels matching no orientation, while the same photo as JPEG is
+    right. This fails once a supported release decodes them right: then the refusal can go."""
+    import nvidia.dali
+
+    releases = {v: _env_python(v) for v in SUPPORTED}
+    releases[nvidia.dali.__version__] = Path(sys.executable)
+    for version, python in releases.items():
+        run = _probe(python, rotated_webp, tmp_path / version)
+        for orientation in (3, 6, 8):
+            diff = float(np.abs(run["pixels"][f"exif_{orientation}.webp"] - run["pixels"][f"exif_{orientation}.jpg"]).max())
+            print(f"DALI {version}: orientation {orientation}: WebP vs JPEG max abs diff {diff:.3f}")
+            if version in SUPPORTED:
+                assert diff > 1.0, f"DALI {version} decodes a WebP with EXIF orientation {orientation} right now"
+            else:  # the cpu profile's DALI: lossy WebP and JPEG of one photo differ by little
+                assert diff < 0.5, f"DALI {version}: WebP with EXIF orientation {orientation} differs by {diff:.3f}"

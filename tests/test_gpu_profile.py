@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import time
@@ -597,3 +598,37 @@ def test_corrupt_upload_fails_only_its_own_request_in_a_shared_batch(validate_se
         assert result is None and reason in error.message()
         assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert max(b.batch_size for b in stats.batch_stats) > 1, "the requests were not batched together"
+
+
+def test_validate_refuses_a_webp_its_dali_would_decode_as_noise_and_nothing_else(validate_server, photos):
+    # The gpu profile's DALI (NGC 26.02-26.06) decodes a WebP with an EXIF orientation into pixels of no
+    # orientation (test_dali_versions.py shows it); a JPEG with one, or an upright WebP, is decoded right.
+    import tritonclient.grpc as grpcclient
+    from PIL import Image
+
+    photo = Image.open(io.BytesIO(photos["coffee"])).convert("RGB")
+
+    def encoded(fmt, orientation=None):
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        photo.save(buf, fmt, quality=90, exif=exif.tobytes())
+        return buf.getvalue()
+
+    def verdict(data):
+        inp = grpcclient.InferInput(spec.IMAGE.name, [1, len(data)], "UINT8")
+        inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
+        with grpcclient.InferenceServerClient(validate_server.grpc_url) as client:
+            try:
+                return client.infer(spec.VALIDATE, [inp]).as_numpy(spec.ACCEPTED.name).tolist()
+            except grpcclient.InferenceServerException as exc:
+                return exc
+
+    for data in (encoded("WEBP"), encoded("WEBP", 1), encoded("JPEG", 6)):
+        assert verdict(data) == [[1]]
+    for orientation in (3, 6, 8):
+        refused = verdict(encoded("WEBP", orientation))
+        assert isinstance(refused, Exception) and refused.status() == "StatusCode.INVALID_ARGUMENT"
+        assert refused.message().startswith(spec.refusal_message("header", ""))
+        assert f"EXIF orientation ({orientation})" in refused.message()

@@ -13,7 +13,7 @@ import pytest
 from PIL import ExifTags, Image
 
 from tritonvision import spec
-from tritonvision_server.imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows
+from tritonvision_server.imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows, webp_orientation
 
 # Width and height differ, so that a parser that swaps them fails.
 W, H = 37, 23
@@ -191,6 +191,38 @@ def test_webp_of_an_unknown_kind_is_refused():
     data = bytearray(webp("VP8 "))
     data[12:16] = b"VP9 "
     assert "corrupt WebP: unknown chunk" in refused(bytes(data))
+
+
+def exif_bytes(orientation: int, order: str = "<") -> bytes:
+    """A TIFF structure whose first directory holds only the orientation tag (SHORT)."""
+    magic = b"II*\0" if order == "<" else b"MM\0*"
+    return magic + struct.pack(order + "IH", 8, 1) + struct.pack(order + "HHIH2x", 0x0112, 3, 1, orientation) + b"\0" * 4
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_webp_orientation_comes_from_its_exif_chunk(orientation):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    data = save(Image.fromarray(pixels()), "WEBP", quality=80, exif=exif.tobytes())
+    assert data[12:16] == b"VP8X" and b"EXIF" in data
+    assert webp_orientation(data) == orientation
+    assert inspect(data) == ImageInfo("webp", W, H)
+
+
+def test_webp_orientation_reads_either_byte_order_with_or_without_the_exif_prefix_and_survives_damage():
+    plain = webp("VP8 ")
+    assert webp_orientation(plain) == 1
+
+    def with_chunk(payload: bytes) -> bytes:
+        chunk = b"EXIF" + struct.pack("<I", len(payload)) + payload + b"\0" * (len(payload) & 1)
+        data = plain + chunk
+        return data[:4] + struct.pack("<I", len(data) - 8) + data[8:]
+
+    assert webp_orientation(with_chunk(exif_bytes(6, ">"))) == 6
+    assert webp_orientation(with_chunk(b"Exif\0\0" + exif_bytes(8))) == 8
+    assert webp_orientation(with_chunk(exif_bytes(6))[:-10]) == 1  # the chunk cut short: unreadable, upright
+    assert webp_orientation(with_chunk(exif_bytes(42))) == 1  # not an orientation
+    assert webp_orientation(with_chunk(b"\xff" * 7)) == 1
 
 
 # --- what is refused -----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ the batch request by request; in the gpu profile the DALI backend fails the whol
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tritonvision.spec import IMAGE_LIMITS, ImageLimits
@@ -146,6 +146,40 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
 
 
+def exif_orientation(exif: bytes) -> int:
+    """The orientation tag (0x0112) of IFD0 in EXIF data: a TIFF structure, after ``Exif\\0\\0`` as a JPEG's
+    APP1 segment carries it (a WebP's EXIF chunk may omit that). 1 (upright) when absent or unreadable."""
+    tiff = exif[6:] if exif.startswith(b"Exif\0\0") else exif
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        for k in range(count):
+            entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:  # SHORT, stored in the first two bytes of the value field
+                (value,) = struct.unpack(order + "H", entry[8:10])
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
+def webp_orientation(data: bytes) -> int:
+    """The EXIF orientation of a WebP file (its ``EXIF`` chunk, usually after the image data); 1 without one.
+    Walks the RIFF chunk headers only."""
+    pos = 12
+    while pos + 8 <= len(data):
+        fourcc = bytes(data[pos : pos + 4])
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if fourcc == b"EXIF":
+            return exif_orientation(bytes(data[pos + 8 : pos + 8 + size]))
+        pos += 8 + size + (size & 1)
+    return 1
+
+
 _SIGNATURES = (
     (b"\xff\xd8\xff", "jpeg", _jpeg_size),
     (b"\x89PNG\r\n\x1a\n", "png", _png_size),
@@ -195,10 +229,10 @@ def inspect(data: bytes, limits: ImageLimits = IMAGE_LIMITS) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
-def inspect_rows(array) -> list[ImageInfo]:
-    """:func:`inspect` each image of a request's ``[batch, bytes]`` UINT8 tensor (1-D: one image).
+def inspect_rows(array, check: Callable[[bytes], ImageInfo] = inspect) -> list[ImageInfo]:
+    """``check`` (:func:`inspect`) each image of a request's ``[batch, bytes]`` UINT8 tensor (1-D: one image).
 
     Rows of a padded multi-image request end in zeros, which decoders ignore after the end marker.
     """
     rows = array.reshape(1, -1) if array.ndim == 1 else array
-    return [inspect(row.tobytes()) for row in rows]
+    return [check(row.tobytes()) for row in rows]

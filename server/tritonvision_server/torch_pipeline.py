@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 import warnings
 from dataclasses import dataclass
 
 from tritonvision.extras import require
 from tritonvision.spec import IMAGE_LIMITS, NUM_CLASSES, PREPROCESSING
 
-from .imagecheck import InvalidImage, is_frame_header, jpeg_segments
+from .imagecheck import InvalidImage, exif_orientation, is_frame_header, jpeg_segments
 from .pipeline import decoder_runs
 
 log = logging.getLogger(__name__)
@@ -47,28 +46,6 @@ class JpegInfo:
     orientation: int = 1
 
 
-def _exif_orientation(segment: bytes) -> int:
-    """The orientation tag (0x0112) of IFD0 in an APP1 ``Exif`` segment's payload; 1 when absent or unreadable."""
-    if not segment.startswith(b"Exif\0\0") or len(segment) < 14:
-        return 1
-    tiff = segment[6:]
-    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if order is None:
-        return 1
-    try:
-        (ifd,) = struct.unpack(order + "I", tiff[4:8])
-        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
-        for k in range(count):
-            entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
-            tag, kind = struct.unpack(order + "HH", entry[:4])
-            if tag == 0x0112 and kind == 3:  # SHORT, stored in the first two bytes of the value field
-                (value,) = struct.unpack(order + "H", entry[8:10])
-                return value if 1 <= value <= 8 else 1
-    except struct.error:
-        return 1
-    return 1
-
-
 def jpeg_info(data: bytes) -> JpegInfo | None:
     """The components and EXIF orientation of a JPEG, or None for anything that is not a readable JPEG.
 
@@ -82,7 +59,7 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
             if marker in (0xD9, 0xDA):
                 return None  # no frame header before the scan
             if marker == 0xE1 and orientation == 1:
-                orientation = _exif_orientation(data[i + 4 : i + 2 + length])
+                orientation = exif_orientation(data[i + 4 : i + 2 + length])
             if is_frame_header(marker):
                 if i + 10 > len(data):
                     return None

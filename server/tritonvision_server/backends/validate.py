@@ -15,8 +15,20 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvision.spec import ACCEPTED, IMAGE
 
-from ..imagecheck import InvalidImage, inspect_rows
+from ..imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows, webp_orientation
 from ._common import refusal
+
+
+def check(row: bytes) -> ImageInfo:
+    """The header check, and what this profile's DALI cannot decode right: the DALI of NGC 26.02-26.06
+    (1.53.0 to 2.1.1) decodes a WebP whose EXIF orientation turns it into pixels of no orientation at all
+    (DALI 2.4 turns it upright; ``tests/test_dali_versions.py`` watches both), so such a WebP is refused,
+    not classified as noise."""
+    info = inspect(row)
+    if info.format == "webp" and (orientation := webp_orientation(row)) != 1:
+        raise InvalidImage(f"WebP images with an EXIF orientation ({orientation}) are not accepted by this server, "
+                           "whose decoder does not turn them upright: send the image upright or as JPEG")
+    return info
 
 
 class TritonPythonModel:
@@ -25,7 +37,7 @@ class TritonPythonModel:
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
             try:
-                inspect_rows(rows)
+                inspect_rows(rows, check)
             except InvalidImage as exc:
                 responses.append(refusal("header", str(exc)))
                 continue
