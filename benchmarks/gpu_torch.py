@@ -371,7 +371,7 @@ def main(argv=None) -> int:
 
     from tritonvision import sample_images, spec
     from tritonvision_server.build_engines import build_gpu_torch_repository
-    from tritonvision_server.serve import GPU_TORCH_SERVER_ARGS
+    from tritonvision_server.serve import gpu_torch_server_args
 
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
             # On the CPU a request takes 0.1-0.5 s: a window must hold several.
             seconds=max(seconds, 2.0) if smoke else seconds,
             perf_analyzer=None if smoke else (args.perf_analyzer_dir or work / "perf_analyzer"),
-            server_args=() if smoke else GPU_TORCH_SERVER_ARGS, work=work, state_dict=state_dict,
+            server_args=() if smoke else gpu_torch_server_args(), work=work, state_dict=state_dict,
             out=result["triton"], budget=budget, save=save)))
     for name, run in parts:
         start = time.perf_counter()

@@ -72,6 +72,20 @@ def test_gpu_torch_configs_put_both_steps_on_gpu_instances_with_gpu_inputs_for_t
     assert cpu[spec.ENSEMBLE] == cfg[spec.ENSEMBLE]
 
 
+def test_gpu_torch_gives_each_gpu_its_instances_run_on_a_cuda_memory_pool():
+    # A KIND_GPU instance group without a gpus list puts its instances on every visible GPU.
+    import torch
+
+    from tritonvision_server.serve import gpu_torch_server_args
+
+    pools = [a for a in gpu_torch_server_args(4) if a.startswith("--cuda-memory-pool-byte-size=")]
+    assert pools == [f"--cuda-memory-pool-byte-size={i}:{1 << 30}" for i in range(4)]
+    assert "--pinned-memory-pool-byte-size=268435456" in gpu_torch_server_args(1)
+    here = [a for a in gpu_torch_server_args() if a.startswith("--cuda-memory-pool-byte-size=")]
+    assert len(here) == torch.cuda.device_count()
+    assert not any(g.gpus for m in configs.configs(spec.GPU_TORCH).values() for g in m.instance_group)
+
+
 def test_gpu_torch_repository_runs_the_torch_models_with_the_state_dict(gpu_torch_repository):
     from tritonvision_server.repocheck import check_repository
 
@@ -170,11 +184,11 @@ def test_gpu_torch_on_cuda_answers_like_the_cpu_override(torch_classifier, photo
     """nvJPEG, FP16 and CUDA graphs, with the pixels handed over through DLPack in GPU memory."""
     from tritonvision_server.build_engines import build_gpu_torch_repository
     from tritonvision_server.launcher import TritonServer
-    from tritonvision_server.serve import GPU_TORCH_SERVER_ARGS
+    from tritonvision_server.serve import gpu_torch_server_args
 
     repo = build_gpu_torch_repository(BUILD / "model_repository_gpu_torch", TEST_WEIGHTS, device="cuda",
                                       state_dict=BUILD / "resnet50_state_dict.pt")
-    with TritonServer(repo, extra_args=list(GPU_TORCH_SERVER_ARGS), startup_timeout=300) as server, \
+    with TritonServer(repo, extra_args=gpu_torch_server_args(), startup_timeout=300) as server, \
             Classifier(server.grpc_url, timeout=120) as gpu:
         for name, data in photos.items():
             got, want = gpu.classify(data, top_k=5), torch_classifier.classify(data, top_k=5)

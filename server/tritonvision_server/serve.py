@@ -51,10 +51,23 @@ def server_tls(cert: str | None, key: str | None, client_ca: str | None = None) 
 
 TORCH_DEVICE_ENV = "TRITONVISION_TORCH_DEVICE"
 # gpu-torch: the python backend hands GPU tensors between stub and server through Triton's CUDA memory pool
-# (64 MiB by default); one FP16 batch of 128 is 38.5 MB of pixels, and two instances of each step have
-# batches in flight at once. Pinned memory, which launcher.py turns off for CPU-only hosts, speeds the
-# host-side copies. Later flags override earlier ones, so --server-arg can still change these.
-GPU_TORCH_SERVER_ARGS = ("--cuda-memory-pool-byte-size=0:1073741824", "--pinned-memory-pool-byte-size=268435456")
+# of each GPU (64 MiB by default); one FP16 batch of 128 is 38.5 MB of pixels, and two instances of each
+# step have batches in flight at once. Pinned memory, which launcher.py turns off for CPU-only hosts, speeds
+# the host-side copies. Later flags override earlier ones, so --server-arg can still change these.
+GPU_TORCH_CUDA_POOL_BYTES = 1 << 30
+GPU_TORCH_PINNED_POOL_BYTES = 256 << 20
+
+
+def gpu_torch_server_args(gpus: int | None = None) -> list[str]:
+    """tritonserver's memory-pool flags for gpu-torch: a CUDA pool on every GPU (``gpus``, default all that
+    PyTorch sees, which honours CUDA_VISIBLE_DEVICES as Triton does), since a KIND_GPU instance group puts
+    instances on each of them; a GPU without one hands tensors over through slower paths."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return [*(f"--cuda-memory-pool-byte-size={i}:{GPU_TORCH_CUDA_POOL_BYTES}" for i in range(gpus)),
+            f"--pinned-memory-pool-byte-size={GPU_TORCH_PINNED_POOL_BYTES}"]
 
 
 def gpu_torch_device(requested: str) -> str:
@@ -159,7 +172,7 @@ def serve(
             log.error("%s", exc)
             return 1
         if torch_device == "cuda":
-            server_args = list(GPU_TORCH_SERVER_ARGS) + server_args
+            server_args = gpu_torch_server_args() + server_args
     repository = _repository(model_repository, profile, weights, torch_device)
     if not repository.is_dir():  # the gpu profile's is built on a GPU host, not here
         log.error("no model repository at %s: build the gpu profile's with: build_engines.py gpu", repository)
