@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from tritonvision import spec
+    from tritonvision import sample_images, spec
     from tritonvision_server.pipeline import CpuPreprocessor
 
-    good = (ROOT / "samples" / "chelsea.jpg").read_bytes()
+    good = next(p for p in sample_images() if p.name == "chelsea.jpg").read_bytes()
     bad = undecodable(good)
     strategies = {"per-request": per_request, "isolate": isolate}
     pres = {name: CpuPreprocessor(max_batch_size=spec.CPU.preprocess.batching.max_batch_size,

@@ -1,0 +1,62 @@
+"""Every CPU benchmark runs, briefly, as users run it: its script in a subprocess, with its own arguments,
+writing its results file. Benchmarks are run by hand now and then, so one that stopped running (a file that
+moved, a function renamed under it) would otherwise be found only by the next person who needs its figures.
+The figures of these short runs mean nothing; that they are there and sane is what is checked.
+(benchmarks/gpu_torch.py has its own smoke tests; gpu_check.py needs a GPU.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _positive(rows, key):
+    return bool(rows) and all(r[key] > 0 for r in rows)
+
+
+# name: (arguments, the option naming the results file, what the results must show)
+CASES = {
+    "bad_images": (["--batch", "4", "--rounds", "1", "--bad", "1"], "--out",
+                   lambda d: _positive(d["rows"], "good_img_per_s")),
+    "batch_memory": (["--rows", "1,2", "--formats", "jpeg"], "--out",
+                     lambda d: [r["rows"] for r in d["results"]] == [1, 2] and not any(r["error"] for r in d["results"])),
+    "bench_client": (["--concurrency", "1", "--seconds", "1", "--warmup", "0.5"], "--out",
+                     lambda d: _positive(d["rows"], "throughput") and not any(r.get("errors") for r in d["rows"])),
+    "bench_pipeline": (["--latency-requests", "3", "--throughput-images", "8", "--concurrency", "2", "--rounds", "1"],
+                       "--output", lambda d: d["ratios"]["throughput_served_over_in_process"] > 0),
+    "cancel_storm": (["--seconds", "2", "--threads", "2", "--rounds", "1"], "--output",
+                     lambda d: bool(d["rows"]) and all(r["probes"] > 0 for r in d["rows"])),
+    "overload": (["--rounds", "1", "--seconds", "3", "--capacity-seconds", "2", "--capacity-concurrency", "2",
+                  "--variants", "shed", "--no-progress"], "--out",
+                 lambda d: bool(d["results"]) and all(r["outcomes"].get("ok", 0) > 0 for r in d["results"])),
+    "precision_agreement": ([], "--output", lambda d: d["results"]["fp32"]["top1_agreement"] == 1.0
+                            and {"fp16", "int8"} <= set(d["results"])),
+    "queue_stall": (["--concurrency", "2", "--seconds", "2", "--rounds", "1"], "--out",
+                    lambda d: _positive(d["summary"], "throughput")),
+    "validate_ceiling": (["--instances", "1", "--concurrency", "1", "--seconds", "1", "--images", "35KB"], "--output",
+                         lambda d: _positive(d["rows"], "throughput")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_runs_and_writes_its_results(name, tmp_path):
+    args, out_option, sane = CASES[name]
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args, out_option, str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert sane(result), json.dumps(result)[:3000]
+
+
+def test_every_benchmark_script_is_covered():
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"machine", "perf_analyzer", "gpu_check", "gpu_torch"}
+    assert scripts == set(CASES), "a benchmark without a smoke run here (or one listed that is gone)"
