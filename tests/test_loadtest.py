@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -237,15 +238,68 @@ def test_sweep_restarts_only_for_a_max_batch_size_and_reloads_instance_counts(tm
             assert r["resnet50_avg_batch"] == pytest.approx(1.0) and r["preprocess_avg_batch"] == pytest.approx(1.0)
 
 
-def test_sweep_keeps_what_it_measured_when_a_later_point_fails(grpc_url, tmp_path):
-    out = tmp_path / "sweep.json"
-    # Zero users send nothing: the second point fails after the first was measured.
-    proc = run([sys.executable, str(SWEEP), "--url", grpc_url, "--users", "1,0", "--rounds", "1", "--seconds", "1.5",
-                "--warmup", "0.5", "--no-progress", "--out", str(out)], timeout=300)
-    assert proc.returncode != 0
+def _servers_under(root: Path) -> list[int]:
+    """Process ids of the tritonservers serving a model repository under ``root``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"tritonserver") and f"--model-repository={root}".encode() in b" ".join(argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sweep_marks_a_point_failed_when_its_server_dies_starts_it_again_and_goes_on(tmp_path):
+    out, work = tmp_path / "sweep.json", tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "1,2", "--rounds", "2", "--seconds", "2",
+           "--warmup", "0.5", "--budget-ms", "1000", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Locust's statistics file of the first round's second point appears once that run is under way.
+        deadline = time.monotonic() + 120
+        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no second point"
+            time.sleep(0.1)
+        (pid,) = _servers_under(work)
+        os.killpg(pid, signal.SIGKILL)  # the server and its stubs
+        table, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A point failed: the sweep says so in its exit code, but measured every point of both rounds.
+    assert proc.returncode == 1, err[-3000:]
     result = json.loads(out.read_text())
-    assert not result["complete"] and [r["users"] for r in result["rows"]] == [1]
-    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 1
+    assert result["complete"] and len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
+    one, two = result["rows"]
+    assert two["failed_rounds"] == 1 and two["rounds"] == 2 and len(two["errors"]) == 1 and not two["recommended"]
+    # The server was started again for round 2, whose points succeeded; the answer comes from them.
+    assert "restart" in one["applied"] and one["failed_rounds"] == 0 and one["failures"] == 0
+    assert result["recommendation"]["users"] == 1 and one["recommended"]
+    assert "FAILED 1/2 rounds" in table, table
+    assert _servers_under(work) == [], "the sweep's server outlived it"
+
+
+def test_a_failing_perf_analyzer_fails_the_cross_check_not_the_sweep(tmp_path):
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\necho 'error: failed to get model metadata' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    out = tmp_path / "sweep.json"
+    proc = run([sys.executable, str(SWEEP), "--variant", "light", "--users", "1", "--rounds", "1", "--seconds", "1.5",
+                "--warmup", "0.5", "--perf-analyzer", str(fake), "--no-progress", "--out", str(out)], timeout=300)
+    # Locust's figures of the point are kept; the table and the exit code say the cross-check failed.
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (point,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert point["throughput"] > 0 and "failed to get model metadata" in point["pa_error"]
+    assert "perf_analyzer failed in 1 rounds" in proc.stdout and "Traceback" not in proc.stderr
+    # One that is not there is a usage error before anything is measured.
+    proc = run([sys.executable, str(SWEEP), "--variant", "light", "--perf-analyzer", str(tmp_path / "missing"),
+                "--out", str(tmp_path / "never.json")], timeout=60)
+    assert proc.returncode == 2 and "--perf-analyzer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never.jsonl").exists()
 
 
 def test_sweep_refuses_server_knobs_for_a_server_it_did_not_start(tmp_path):
@@ -304,3 +358,110 @@ def test_sweep_answers_again_from_measured_points_under_another_budget(tmp_path)
         answers[budget] = (result["recommendation"]["config"], result["recommendation"]["users"])
         assert result["budget_ms"] == float(budget) and out.with_suffix(".png").exists()
     assert answers == {"100": ("A", 1), "250": ("B", 2)}
+
+
+def test_percentiles_are_nearest_rank():
+    sweep = load_sweep()
+    ten, hundred = [float(v) for v in range(10, 0, -1)], [float(v) for v in range(1, 101)]
+    # Nearest rank: the smallest value with at least q% of the values at or below it.
+    assert sweep.percentile(ten, 50) == 5.0
+    assert sweep.percentile(hundred, 99) == 99.0 and sweep.percentile(hundred, 50) == 50.0
+    assert sweep.percentile([float(v) for v in range(1, 21)], 95) == 19.0
+    assert sweep.percentile(ten, 99) == 10.0 and sweep.percentile([7.0], 50) == 7.0
+
+
+def test_latency_figures_leave_out_the_warm_up_and_refuse_a_run_that_was_all_warm_up():
+    sweep = load_sweep()
+    # Sent at 0 s (a 1 s first answer), then one answer every 0.1 s from 1.0 to 3.0 s; one failure.
+    good = [(1.0, 1000.0, True)] + [(1.0 + i / 10, 10.0 + i, True) for i in range(1, 21)]
+    records = {"unary classify": good + [(2.0, 5.0, False)]}
+    fig = sweep.latency_figures(records, "unary", warmup=1.5)
+    # Kept: answers at 1.5 .. 3.0 s (16 answers, 15 intervals over 1.5 s); the 1 s first answer is left out.
+    assert fig["throughput"] == pytest.approx(10.0) and fig["p99_ms"] == 30.0 and fig["failures"] == 1
+    assert fig["requests"] == 21
+    # A warm-up as long as the run leaves nothing to measure: that is an error, not the warm-up's figures.
+    with pytest.raises(RuntimeError, match="warm-up"):
+        sweep.latency_figures(records, "unary", warmup=5.0)
+
+
+class _Args:
+    percentile, tolerance, knee_fraction = "p99", 0.10, 0.9
+
+
+def test_recommendation_edge_cases_ties_a_single_point_and_a_failed_round():
+    sweep = load_sweep()
+    # A single point within the budget is the answer; over it, there is none, with the reason.
+    rows = sweep.aggregate([_sample("A", 1, 1, 20, 50)], _Args)
+    assert sweep.recommend(rows, 100, "p99")["users"] == 1 and sweep.knees(rows, 0.9) == {"A": 1}
+    assert sweep.recommend(rows, 10, "p99")["config"] is None
+    # A tie on throughput goes to the lower latency, not to the configuration named first.
+    rows = sweep.aggregate([_sample("A", 8, 1, 50, 200), _sample("B", 2, 1, 50, 90)], _Args)
+    assert (sweep.recommend(rows, 250, "p99")["config"], sweep.recommend(rows, 250, "p99")["users"]) == ("B", 2)
+    # A round that could not be measured (the server died) fails its point: it is never recommended, even
+    # when its other rounds were the best.
+    failed = {"config": "C", "config_fields": {}, "users": 4, "round": 2, "applied": "as is", "failures": 0,
+              "error": "RuntimeError: no successful 'unary classify' request was recorded (12 failures)"}
+    rows = sweep.aggregate([_sample("A", 1, r, 20, 50) for r in (1, 2)]
+                           + [_sample("C", 4, 1, 90, 60), failed], _Args)
+    c = next(r for r in rows if r["config"] == "C")
+    assert c["failed_rounds"] == 1 and c["rounds"] == 2 and c["throughput"] == 90
+    rec = sweep.recommend(rows, 250, "p99")
+    assert (rec["config"], rec["users"]) == ("A", 1)
+    sweep.mark(rows, sweep.knees(rows, 0.9), rec)
+    assert "FAILED 1/2 rounds" in sweep.table({"rows": rows, "percentile": "p99", "recommendation": rec,
+                                               "budget_ms": 250, "rounds": 2, "tolerance": 0.1, "knee_fraction": 0.9,
+                                               "variant": "light", "hardware": {"cores": 2}, "url": None})
+    # A point that failed in every round has no figures at all, and is no knee either.
+    rows = sweep.aggregate([_sample("A", 1, 1, 20, 50), {**failed, "round": 1}], _Args)
+    assert sweep.knees(rows, 0.9) == {"A": 1, "C": None} and sweep.recommend(rows, 250, "p99")["config"] == "A"
+
+
+def test_from_points_reads_a_sweep_that_died_mid_write(tmp_path):
+    points = tmp_path / "measured.jsonl"
+    samples = [_sample("A", u, 1, t, p) for u, t, p in ((1, 20, 50), (4, 61, 150))]
+    # The last line was cut off half-written; the .json of the dying sweep too.
+    points.write_text("".join(json.dumps(s) + "\n" for s in samples) + json.dumps(_sample("A", 8, 1, 63, 90))[:40])
+    points.with_suffix(".json").write_text('{"hardware": {"cpu": "t')
+    out = tmp_path / "again.json"
+    proc = run([sys.executable, str(SWEEP), "--from-points", str(points), "--budget-ms", "200", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "line 3 is cut off" in proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["users"] for r in result["rows"]] == [1, 4] and result["recommendation"]["users"] == 4
+    # A damaged line before the last is not a cut-off write: refused, with the line.
+    points.write_text("{not json\n" + "".join(json.dumps(s) + "\n" for s in samples))
+    proc = run([sys.executable, str(SWEEP), "--from-points", str(points), "--out", str(out)])
+    assert proc.returncode == 2 and "line 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--users", ""], "--users"),
+    (["--users", "1,0"], "--users"),
+    (["--users", "-2"], "--users"),
+    (["--users", "2,2"], "twice"),
+    (["--users", "1,x"], "--users"),
+    (["--seconds", "0"], "--seconds"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--rounds", "0"], "--rounds"),
+    (["--budget-ms", "0"], "--budget-ms"),
+    (["--budget-ms", "-5"], "--budget-ms"),
+    (["--tolerance", "-0.1"], "--tolerance"),
+    (["--knee-fraction", "0"], "--knee-fraction"),
+    (["--knee-fraction", "1.5"], "--knee-fraction"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--instances", "0"], "--instances"),
+    (["--pre-instances", "-1"], "--pre-instances"),
+    (["--queue-delay-us", "-1"], "--queue-delay-us"),
+    (["--preferred", "0/8"], "--preferred"),
+    (["--stream-in-flight", "0"], "--stream-in-flight"),
+    (["--bad-image-every", "-1"], "--bad-image-every"),
+    (["--bad-image-every", "1"], "--bad-image-every"),
+    (["--variant", "heavy"], "--variant"),
+])
+def test_sweep_refuses_arguments_that_cannot_be_measured_with_a_usage_error(argv, message, capsys):
+    sweep = load_sweep()
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--variant", "light", "--no-progress", "--out", "/nonexistent/sweep.json", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err, err
