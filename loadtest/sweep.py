@@ -421,7 +421,7 @@ def table(result: dict) -> str:
         notes = [n for n, on in (("RECOMMENDED", r["recommended"]), ("knee", r["knee"]),
                                  (f"UNSTABLE >{result['tolerance']:.0%}", r["unstable"]),
                                  (f"FAILED {r.get('failed_rounds')}/{r['rounds']} rounds", r.get("failed_rounds")),
-                                 (f"perf_analyzer failed in {r.get('pa_failed_rounds')} rounds",
+                                 (f"perf_analyzer failed {r.get('pa_failed_rounds')}/{r['rounds']} rounds",
                                   r.get("pa_failed_rounds"))) if on]
         if "throughput" not in r:  # no round measured
             lines.append(f"{r['config']:<{w}} {r['users']:>5} {'-':>8} {'':>4} {'-':>8} {'-':>8} {'-':>8} {'':>4} "

@@ -100,6 +100,51 @@ def test_unreachable_server_is_diagnosed_and_users_back_off(triton_server, tmp_p
     assert proc.stderr.count(expected) == 1, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("extra, message, shape", [
+    (["--top-k", "0"], "--top-k 0", None),
+    (["--request-timeout", "0"], "--request-timeout 0", None),
+    (["--stream-in-flight", "0"], "--stream-in-flight 0", None),
+    (["--bad-image-every", "-1"], "--bad-image-every -1", None),
+    (["--arrival-rate", "-5"], "--arrival-rate -5", None),
+    (["--unavailable-backoff", "-1"], "--unavailable-backoff -1", None),
+    (["--images", "/nonexistent/photos"], "--images /nonexistent/photos", None),
+    (["--step-users", "0"], "--step-users 0", "step_ramp.py"),
+    (["--spike-seconds", "0"], "--spike-seconds 0", "spike.py"),
+])
+def test_options_that_cannot_run_are_refused_at_start_with_the_reason(tmp_path, extra, message, shape):
+    locustfile = f"{LOCUSTFILE},{SHAPES / shape}" if shape else str(LOCUSTFILE)
+    proc = run(locust_cmd("127.0.0.1:1", "--headless", "-u", "2", "-r", "2", "-t", "3s", *extra, "StreamUser",
+                          locustfile=locustfile), timeout=60)
+    # Exit 2 with what is wrong, once; not a traceback per user (or per request), nor a run that ignores it.
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count(message) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot connect" not in proc.stderr, "users started"
+
+
+def test_a_stream_that_breaks_reports_each_image_it_had_in_flight_as_failed(tmp_path):
+    from sdk_helpers import own_server
+    from tritonvision_server.configs import write_light_repository
+    from tritonvision_server.launcher import kill_group
+
+    latency = tmp_path / "latency.json"
+    with own_server(write_light_repository(tmp_path / "repo")) as server:
+        proc = subprocess.Popen(locust_cmd(server.grpc_url, "--headless", "-u", "2", "-r", "2", "-t", "5s", "--csv",
+                                           str(tmp_path / "s"), "--latency-file", str(latency), "--stream-in-flight",
+                                           "4", "--unavailable-backoff", "1", "StreamUser"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.5)  # Locust's start, then answers streaming
+        kill_group(server.pid)
+        _, err = proc.communicate(timeout=60)
+    rows = stats(tmp_path / "s")
+    # Two streams of 4 images each were cut: the images they carried failed, counted as requests that failed.
+    failed = int(rows["stream classify"]["Failure Count"])
+    assert failed >= 2, err[-2000:]
+    assert int(rows["stream classify"]["Request Count"]) > 100, "the streams answered before the kill"
+    records = json.loads(latency.read_text())["requests"]["stream classify"]
+    assert sum(not ok for _t, _ms, ok in records) == failed
+    assert proc.returncode == 1
+
+
 def test_arrival_rate_paces_users_to_the_rate_asked_for(grpc_url, tmp_path):
     rows, proc = locust(grpc_url, "UnaryUser", tmp_path, "--arrival-rate", "4", seconds=5)
     sent = int(rows["unary classify"]["Request Count"])
@@ -294,7 +339,7 @@ def test_a_failing_perf_analyzer_fails_the_cross_check_not_the_sweep(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     (point,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert point["throughput"] > 0 and "failed to get model metadata" in point["pa_error"]
-    assert "perf_analyzer failed in 1 rounds" in proc.stdout and "Traceback" not in proc.stderr
+    assert "perf_analyzer failed 1/1 rounds" in proc.stdout and "Traceback" not in proc.stderr
     # One that is not there is a usage error before anything is measured.
     proc = run([sys.executable, str(SWEEP), "--variant", "light", "--perf-analyzer", str(tmp_path / "missing"),
                 "--out", str(tmp_path / "never.json")], timeout=60)
