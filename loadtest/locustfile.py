@@ -145,9 +145,10 @@ def load_images(source: str) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
-def option_problem(opts) -> str | None:
+def option_problem(opts, images: bool = True) -> str | None:
     """What is wrong with the project's options (from the command line, the environment or the web UI's
-    form), before any user starts; None if nothing."""
+    form), before any user starts; None if nothing. ``images``: check the --images path too (not where
+    the users run elsewhere: a master's workers read it on their own machines)."""
     checks = (
         # (option, value, fine, what it must be)
         ("--top-k", opts.top_k, 1 <= opts.top_k <= spec.NUM_CLASSES, f"from 1 to {spec.NUM_CLASSES}"),
@@ -167,6 +168,8 @@ def option_problem(opts) -> str | None:
         if not fine or not math.isfinite(value):  # NaN compares False both ways; inf is no timeout
             return f"{name} {value:g}: must be {want}"
     path = Path(opts.images)
+    if not images:
+        return None
     if not path.exists():
         return f"--images {opts.images}: no such file or folder"
     if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
@@ -207,7 +210,8 @@ def _check_host(environment, **_kw) -> None:
     if isinstance(environment.runner, WorkerRunner):
         return  # the master checked it
     opts = environment.parsed_options
-    problem = host_problem(environment.host) or (option_problem(opts) if opts is not None else None)
+    local = not isinstance(environment.runner, MasterRunner)
+    problem = host_problem(environment.host) or (option_problem(opts, images=local) if opts is not None else None)
     if problem is None:
         return
     log.error("%s", problem)
@@ -252,7 +256,9 @@ class LatencyRecorder:
 @events.init.add_listener
 def _init(environment, **_kw) -> None:
     opts = environment.parsed_options
-    problem = None if opts is None or isinstance(environment.runner, WorkerRunner) else option_problem(opts)
+    runner = environment.runner
+    problem = (None if opts is None or isinstance(runner, WorkerRunner)
+               else option_problem(opts, images=not isinstance(runner, MasterRunner)))
     if problem is not None:
         # Before any user starts (a load shape's first tick comes before test_start): exit 2, as argparse would.
         log.error("%s", problem)
@@ -297,8 +303,9 @@ class TritonUser(User):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.top_k = opts.top_k
-        if host_problem(self.host) or option_problem(opts):
-            raise StopUser()  # said once, at test start
+        on_worker = isinstance(self.environment.runner, WorkerRunner)
+        if host_problem(self.host) or option_problem(opts, images=not on_worker):
+            raise StopUser()  # said once, at test start (a worker's --images path: load_images says)
         self._task_started = time.perf_counter()
         self._backoff = getattr(self, "_backoff", 0.0)  # kept when a StreamUser reopens its stream
         images = load_images(opts.images)

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,9 +255,20 @@ def run_locust(url: str, users: int, args, out: Path) -> dict:
            "--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every),
            args.user_class]
     log.debug("%s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + 120)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=args.seconds + args.warmup + 120)
+        except BaseException:
+            # A timeout, or the sweep was stopped: SIGTERM lets Locust stop its users, which free what they
+            # hold (ShmUser's regions); only one that does not end is killed.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if not latency_file.exists():
-        raise RuntimeError(f"locust recorded nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"locust recorded nothing (exit {proc.returncode}):\n{stderr[-2000:]}")
     records = json.loads(latency_file.read_text())["requests"]
     figures = latency_figures(records, KINDS[args.user_class], args.warmup)
     # Locust's own throughput over the whole run (ramp included), for comparison with the recording's.
@@ -581,6 +593,20 @@ def reanalyse(args, error) -> int:
 
 
 # -- command line -----------------------------------------------------------------------------------------
+class Stopped(BaseException):
+    """The sweep got SIGTERM: raised where it is (not an Exception, so that no point catches it as its own
+    failure), so that the sweep stops its Locust and server as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not cut the clean-up short
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
@@ -704,6 +730,19 @@ def main(argv: list[str] | None = None) -> int:
             # Other processes' load moves every figure on a shared machine: 1, 5, 15-minute averages.
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     samples: list[dict] = []
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return sweep(args, configs, varying, meta, points_path, samples)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        log.error("stopped by %s after %d points; what was measured is in %s (complete: false)",
+                  signal.Signals(signum).name, len(samples), args.out)
+        return 128 + signum
+
+
+def sweep(args, configs: list[ServerConfig], varying: set[str], meta: dict, points_path: Path,
+          samples: list[dict]) -> int:
+    """Measure every point ``--rounds`` times, writing as it goes; the exit status."""
     failed_in_a_row = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tritonvision-sweep-") as tmp:

@@ -328,6 +328,50 @@ def test_sweep_marks_a_point_failed_when_its_server_dies_starts_it_again_and_goe
     assert _servers_under(work) == [], "the sweep's server outlived it"
 
 
+def _children(pid: int, running: str) -> list[int]:
+    """Process ids whose parent is ``pid`` and whose command line has ``running``."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1]) == pid
+                    and running.encode() in (entry / "cmdline").read_bytes()):
+                kids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return kids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_sweep_stopped_by_a_signal_stops_its_locust_and_server_and_leaves_nothing(tmp_path, sig):
+    from tritonvision._transport._shm import leftover_files
+
+    out, work = tmp_path / "sweep.json", tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "2", "--rounds", "1", "--seconds", "60",
+           "--user-class", "ShmUser", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, "Locust did not start"
+            time.sleep(0.1)
+        (locust_pid,) = _children(proc.pid, "locust")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and "stopped" in err, err[-2000:]
+    deadline = time.monotonic() + 10  # the server's process group, reaped by the sweep's stop
+    while _servers_under(work) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _servers_under(work) == [] and not Path(f"/proc/{locust_pid}").exists(), "a child outlived the sweep"
+    assert leftover_files(f"tritonvision_client_{locust_pid}_") == []
+    assert not list(work.glob("tritonvision-*")), "temporary folders were left behind"
+
+
 def test_a_failing_perf_analyzer_fails_the_cross_check_not_the_sweep(tmp_path):
     fake = tmp_path / "perf_analyzer"
     fake.write_text("#!/bin/sh\necho 'error: failed to get model metadata' >&2\nexit 3\n")
