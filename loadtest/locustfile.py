@@ -177,6 +177,16 @@ def option_problem(opts, images: bool = True) -> str | None:
     return None
 
 
+def latency_file_problem(opts) -> str | None:
+    """Why --latency-file could not be written at the end of the run (checked at its start), or None."""
+    if not opts.latency_file:
+        return None
+    folder = Path(opts.latency_file).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return f"--latency-file {opts.latency_file}: {folder} is not a folder this process can write in"
+    return None
+
+
 def host_problem(host: str | None) -> str | None:
     """What is wrong with ``host`` as the address of Triton's gRPC endpoint, before any request."""
     if not host:
@@ -257,8 +267,14 @@ class LatencyRecorder:
 def _init(environment, **_kw) -> None:
     opts = environment.parsed_options
     runner = environment.runner
-    problem = (None if opts is None or isinstance(runner, WorkerRunner)
-               else option_problem(opts, images=not isinstance(runner, MasterRunner)))
+    if opts is None:
+        problem = None
+    elif isinstance(runner, WorkerRunner):  # the master checks the rest; the recording is the worker's own
+        problem = latency_file_problem(opts)
+    elif isinstance(runner, MasterRunner):  # the workers run the users and write the recordings
+        problem = option_problem(opts, images=False)
+    else:
+        problem = option_problem(opts) or latency_file_problem(opts)
     if problem is not None:
         # Before any user starts (a load shape's first tick comes before test_start): exit 2, as argparse would.
         log.error("%s", problem)

@@ -107,12 +107,14 @@ def test_unreachable_server_is_diagnosed_and_users_back_off(triton_server, tmp_p
     (["--bad-image-every", "-1"], "--bad-image-every -1", None),
     (["--arrival-rate", "-5"], "--arrival-rate -5", None),
     (["--unavailable-backoff", "-1"], "--unavailable-backoff -1", None),
-    (["--images", "/nonexistent/photos"], "--images /nonexistent/photos", None),
+    (["--images", "{tmp}/missing/photos"], "--images {tmp}/missing/photos", None),
+    (["--latency-file", "{tmp}/missing/latency.json"], "--latency-file {tmp}/missing/latency.json", None),
     (["--step-users", "0"], "--step-users 0", "step_ramp.py"),
     (["--spike-seconds", "0"], "--spike-seconds 0", "spike.py"),
 ])
 def test_options_that_cannot_run_are_refused_at_start_with_the_reason(tmp_path, extra, message, shape):
     locustfile = f"{LOCUSTFILE},{SHAPES / shape}" if shape else str(LOCUSTFILE)
+    extra, message = [a.format(tmp=tmp_path) for a in extra], message.format(tmp=tmp_path)
     proc = run(locust_cmd("127.0.0.1:1", "--headless", "-u", "2", "-r", "2", "-t", "3s", *extra, "StreamUser",
                           locustfile=locustfile), timeout=60)
     # Exit 2 with what is wrong, once; not a traceback per user (or per request), nor a run that ignores it.
@@ -547,10 +549,11 @@ def test_from_points_reads_a_sweep_that_died_mid_write(tmp_path):
     (["--bad-image-every", "1"], "--bad-image-every"),
     (["--variant", "heavy"], "--variant"),
 ])
-def test_sweep_refuses_arguments_that_cannot_be_measured_with_a_usage_error(argv, message, capsys):
+def test_sweep_refuses_arguments_that_cannot_be_measured_with_a_usage_error(argv, message, capsys, tmp_path):
     sweep = load_sweep()
     with pytest.raises(SystemExit) as exc:
-        sweep.main(["--variant", "light", "--no-progress", "--out", "/nonexistent/sweep.json", *argv])
+        sweep.main(["--variant", "light", "--no-progress", "--out", str(tmp_path / "never" / "sweep.json"), *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err, err
+    assert not (tmp_path / "never").exists(), "the sweep started"
