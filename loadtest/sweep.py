@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 log = logging.getLogger("loadtest.sweep")
 KINDS = {"UnaryUser": "unary", "ShmUser": "shm", "StreamUser": "stream"}
 PERCENTILES = ("p50", "p95", "p99")
+URL_WAIT_S = 15.0  # how long --url may take to be ready at the start
 MAX_FAILED_IN_A_ROW = 3  # then the server is not coming back, or every point is misconfigured: stop
 
 
@@ -702,6 +703,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and len(configs) > 1:
         ap.error("--queue-delay-us, --instances, --pre-instances, --max-batch and --preferred configure a server "
                  "the sweep starts; drop --url")
+    if args.url:
+        # A wrong address is a usage error now, not three points that each wait a minute for it.
+        from tritonvision import Classifier, TritonVisionError
+
+        try:
+            with Classifier(args.url, timeout=URL_WAIT_S) as clf:
+                clf.wait_until_ready(timeout=URL_WAIT_S)
+        except (TritonVisionError, ValueError) as exc:
+            ap.error(f"argument --url: no classifier ready at {args.url} ({exc})")
     if args.bad_image_every == 1:
         ap.error("argument --bad-image-every: 1 makes every image corrupt, which leaves nothing to measure")
     if args.perf_analyzer is not None:

@@ -398,6 +398,17 @@ def test_sweep_refuses_server_knobs_for_a_server_it_did_not_start(tmp_path):
     assert proc.returncode == 2 and "drop --url" in proc.stderr
 
 
+def test_sweep_refuses_a_url_where_no_server_answers(tmp_path):
+    from tritonvision_server.launcher import free_port
+
+    out = tmp_path / "sweep.json"
+    started = time.monotonic()
+    proc = run([sys.executable, str(SWEEP), "--url", f"127.0.0.1:{free_port()}", "--users", "1,2", "--no-progress",
+                "--out", str(out)], timeout=120)
+    assert proc.returncode == 2 and "argument --url: no classifier ready" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - started < 40 and not out.with_suffix(".jsonl").exists()
+
+
 def _sample(config, users, rnd, throughput, p99, failures=0):
     return {"config": config, "config_fields": {}, "users": users, "round": rnd, "applied": "reload",
             "throughput": throughput, "p50_ms": p99 / 2, "p95_ms": p99 * 0.9, "p99_ms": p99, "failures": failures}
