@@ -25,7 +25,6 @@ MEMBER = "tritonclient-2.51.0.data/data/bin/perf_analyzer"
 def ensure(root: Path, wheel_dir: Path) -> tuple[Path, dict[str, str]]:
     """The perf_analyzer binary under ``root`` and the environment to run it with (downloading the wheel once)."""
     binary = root / "perf_analyzer"
-    libs = root / "lib"
     if not binary.exists():
         wheels = sorted(wheel_dir.glob("tritonclient-2.51.0-*.whl"))
         if not wheels:
@@ -36,7 +35,14 @@ def ensure(root: Path, wheel_dir: Path) -> tuple[Path, dict[str, str]]:
         with zipfile.ZipFile(wheels[0]) as zf, open(binary, "wb") as out:
             out.write(zf.read(MEMBER))
         binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    return binary, environment(root)
+
+
+def environment(root: Path) -> dict[str, str]:
+    """The environment perf_analyzer 2.51 runs in: its libraries linked under ``root/lib``."""
     import pytriton
+
+    libs = root / "lib"
 
     bundled = Path(pytriton.__file__).resolve().parents[1] / "nvidia_pytriton.libs"
     libs.mkdir(parents=True, exist_ok=True)
@@ -44,8 +50,8 @@ def ensure(root: Path, wheel_dir: Path) -> tuple[Path, dict[str, str]]:
         link = libs / want
         if not link.exists():
             link.symlink_to(next(bundled.glob(pattern)))
-    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([str(libs), str(bundled), os.environ.get("LD_LIBRARY_PATH", "")]))
-    return binary, env
+    path = [str(libs), str(bundled), os.environ.get("LD_LIBRARY_PATH", "")]
+    return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(path))
 
 
 def input_data(image: bytes, dest: Path) -> Path:
@@ -82,7 +88,10 @@ def run(binary: Path, env: dict, *, url: str, model: str, data: Path, concurrenc
     if proc.returncode != 0 and not csv_path.exists():
         raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     with open(csv_path) as fh:
-        row = next(csv.DictReader(fh))
+        row = next(csv.DictReader(fh), None)
+    if row is None:
+        raise RuntimeError(f"perf_analyzer ({proc.returncode}) wrote no measurement:\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-2000:]}")
     return {
         "concurrency": concurrency,
         "throughput": float(row["Inferences/Second"]),

@@ -37,8 +37,10 @@ grpc_gevent.init_gevent()
 import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -143,6 +145,48 @@ def load_images(source: str) -> list[bytes]:
     return [p.read_bytes() for p in files]
 
 
+def option_problem(opts, images: bool = True) -> str | None:
+    """What is wrong with the project's options (from the command line, the environment or the web UI's
+    form), before any user starts; None if nothing. ``images``: check the --images path too (not where
+    the users run elsewhere: a master's workers read it on their own machines)."""
+    checks = (
+        # (option, value, fine, what it must be)
+        ("--top-k", opts.top_k, 1 <= opts.top_k <= spec.NUM_CLASSES, f"from 1 to {spec.NUM_CLASSES}"),
+        ("--request-timeout", opts.request_timeout, opts.request_timeout > 0, "seconds above 0"),
+        ("--stream-in-flight", opts.stream_in_flight, opts.stream_in_flight >= 1, "at least 1"),
+        ("--bad-image-every", opts.bad_image_every, opts.bad_image_every >= 0, "0 (never) or more"),
+        ("--arrival-rate", opts.arrival_rate, opts.arrival_rate >= 0, "requests/s, 0 (unpaced) or more"),
+        ("--unavailable-backoff", opts.unavailable_backoff, opts.unavailable_backoff > 0, "seconds above 0"),
+        ("--step-users", opts.step_users, opts.step_users >= 1, "at least 1"),
+        ("--step-seconds", opts.step_seconds, opts.step_seconds > 0, "seconds above 0"),
+        ("--max-users", opts.max_users, opts.max_users >= 1, "at least 1"),
+        ("--spike-users", opts.spike_users, opts.spike_users >= 1, "at least 1"),
+        ("--spike-at", opts.spike_at, opts.spike_at >= 0, "seconds, 0 or more"),
+        ("--spike-seconds", opts.spike_seconds, opts.spike_seconds > 0, "seconds above 0"),
+    )
+    for name, value, fine, want in checks:
+        if not fine or not math.isfinite(value):  # NaN compares False both ways; inf is no timeout
+            return f"{name} {value:g}: must be {want}"
+    path = Path(opts.images)
+    if not images:
+        return None
+    if not path.exists():
+        return f"--images {opts.images}: no such file or folder"
+    if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return f"--images {opts.images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in that folder"
+    return None
+
+
+def latency_file_problem(opts) -> str | None:
+    """Why --latency-file could not be written at the end of the run (checked at its start), or None."""
+    if not opts.latency_file:
+        return None
+    folder = Path(opts.latency_file).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return f"--latency-file {opts.latency_file}: {folder} is not a folder this process can write in"
+    return None
+
+
 def host_problem(host: str | None) -> str | None:
     """What is wrong with ``host`` as the address of Triton's gRPC endpoint, before any request."""
     if not host:
@@ -175,14 +219,15 @@ def diagnose_unreachable(host: str, timeout: float = 2.0) -> str:
 def _check_host(environment, **_kw) -> None:
     if isinstance(environment.runner, WorkerRunner):
         return  # the master checked it
-    problem = host_problem(environment.host)
+    opts = environment.parsed_options
+    local = not isinstance(environment.runner, MasterRunner)
+    problem = host_problem(environment.host) or (option_problem(opts, images=local) if opts is not None else None)
     if problem is None:
         return
     log.error("%s", problem)
     environment.process_exit_code = 2
     # Stopping from inside test_start: let the start finish first. Headless, the run ends (exit 2); in the
-    # web UI only this run stops, so that the host can be corrected in the form.
-    opts = environment.parsed_options
+    # web UI only this run stops, so that the host or the option can be corrected in the form.
     headless = opts is None or opts.headless or getattr(opts, "autostart", False)
     gevent.spawn_later(0.1, environment.runner.quit if headless else environment.runner.stop)
 
@@ -220,13 +265,27 @@ class LatencyRecorder:
 
 @events.init.add_listener
 def _init(environment, **_kw) -> None:
+    opts = environment.parsed_options
+    runner = environment.runner
+    if opts is None:
+        problem = None
+    elif isinstance(runner, WorkerRunner):  # the master checks the rest; the recording is the worker's own
+        problem = latency_file_problem(opts)
+    elif isinstance(runner, MasterRunner):  # the workers run the users and write the recordings
+        problem = option_problem(opts, images=False)
+    else:
+        problem = option_problem(opts) or latency_file_problem(opts)
+    if problem is not None:
+        # Before any user starts (a load shape's first tick comes before test_start): exit 2, as argparse would.
+        log.error("%s", problem)
+        sys.exit(2)
+
     def users_in_all(user_count, **_kw) -> None:
         # On a worker, the runner counts only its own users; the master tells every worker the total when
         # spawning completes (after each step of a load shape too), and the users pace to their share of it.
         environment.tritonvision_users_in_all = user_count
 
     environment.events.spawning_complete.add_listener(users_in_all)
-    opts = environment.parsed_options
     if opts is not None and opts.latency_file:
         recorder = LatencyRecorder(Path(opts.latency_file))
         environment.events.request.add_listener(recorder.on_request)
@@ -260,8 +319,9 @@ class TritonUser(User):
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.top_k = opts.top_k
-        if host_problem(self.host):
-            raise StopUser()  # said once, at test start
+        on_worker = isinstance(self.environment.runner, WorkerRunner)
+        if host_problem(self.host) or option_problem(opts, images=not on_worker):
+            raise StopUser()  # said once, at test start (a worker's --images path: load_images says)
         self._task_started = time.perf_counter()
         self._backoff = getattr(self, "_backoff", 0.0)  # kept when a StreamUser reopens its stream
         images = load_images(opts.images)
@@ -280,6 +340,11 @@ class TritonUser(User):
             self.clf.close()
 
     def report(self, what: str, started: float, error: BaseException | None) -> None:
+        """Report one request (:meth:`record`), then back off if the server was unreachable."""
+        self.record(what, started, error)
+        self.back_off(error)
+
+    def record(self, what: str, started: float, error: BaseException | None) -> None:
         """The one place requests reach Locust's statistics: named by user kind and outcome."""
         if isinstance(error, tv.OverloadedError):
             what = "overloaded"
@@ -298,7 +363,6 @@ class TritonUser(User):
             exception=error,
             context={"user": type(self).__name__},
         )
-        self.back_off(error)
 
     def back_off(self, error: BaseException | None) -> None:
         """After an unreachable server, wait (doubling, up to --unavailable-backoff) before the next try."""
@@ -357,8 +421,16 @@ class StreamUser(TritonUser):
         try:
             result = next(self.results)
         except tv.TritonVisionError as exc:
-            # The stream itself failed (server gone, wrong port): report it, back off, and open a new one.
-            self.report("connection", time.perf_counter(), exc)
+            # The stream itself failed (server gone, wrong port): every image it had in flight failed with it,
+            # each under its own name and with the time it waited; with none in flight, the connection did.
+            # Then back off once and open a new stream.
+            lost = sorted(self.sent.values(), key=lambda sent: sent[1])
+            for what, started in lost:
+                self.record(what, started, exc)
+            self.sent.clear()
+            if not lost:
+                self.record("connection", time.perf_counter(), exc)
+            self.back_off(exc)
             try:
                 self.results.close()
             finally:

@@ -34,10 +34,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,6 +58,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 log = logging.getLogger("loadtest.sweep")
 KINDS = {"UnaryUser": "unary", "ShmUser": "shm", "StreamUser": "stream"}
 PERCENTILES = ("p50", "p95", "p99")
+URL_WAIT_S = 15.0  # how long --url may take to be ready at the start
+MAX_FAILED_IN_A_ROW = 3  # then the server is not coming back, or every point is misconfigured: stop
 
 
 # -- configurations ---------------------------------------------------------------------------------------
@@ -122,7 +126,14 @@ class Servers:
         self.onnx = None
 
     def apply(self, config: ServerConfig) -> str:
-        """Make the server serve ``config``; returns how: "start", "restart", "reload" or "as is"."""
+        """Make the server serve ``config``; returns how: "start", "restart", "reload" or "as is". A server
+        that died is started again."""
+        if self.server is not None and self.dead():
+            log.warning("the server died (%s); starting it again", self.dead())
+            self.stop()
+            self.server = self._start(config)
+            self.current = config
+            return "restart"
         if self.server is not None and self.current == config:
             return "as is"
         if self.server is None or self.current.max_batch != config.max_batch:
@@ -134,6 +145,13 @@ class Servers:
             self._reload(config)
         self.current = config
         return how
+
+    def dead(self) -> str | None:
+        """How the started server ended, or None while it runs. (Not the launcher's stub check: a reload
+        replaces the stubs it knows of.)"""
+        if self.server is None or self.server.running:
+            return None
+        return self.server.exit_reason()
 
     def _start(self, config: ServerConfig):
         from tritonvision_server import configs
@@ -193,10 +211,11 @@ class Servers:
 
 # -- one measurement --------------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of unrounded latencies."""
+    """Nearest-rank percentile of unrounded latencies: the smallest value with at least ``q`` percent of the
+    values at or below it (p50 of 10 values is the 5th, p99 of 100 the 99th)."""
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
+    rank = math.ceil(round(q / 100.0 * len(ordered), 9))  # round: 0.95 * 20 is 19.000000000000004
+    return ordered[max(0, min(len(ordered), rank) - 1)]
 
 
 def latency_figures(records: dict, kind: str, warmup: float) -> dict:
@@ -211,8 +230,10 @@ def latency_figures(records: dict, kind: str, warmup: float) -> dict:
     end = max(t for t, _ in good)
     window = [(t, ms) for t, ms in good if t >= first + warmup]
     if len(window) < 2:
-        window = good
-    span = end - min(t for t, _ in window) if len(window) > 1 else 0.0
+        # Never the warm-up's figures in place of the run's: nothing was measured.
+        raise RuntimeError(f"{len(window)} '{kind} classify' answers came after the {warmup:g} s warm-up "
+                           f"({len(good)} in all): measure for longer or warm up for less")
+    span = end - min(t for t, _ in window)
     lat = [ms for _, ms in window]
     return {
         "requests": len(good),
@@ -235,9 +256,20 @@ def run_locust(url: str, users: int, args, out: Path) -> dict:
            "--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every),
            args.user_class]
     log.debug("%s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + 120)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=args.seconds + args.warmup + 120)
+        except BaseException:
+            # A timeout, or the sweep was stopped: SIGTERM lets Locust stop its users, which free what they
+            # hold (ShmUser's regions); only one that does not end is killed.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if not latency_file.exists():
-        raise RuntimeError(f"locust recorded nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"locust recorded nothing (exit {proc.returncode}):\n{stderr[-2000:]}")
     records = json.loads(latency_file.read_text())["requests"]
     figures = latency_figures(records, KINDS[args.user_class], args.warmup)
     # Locust's own throughput over the whole run (ramp included), for comparison with the recording's.
@@ -261,16 +293,34 @@ def measure_point(url: str, users: int, args, out: Path) -> dict:
         for step in (spec.PREPROCESS, spec.RESNET50)
         for key, attr in (("avg_batch", "avg_batch"), ("queue_ms", "queue_ms"))
     })
-    if args.perf_analyzer:
-        figures.update(perf_analyzer_point(url, users, args, out))
+    if args.perf_analyzer is not None:
+        try:
+            figures.update(perf_analyzer_point(url, users, args, out))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            # The cross-check failed, not the point: keep Locust's figures, and say so in the table.
+            log.warning("perf_analyzer failed at %d users: %s", users, exc)
+            figures["pa_error"] = f"{type(exc).__name__}: {exc}"[-1000:]
     return figures
+
+
+def perf_analyzer_binary(given: str) -> tuple[Path, dict]:
+    """The perf_analyzer to run and its environment: ``given``, or the tritonclient 2.51.0 wheel's."""
+    import perf_analyzer
+
+    root = ROOT / "build" / "bench" / "perf_analyzer"
+    if not given:
+        return perf_analyzer.ensure(root, ROOT / ".whl")
+    binary = Path(given)
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise FileNotFoundError(f"{binary} is not an executable file")
+    return binary, perf_analyzer.environment(root)
 
 
 def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     import perf_analyzer
     from tritonvision import sample_images
 
-    binary, env = perf_analyzer.ensure(ROOT / "build" / "bench" / "perf_analyzer", ROOT / ".whl")
+    binary, env = args.pa
     data = perf_analyzer.input_data(sample_images()[0].read_bytes(), out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
@@ -287,22 +337,35 @@ def spread(values: list[float]) -> float:
 
 
 def aggregate(samples: list[dict], args) -> list[dict]:
-    """One row per (configuration, users): medians across rounds, min/max, spread, instability flag."""
+    """One row per (configuration, users): medians across rounds, min/max, spread, instability flag. A round
+    that could not be measured (its sample has an ``error``) counts in ``failed_rounds``; the figures are
+    those of the other rounds, and a point with no measured round has none."""
     groups: dict[tuple, list[dict]] = {}
     for s in samples:
         groups.setdefault((s["config"], s["users"]), []).append(s)
     rows = []
     budget_key = f"{args.percentile}_ms"
-    for (config, users), runs in groups.items():
-        row = {"config": config, **runs[0]["config_fields"], "users": users, "rounds": len(runs),
-               "applied": sorted({r["applied"] for r in runs})}
+    for (config, users), every in groups.items():
+        runs = [r for r in every if not r.get("error")]
+        row = {"config": config, **every[0]["config_fields"], "users": users, "rounds": len(every),
+               "failed_rounds": len(every) - len(runs), "applied": sorted({r["applied"] for r in every})}
+        if row["failed_rounds"]:
+            row["errors"] = [f"round {r['round']}: {r['error']}" for r in every if r.get("error")]
+        pa_errors = [r for r in runs if r.get("pa_error")]
+        if pa_errors:
+            row["pa_failed_rounds"] = len(pa_errors)
+            row["pa_errors"] = [f"round {r['round']}: {r['pa_error']}" for r in pa_errors]
+        row["failures"] = sum(r.get("failures", 0) for r in every)
+        if not runs:
+            row["unstable"] = False
+            rows.append(row)
+            continue
         for key in ("throughput", "p50_ms", "p95_ms", "p99_ms", "locust_rps", "pa_throughput", "pa_p99_ms",
                     "preprocess_avg_batch", "resnet50_avg_batch", "resnet50_queue_ms"):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 row[key] = round(statistics.median(values), 3)
                 row[f"{key}_min"], row[f"{key}_max"] = round(min(values), 3), round(max(values), 3)
-        row["failures"] = sum(r["failures"] for r in runs)
         row["throughput_spread"] = round(spread([r["throughput"] for r in runs]), 3)
         row[f"{args.percentile}_spread"] = round(spread([r[budget_key] for r in runs]), 3)
         worst = max(row["throughput_spread"], row[f"{args.percentile}_spread"])
@@ -316,24 +379,27 @@ def aggregate(samples: list[dict], args) -> list[dict]:
 
 def knees(rows: list[dict], fraction: float) -> dict[str, int]:
     """Per configuration, the fewest users whose throughput reaches ``fraction`` of its peak."""
-    out = {}
+    out: dict[str, int | None] = {}
     for config in sorted({r["config"] for r in rows}):
-        points = sorted((r for r in rows if r["config"] == config), key=lambda r: r["users"])
-        peak = max(r["throughput"] for r in points)
-        out[config] = next(r["users"] for r in points if r["throughput"] >= fraction * peak)
+        points = sorted((r for r in rows if r["config"] == config and "throughput" in r), key=lambda r: r["users"])
+        peak = max((r["throughput"] for r in points), default=None)
+        out[config] = None if peak is None else next(r["users"] for r in points if r["throughput"] >= fraction * peak)
     return out
 
 
 def recommend(rows: list[dict], budget_ms: float | None, pct: str) -> dict | None:
     """The point with the highest median throughput whose ``pct`` latency held the budget in every round
-    (its worst round, not its median) and that had no failures."""
+    (its worst round, not its median), with no failed request and every round measured. Of equal
+    throughputs, the lower latency, then the fewer users."""
     if budget_ms is None:
         return None
     key = f"{pct}_ms_max"
-    fits = [r for r in rows if r.get(key, r[f"{pct}_ms"]) <= budget_ms and r["failures"] == 0]
+    fits = [r for r in rows if "throughput" in r and r.get(key, r[f"{pct}_ms"]) <= budget_ms
+            and r["failures"] == 0 and not r.get("failed_rounds")]
     if not fits:
-        return {"config": None, "users": None, "reason": f"no point kept {pct} within {budget_ms:g} ms in every round"}
-    best = max(fits, key=lambda r: r["throughput"])
+        return {"config": None, "users": None,
+                "reason": f"no point kept {pct} within {budget_ms:g} ms in every round without a failure"}
+    best = max(fits, key=lambda r: (r["throughput"], -r[f"{pct}_ms"], -r["users"]))
     return {"config": best["config"], "users": best["users"], "throughput": best["throughput"],
             f"{pct}_ms": best[f"{pct}_ms"], f"{pct}_ms_worst_round": best.get(key), "unstable": best["unstable"]}
 
@@ -346,11 +412,11 @@ def mark(rows: list[dict], knee: dict[str, int], rec: dict | None) -> None:
 
 def title(result: dict) -> str:
     hw = result["hardware"]
-    where = hw.get("gpu") or f"{hw.get('cores')}-core {hw.get('cpu', 'CPU')}"
+    where = hw.get("gpu") or (f"{hw['cores']}-core {hw.get('cpu', 'CPU')}" if hw.get("cores") else "unknown hardware")
     variant = result["variant"]
     what = {"real": "real model (cpu profile, ResNet-50 on ONNX Runtime)",
             "light": "LIGHT VARIANT (trivial compute, not the model)",
-            None: f"server at {result['url']}"}[variant]
+            None: f"server at {result['url']}"}.get(variant, "unknown server (the sweep's .json is missing)")
     return f"classifier, {what}, on {where}"
 
 
@@ -366,7 +432,16 @@ def table(result: dict) -> str:
     lines = [title(result), head, "-" * len(head)]
     for r in rows:
         notes = [n for n, on in (("RECOMMENDED", r["recommended"]), ("knee", r["knee"]),
-                                 (f"UNSTABLE >{result['tolerance']:.0%}", r["unstable"])) if on]
+                                 (f"UNSTABLE >{result['tolerance']:.0%}", r["unstable"]),
+                                 (f"FAILED {r.get('failed_rounds')}/{r['rounds']} rounds", r.get("failed_rounds")),
+                                 (f"perf_analyzer failed {r.get('pa_failed_rounds')}/{r['rounds']} rounds",
+                                  r.get("pa_failed_rounds"))) if on]
+        if "throughput" not in r:  # no round measured
+            lines.append(f"{r['config']:<{w}} {r['users']:>5} {'-':>8} {'':>4} {'-':>8} {'-':>8} {'-':>8} {'':>4} "
+                         f"{r['failures']:>4} {'-':>9} {'/'.join(r['applied']):>8}"
+                         + (f" {'-':>9} {'-':>6}" if has_pa else "")
+                         + "  " + ", ".join(notes))
+            continue
         line = (f"{r['config']:<{w}} {r['users']:>5} {r['throughput']:>8.1f} {r['throughput_spread'] * 100:>4.0f} "
                 f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r[f'{pct}_spread'] * 100:>4.0f} "
                 f"{r['failures']:>4} {r.get('resnet50_avg_batch', 0):>9.2f} {'/'.join(r['applied']):>8}")
@@ -401,7 +476,9 @@ def plot(result: dict, path: Path) -> bool:
     rows, pct = result["rows"], result["percentile"]
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for config in sorted({r["config"] for r in rows}):
-        pts = sorted((r for r in rows if r["config"] == config), key=lambda r: r["users"])
+        pts = sorted((r for r in rows if r["config"] == config and "throughput" in r), key=lambda r: r["users"])
+        if not pts:
+            continue
         x = [r[f"{pct}_ms"] for r in pts]
         y = [r["throughput"] for r in pts]
         xerr = [[r[f"{pct}_ms"] - r.get(f"{pct}_ms_min", r[f"{pct}_ms"]) for r in pts],
@@ -439,19 +516,26 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a sweep stopped while writing leaves the previous version."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def write(result: dict, out: Path) -> None:
-    out.write_text(json.dumps(result, indent=2))
+    _replace(out, json.dumps(result, indent=2))
     rows = result["rows"]
     if rows:
         fields: list[str] = []
         for r in rows:
             fields += [k for k in r if k not in fields]
-        with out.with_suffix(".csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["variant", *fields])
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({"variant": result["variant"] or "external", **r,
-                                 "applied": "/".join(r["applied"])})
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=["variant", *fields])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"variant": result["variant"] or "external", **r, "applied": "/".join(r["applied"])})
+        _replace(out.with_suffix(".csv"), text.getvalue())
 
 
 def summarise(samples: list[dict], meta: dict, args) -> dict:
@@ -462,12 +546,40 @@ def summarise(samples: list[dict], meta: dict, args) -> dict:
     return {**meta, "rows": rows, "knees": knee, "recommendation": rec}
 
 
-def reanalyse(args) -> int:
-    """The table, JSON/CSV and plot of measured points (``--from-points``) under this run's budget."""
-    samples = [json.loads(line) for line in args.from_points.read_text().splitlines() if line.strip()]
+def read_points(path: Path, error) -> list[dict]:
+    """The samples of a sweep's .jsonl. A sweep stopped while appending leaves its last line cut off: that
+    point is left out, with a warning; any other damaged line is an error (``error(message)``)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        error(f"--from-points: {exc}")
+    lines = text.splitlines()
+    samples = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            samples.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if n == len(lines) and not text.endswith("\n"):  # each point is written with its newline
+                log.warning("%s: line %d is cut off (the sweep stopped while writing it); left out", path, n)
+                continue
+            error(f"--from-points: {path} line {n} is not a point ({exc})")
     if not samples:
-        raise SystemExit(f"no points in {args.from_points}")
-    measured = json.loads(args.from_points.with_suffix(".json").read_text())
+        error(f"--from-points: no points in {path}")
+    return samples
+
+
+def reanalyse(args, error) -> int:
+    """The table, JSON/CSV and plot of measured points (``--from-points``) under this run's budget."""
+    samples = read_points(args.from_points, error)
+    try:
+        measured = json.loads(args.from_points.with_suffix(".json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s is missing or damaged (%s): hardware and variant unknown",
+                    args.from_points.with_suffix(".json"), exc)
+        measured = {"hardware": {}, "variant": "unknown", "url": None,
+                    "rounds": max(s.get("round", 1) for s in samples)}
     meta = {k: v for k, v in measured.items() if k not in ("rows", "knees", "recommendation")}
     meta.update(tolerance=args.tolerance, budget_ms=args.budget_ms, percentile=args.percentile,
                 knee_fraction=args.knee_fraction, reanalysed_from=args.from_points.name)
@@ -475,49 +587,107 @@ def reanalyse(args) -> int:
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.with_suffix(".jsonl").resolve() != args.from_points.resolve():
-        args.out.with_suffix(".jsonl").write_text(args.from_points.read_text())
+        args.out.with_suffix(".jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     write(result, args.out)
     plot(result, args.out.with_suffix(".png"))
     return 0
 
 
 # -- command line -----------------------------------------------------------------------------------------
+class Stopped(BaseException):
+    """The sweep got SIGTERM: raised where it is (not an Exception, so that no point catches it as its own
+    failure), so that the sweep stops its Locust and server as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not cut the clean-up short
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    sizes = lambda s: [tuple(int(b) for b in p.split("/")) if p != "none" else () for p in s.split(",")]  # noqa: E731
+    def ints(least: int):
+        def parse(text: str) -> list[int]:
+            try:
+                values = [int(x) for x in text.split(",")]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+            bad = [v for v in values if v < least]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]} is below {least}")
+            twice = [v for v in values if values.count(v) > 1]
+            if twice:
+                raise argparse.ArgumentTypeError(f"{twice[0]} is given twice")
+            return values
+        return parse
+
+    def sizes(text: str) -> list[tuple[int, ...]]:
+        try:
+            values = [tuple(int(b) for b in p.split("/")) if p != "none" else () for p in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 8/16,none") from None
+        if any(b < 1 for v in values for b in v):
+            raise argparse.ArgumentTypeError("batch sizes are at least 1")
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError("a list of sizes is given twice")
+        return values
+
+    def number(least: float, *, above: bool = False, most: float | None = None, kind=float):
+        def parse(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            too_big = most is not None and value > most
+            if not math.isfinite(value) or value < least or (above and value == least) or too_big:
+                bounds = f"{'above' if above else 'at least'} {least:g}"
+                bounds += f" and at most {most:g}" if most is not None else ""
+                raise argparse.ArgumentTypeError(f"{text} is not {bounds}")
+            return value
+        return parse
+
     from tritonvision import spec
 
     ap.add_argument("--url", help="load this running server (gRPC host:port) instead of starting one")
     ap.add_argument("--variant", choices=("real", "light"), default="real",
                     help="the server the sweep starts: the real cpu profile (default) or the light variant "
                          "(trivial compute: where the client and transport saturate, not the model)")
-    ap.add_argument("--users", type=ints, default=[1, 2, 4, 8],
+    ap.add_argument("--users", type=ints(1), default=[1, 2, 4, 8],
                     help="concurrent Locust users (each one request in flight)")
-    ap.add_argument("--queue-delay-us", type=ints, default=[spec.CPU.resnet50.batching.max_queue_delay_us],
+    ap.add_argument("--queue-delay-us", type=ints(0), default=[spec.CPU.resnet50.batching.max_queue_delay_us],
                     help="resnet50 max queue delays")
-    ap.add_argument("--instances", type=ints, default=[spec.CPU.resnet50.instances], help="resnet50 instance counts")
-    ap.add_argument("--pre-instances", type=ints, default=[spec.CPU.preprocess.instances],
+    ap.add_argument("--instances", type=ints(1), default=[spec.CPU.resnet50.instances], help="resnet50 instance counts")
+    ap.add_argument("--pre-instances", type=ints(1), default=[spec.CPU.preprocess.instances],
                     help="preprocess instance counts")
-    ap.add_argument("--max-batch", type=ints, default=[spec.CPU.max_batch_size],
+    ap.add_argument("--max-batch", type=ints(1), default=[spec.CPU.max_batch_size],
                     help="max batch size of both steps and the ensemble (each value restarts the server)")
     ap.add_argument("--preferred", type=sizes, default=[spec.CPU.resnet50.batching.preferred_batch_sizes],
                     help="preferred batch sizes of both steps: 8/16,none compares (8, 16) with none (Triton then "
                          "prefers the max batch size)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each point is measured once per round")
-    ap.add_argument("--tolerance", type=float, default=0.10,
+    ap.add_argument("--rounds", type=number(1, kind=int), default=3,
+                    help="interleaved rounds; each point is measured once per round")
+    ap.add_argument("--tolerance", type=number(0), default=0.10,
                     help="flag a point UNSTABLE when its rounds' throughput or budget percentile differ by more "
                          "than this fraction of the median")
-    ap.add_argument("--budget-ms", type=float, help="latency budget: recommend the best point within it")
+    ap.add_argument("--budget-ms", type=number(0, above=True),
+                    help="latency budget: recommend the best point within it")
     ap.add_argument("--percentile", choices=PERCENTILES, default="p99", help="the percentile the budget applies to")
-    ap.add_argument("--knee-fraction", type=float, default=0.9)
+    ap.add_argument("--knee-fraction", type=number(0, above=True, most=1), default=0.9,
+                    help="the knee: the fewest users reaching this fraction of the configuration's peak throughput")
     ap.add_argument("--user-class", default="UnaryUser", choices=tuple(KINDS))
-    ap.add_argument("--stream-in-flight", type=int, default=4)
-    ap.add_argument("--bad-image-every", type=int, default=0, help="a corrupt image every N requests (0: none)")
-    ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per point and round")
-    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of each run left out of the figures")
-    ap.add_argument("--perf-analyzer", action="store_true", help="also measure each point with perf_analyzer")
+    ap.add_argument("--stream-in-flight", type=number(1, kind=int), default=4)
+    ap.add_argument("--bad-image-every", type=number(0, kind=int), default=0,
+                    help="a corrupt image every N requests (0: none; 1 would leave nothing to measure)")
+    ap.add_argument("--seconds", type=number(0, above=True), default=15.0, help="measured seconds per point and round")
+    ap.add_argument("--warmup", type=number(0), default=2.0, help="seconds of each run left out of the figures")
+    ap.add_argument("--perf-analyzer", nargs="?", const="", metavar="BINARY",
+                    help="also measure each point with perf_analyzer (default: the tritonclient 2.51.0 wheel's, "
+                         "extracted under build/bench)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest_sweep.json")
     ap.add_argument("--from-points", type=Path, metavar="JSONL",
                     help="measure nothing: answer again from a sweep's .jsonl (another budget, percentile, "
@@ -528,13 +698,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.from_points:
-        return reanalyse(args)
+        return reanalyse(args, ap.error)
     configs = grid(args)
     if args.url and len(configs) > 1:
         ap.error("--queue-delay-us, --instances, --pre-instances, --max-batch and --preferred configure a server "
                  "the sweep starts; drop --url")
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if args.url:
+        # A wrong address is a usage error now, not three points that each wait a minute for it.
+        from tritonvision import Classifier, TritonVisionError
+
+        try:
+            with Classifier(args.url, timeout=URL_WAIT_S) as clf:
+                clf.wait_until_ready(timeout=URL_WAIT_S)
+        except (TritonVisionError, ValueError) as exc:
+            ap.error(f"argument --url: no classifier ready at {args.url} ({exc})")
+    if args.bad_image_every == 1:
+        ap.error("argument --bad-image-every: 1 makes every image corrupt, which leaves nothing to measure")
+    if args.perf_analyzer is not None:
+        # Before anything is measured: a missing perf_analyzer is a usage error, not a failure at the first point.
+        try:
+            args.pa = perf_analyzer_binary(args.perf_analyzer)
+        except (OSError, RuntimeError, subprocess.SubprocessError, StopIteration) as exc:
+            ap.error(f"argument --perf-analyzer: no perf_analyzer to run ({type(exc).__name__}: {exc})")
     # Labels name what differs from the spec: what varies, or was set to something else.
     defaults = ServerConfig(*(ap.get_default(k)[0] for k in ("queue_delay_us", "instances", "pre_instances",
                                                             "max_batch", "preferred")))
@@ -555,6 +740,20 @@ def main(argv: list[str] | None = None) -> int:
             # Other processes' load moves every figure on a shared machine: 1, 5, 15-minute averages.
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     samples: list[dict] = []
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return sweep(args, configs, varying, meta, points_path, samples)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        log.error("stopped by %s after %d points; what was measured is in %s (complete: false)",
+                  signal.Signals(signum).name, len(samples), args.out)
+        return 128 + signum
+
+
+def sweep(args, configs: list[ServerConfig], varying: set[str], meta: dict, points_path: Path,
+          samples: list[dict]) -> int:
+    """Measure every point ``--rounds`` times, writing as it goes; the exit status."""
+    failed_in_a_row = 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tritonvision-sweep-") as tmp:
         work = Path(tmp)
@@ -568,7 +767,18 @@ def main(argv: list[str] | None = None) -> int:
                     url = servers.server.grpc_url if servers else args.url
                     for users in args.users:
                         bar.set_description(f"round {n + 1}, {label}, {users} users")
-                        figures = measure_point(url, users, args, work)
+                        if servers and servers.dead():  # it died during the previous point
+                            applied = servers.apply(config)
+                        try:
+                            figures = measure_point(url, users, args, work)
+                            failed_in_a_row = 0
+                        except Exception as exc:  # noqa: BLE001 - any failure of a point fails that point only
+                            # The point is marked failed (never recommended) and the sweep goes on: a server
+                            # that died is started again before the next point.
+                            failed_in_a_row += 1
+                            log.error("round %d, %s, %d users failed: %s: %s", n + 1, label, users,
+                                      type(exc).__name__, exc)
+                            figures = {"error": f"{type(exc).__name__}: {exc}"[-1000:]}
                         sample = {"round": n + 1, "config": label, "config_fields": config.fields(), "users": users,
                                   "applied": applied, **figures}
                         samples.append(sample)
@@ -576,6 +786,10 @@ def main(argv: list[str] | None = None) -> int:
                             fh.write(json.dumps(sample) + "\n")
                         write(summarise(samples, {**meta, "complete": False}, args), args.out)
                         bar.update(1)
+                        if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                            log.error("%d points in a row failed: the sweep stops (what it measured is in %s)",
+                                      failed_in_a_row, args.out)
+                            return 1
         finally:
             bar.close()
             if servers:
@@ -587,6 +801,11 @@ def main(argv: list[str] | None = None) -> int:
     write(result, args.out)
     plotted = plot(result, args.out.with_suffix(".png"))
     log.info("wrote %s, .csv, .jsonl%s", args.out, " and .png" if plotted else "")
+    failed = [r for r in result["rows"] if r.get("failed_rounds") or r.get("pa_failed_rounds")]
+    if failed:
+        log.error("%d of %d points failed in a round or their perf_analyzer cross-check did (see the table)",
+                  len(failed), len(result["rows"]))
+        return 1
     return 0
 
 

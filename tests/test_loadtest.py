@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,53 @@ def test_unreachable_server_is_diagnosed_and_users_back_off(triton_server, tmp_p
     assert proc.returncode == 1
     expected = "that is Triton's HTTP port" if target == "http port" else "cannot connect to"
     assert proc.stderr.count(expected) == 1, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("extra, message, shape", [
+    (["--top-k", "0"], "--top-k 0", None),
+    (["--request-timeout", "0"], "--request-timeout 0", None),
+    (["--stream-in-flight", "0"], "--stream-in-flight 0", None),
+    (["--bad-image-every", "-1"], "--bad-image-every -1", None),
+    (["--arrival-rate", "-5"], "--arrival-rate -5", None),
+    (["--unavailable-backoff", "-1"], "--unavailable-backoff -1", None),
+    (["--images", "{tmp}/missing/photos"], "--images {tmp}/missing/photos", None),
+    (["--latency-file", "{tmp}/missing/latency.json"], "--latency-file {tmp}/missing/latency.json", None),
+    (["--step-users", "0"], "--step-users 0", "step_ramp.py"),
+    (["--spike-seconds", "0"], "--spike-seconds 0", "spike.py"),
+])
+def test_options_that_cannot_run_are_refused_at_start_with_the_reason(tmp_path, extra, message, shape):
+    locustfile = f"{LOCUSTFILE},{SHAPES / shape}" if shape else str(LOCUSTFILE)
+    extra, message = [a.format(tmp=tmp_path) for a in extra], message.format(tmp=tmp_path)
+    proc = run(locust_cmd("127.0.0.1:1", "--headless", "-u", "2", "-r", "2", "-t", "3s", *extra, "StreamUser",
+                          locustfile=locustfile), timeout=60)
+    # Exit 2 with what is wrong, once; not a traceback per user (or per request), nor a run that ignores it.
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count(message) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot connect" not in proc.stderr, "users started"
+
+
+def test_a_stream_that_breaks_reports_each_image_it_had_in_flight_as_failed(tmp_path):
+    from sdk_helpers import own_server
+    from tritonvision_server.configs import write_light_repository
+    from tritonvision_server.launcher import kill_group
+
+    latency = tmp_path / "latency.json"
+    with own_server(write_light_repository(tmp_path / "repo")) as server:
+        proc = subprocess.Popen(locust_cmd(server.grpc_url, "--headless", "-u", "2", "-r", "2", "-t", "5s", "--csv",
+                                           str(tmp_path / "s"), "--latency-file", str(latency), "--stream-in-flight",
+                                           "4", "--unavailable-backoff", "1", "StreamUser"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.5)  # Locust's start, then answers streaming
+        kill_group(server.pid)
+        _, err = proc.communicate(timeout=60)
+    rows = stats(tmp_path / "s")
+    # Two streams of 4 images each were cut: the images they carried failed, counted as requests that failed.
+    failed = int(rows["stream classify"]["Failure Count"])
+    assert failed >= 2, err[-2000:]
+    assert int(rows["stream classify"]["Request Count"]) > 100, "the streams answered before the kill"
+    records = json.loads(latency.read_text())["requests"]["stream classify"]
+    assert sum(not ok for _t, _ms, ok in records) == failed
+    assert proc.returncode == 1
 
 
 def test_arrival_rate_paces_users_to_the_rate_asked_for(grpc_url, tmp_path):
@@ -237,20 +285,128 @@ def test_sweep_restarts_only_for_a_max_batch_size_and_reloads_instance_counts(tm
             assert r["resnet50_avg_batch"] == pytest.approx(1.0) and r["preprocess_avg_batch"] == pytest.approx(1.0)
 
 
-def test_sweep_keeps_what_it_measured_when_a_later_point_fails(grpc_url, tmp_path):
-    out = tmp_path / "sweep.json"
-    # Zero users send nothing: the second point fails after the first was measured.
-    proc = run([sys.executable, str(SWEEP), "--url", grpc_url, "--users", "1,0", "--rounds", "1", "--seconds", "1.5",
-                "--warmup", "0.5", "--no-progress", "--out", str(out)], timeout=300)
-    assert proc.returncode != 0
+def _servers_under(root: Path) -> list[int]:
+    """Process ids of the tritonservers serving a model repository under ``root``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"tritonserver") and f"--model-repository={root}".encode() in b" ".join(argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sweep_marks_a_point_failed_when_its_server_dies_starts_it_again_and_goes_on(tmp_path):
+    out, work = tmp_path / "sweep.json", tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "1,2", "--rounds", "2", "--seconds", "2",
+           "--warmup", "0.5", "--budget-ms", "1000", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # Locust's statistics file of the first round's second point appears once that run is under way.
+        deadline = time.monotonic() + 120
+        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no second point"
+            time.sleep(0.1)
+        (pid,) = _servers_under(work)
+        os.killpg(pid, signal.SIGKILL)  # the server and its stubs
+        table, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # A point failed: the sweep says so in its exit code, but measured every point of both rounds.
+    assert proc.returncode == 1, err[-3000:]
     result = json.loads(out.read_text())
-    assert not result["complete"] and [r["users"] for r in result["rows"]] == [1]
-    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 1
+    assert result["complete"] and len(out.with_suffix(".jsonl").read_text().splitlines()) == 4
+    one, two = result["rows"]
+    assert two["failed_rounds"] == 1 and two["rounds"] == 2 and len(two["errors"]) == 1 and not two["recommended"]
+    # The server was started again for round 2, whose points succeeded; the answer comes from them.
+    assert "restart" in one["applied"] and one["failed_rounds"] == 0 and one["failures"] == 0
+    assert result["recommendation"]["users"] == 1 and one["recommended"]
+    assert "FAILED 1/2 rounds" in table, table
+    assert _servers_under(work) == [], "the sweep's server outlived it"
+
+
+def _children(pid: int, running: str) -> list[int]:
+    """Process ids whose parent is ``pid`` and whose command line has ``running``."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1]) == pid
+                    and running.encode() in (entry / "cmdline").read_bytes()):
+                kids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return kids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_sweep_stopped_by_a_signal_stops_its_locust_and_server_and_leaves_nothing(tmp_path, sig):
+    from tritonvision._transport._shm import leftover_files
+
+    out, work = tmp_path / "sweep.json", tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "2", "--rounds", "1", "--seconds", "60",
+           "--user-class", "ShmUser", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, "Locust did not start"
+            time.sleep(0.1)
+        (locust_pid,) = _children(proc.pid, "locust")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and "stopped" in err, err[-2000:]
+    deadline = time.monotonic() + 10  # the server's process group, reaped by the sweep's stop
+    while _servers_under(work) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _servers_under(work) == [] and not Path(f"/proc/{locust_pid}").exists(), "a child outlived the sweep"
+    assert leftover_files(f"tritonvision_client_{locust_pid}_") == []
+    assert not list(work.glob("tritonvision-*")), "temporary folders were left behind"
+
+
+def test_a_failing_perf_analyzer_fails_the_cross_check_not_the_sweep(tmp_path):
+    fake = tmp_path / "perf_analyzer"
+    fake.write_text("#!/bin/sh\necho 'error: failed to get model metadata' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    out = tmp_path / "sweep.json"
+    proc = run([sys.executable, str(SWEEP), "--variant", "light", "--users", "1", "--rounds", "1", "--seconds", "1.5",
+                "--warmup", "0.5", "--perf-analyzer", str(fake), "--no-progress", "--out", str(out)], timeout=300)
+    # Locust's figures of the point are kept; the table and the exit code say the cross-check failed.
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (point,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert point["throughput"] > 0 and "failed to get model metadata" in point["pa_error"]
+    assert "perf_analyzer failed 1/1 rounds" in proc.stdout and "Traceback" not in proc.stderr
+    # One that is not there is a usage error before anything is measured.
+    proc = run([sys.executable, str(SWEEP), "--variant", "light", "--perf-analyzer", str(tmp_path / "missing"),
+                "--out", str(tmp_path / "never.json")], timeout=60)
+    assert proc.returncode == 2 and "--perf-analyzer" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never.jsonl").exists()
 
 
 def test_sweep_refuses_server_knobs_for_a_server_it_did_not_start(tmp_path):
     proc = run([sys.executable, str(SWEEP), "--url", "127.0.0.1:1", "--queue-delay-us", "100,200"], timeout=60)
     assert proc.returncode == 2 and "drop --url" in proc.stderr
+
+
+def test_sweep_refuses_a_url_where_no_server_answers(tmp_path):
+    from tritonvision_server.launcher import free_port
+
+    out = tmp_path / "sweep.json"
+    started = time.monotonic()
+    proc = run([sys.executable, str(SWEEP), "--url", f"127.0.0.1:{free_port()}", "--users", "1,2", "--no-progress",
+                "--out", str(out)], timeout=120)
+    assert proc.returncode == 2 and "argument --url: no classifier ready" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - started < 40 and not out.with_suffix(".jsonl").exists()
 
 
 def _sample(config, users, rnd, throughput, p99, failures=0):
@@ -304,3 +460,111 @@ def test_sweep_answers_again_from_measured_points_under_another_budget(tmp_path)
         answers[budget] = (result["recommendation"]["config"], result["recommendation"]["users"])
         assert result["budget_ms"] == float(budget) and out.with_suffix(".png").exists()
     assert answers == {"100": ("A", 1), "250": ("B", 2)}
+
+
+def test_percentiles_are_nearest_rank():
+    sweep = load_sweep()
+    ten, hundred = [float(v) for v in range(10, 0, -1)], [float(v) for v in range(1, 101)]
+    # Nearest rank: the smallest value with at least q% of the values at or below it.
+    assert sweep.percentile(ten, 50) == 5.0
+    assert sweep.percentile(hundred, 99) == 99.0 and sweep.percentile(hundred, 50) == 50.0
+    assert sweep.percentile([float(v) for v in range(1, 21)], 95) == 19.0
+    assert sweep.percentile(ten, 99) == 10.0 and sweep.percentile([7.0], 50) == 7.0
+
+
+def test_latency_figures_leave_out_the_warm_up_and_refuse_a_run_that_was_all_warm_up():
+    sweep = load_sweep()
+    # Sent at 0 s (a 1 s first answer), then one answer every 0.1 s from 1.0 to 3.0 s; one failure.
+    good = [(1.0, 1000.0, True)] + [(1.0 + i / 10, 10.0 + i, True) for i in range(1, 21)]
+    records = {"unary classify": good + [(2.0, 5.0, False)]}
+    fig = sweep.latency_figures(records, "unary", warmup=1.5)
+    # Kept: answers at 1.5 .. 3.0 s (16 answers, 15 intervals over 1.5 s); the 1 s first answer is left out.
+    assert fig["throughput"] == pytest.approx(10.0) and fig["p99_ms"] == 30.0 and fig["failures"] == 1
+    assert fig["requests"] == 21
+    # A warm-up as long as the run leaves nothing to measure: that is an error, not the warm-up's figures.
+    with pytest.raises(RuntimeError, match="warm-up"):
+        sweep.latency_figures(records, "unary", warmup=5.0)
+
+
+class _Args:
+    percentile, tolerance, knee_fraction = "p99", 0.10, 0.9
+
+
+def test_recommendation_edge_cases_ties_a_single_point_and_a_failed_round():
+    sweep = load_sweep()
+    # A single point within the budget is the answer; over it, there is none, with the reason.
+    rows = sweep.aggregate([_sample("A", 1, 1, 20, 50)], _Args)
+    assert sweep.recommend(rows, 100, "p99")["users"] == 1 and sweep.knees(rows, 0.9) == {"A": 1}
+    assert sweep.recommend(rows, 10, "p99")["config"] is None
+    # A tie on throughput goes to the lower latency, not to the configuration named first.
+    rows = sweep.aggregate([_sample("A", 8, 1, 50, 200), _sample("B", 2, 1, 50, 90)], _Args)
+    assert (sweep.recommend(rows, 250, "p99")["config"], sweep.recommend(rows, 250, "p99")["users"]) == ("B", 2)
+    # A round that could not be measured (the server died) fails its point: it is never recommended, even
+    # when its other rounds were the best.
+    failed = {"config": "C", "config_fields": {}, "users": 4, "round": 2, "applied": "as is", "failures": 0,
+              "error": "RuntimeError: no successful 'unary classify' request was recorded (12 failures)"}
+    rows = sweep.aggregate([_sample("A", 1, r, 20, 50) for r in (1, 2)]
+                           + [_sample("C", 4, 1, 90, 60), failed], _Args)
+    c = next(r for r in rows if r["config"] == "C")
+    assert c["failed_rounds"] == 1 and c["rounds"] == 2 and c["throughput"] == 90
+    rec = sweep.recommend(rows, 250, "p99")
+    assert (rec["config"], rec["users"]) == ("A", 1)
+    sweep.mark(rows, sweep.knees(rows, 0.9), rec)
+    assert "FAILED 1/2 rounds" in sweep.table({"rows": rows, "percentile": "p99", "recommendation": rec,
+                                               "budget_ms": 250, "rounds": 2, "tolerance": 0.1, "knee_fraction": 0.9,
+                                               "variant": "light", "hardware": {"cores": 2}, "url": None})
+    # A point that failed in every round has no figures at all, and is no knee either.
+    rows = sweep.aggregate([_sample("A", 1, 1, 20, 50), {**failed, "round": 1}], _Args)
+    assert sweep.knees(rows, 0.9) == {"A": 1, "C": None} and sweep.recommend(rows, 250, "p99")["config"] == "A"
+
+
+def test_from_points_reads_a_sweep_that_died_mid_write(tmp_path):
+    points = tmp_path / "measured.jsonl"
+    samples = [_sample("A", u, 1, t, p) for u, t, p in ((1, 20, 50), (4, 61, 150))]
+    # The last line was cut off half-written; the .json of the dying sweep too.
+    points.write_text("".join(json.dumps(s) + "\n" for s in samples) + json.dumps(_sample("A", 8, 1, 63, 90))[:40])
+    points.with_suffix(".json").write_text('{"hardware": {"cpu": "t')
+    out = tmp_path / "again.json"
+    proc = run([sys.executable, str(SWEEP), "--from-points", str(points), "--budget-ms", "200", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "line 3 is cut off" in proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["users"] for r in result["rows"]] == [1, 4] and result["recommendation"]["users"] == 4
+    # A damaged line before the last is not a cut-off write: refused, with the line.
+    points.write_text("{not json\n" + "".join(json.dumps(s) + "\n" for s in samples))
+    proc = run([sys.executable, str(SWEEP), "--from-points", str(points), "--out", str(out)])
+    assert proc.returncode == 2 and "line 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--users", ""], "--users"),
+    (["--users", "1,0"], "--users"),
+    (["--users", "-2"], "--users"),
+    (["--users", "2,2"], "twice"),
+    (["--users", "1,x"], "--users"),
+    (["--seconds", "0"], "--seconds"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--rounds", "0"], "--rounds"),
+    (["--budget-ms", "0"], "--budget-ms"),
+    (["--budget-ms", "-5"], "--budget-ms"),
+    (["--tolerance", "-0.1"], "--tolerance"),
+    (["--knee-fraction", "0"], "--knee-fraction"),
+    (["--knee-fraction", "1.5"], "--knee-fraction"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--instances", "0"], "--instances"),
+    (["--pre-instances", "-1"], "--pre-instances"),
+    (["--queue-delay-us", "-1"], "--queue-delay-us"),
+    (["--preferred", "0/8"], "--preferred"),
+    (["--stream-in-flight", "0"], "--stream-in-flight"),
+    (["--bad-image-every", "-1"], "--bad-image-every"),
+    (["--bad-image-every", "1"], "--bad-image-every"),
+    (["--variant", "heavy"], "--variant"),
+])
+def test_sweep_refuses_arguments_that_cannot_be_measured_with_a_usage_error(argv, message, capsys, tmp_path):
+    sweep = load_sweep()
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--variant", "light", "--no-progress", "--out", str(tmp_path / "never" / "sweep.json"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err, err
+    assert not (tmp_path / "never").exists(), "the sweep started"
