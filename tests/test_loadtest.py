@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -298,25 +299,32 @@ def _servers_under(root: Path) -> list[int]:
     return pids
 
 
+@contextlib.contextmanager
+def sweep_in_flight(cmd: list[str], work: Path):
+    """The sweep ``cmd``, its temporary folders under ``work``, handed over once its 2-user Locust run is under
+    way (that run's statistics file appears); killed if it still runs after the block."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the 2-user Locust run did not start"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_sweep_marks_a_point_failed_when_its_server_dies_starts_it_again_and_goes_on(tmp_path):
     out, work = tmp_path / "sweep.json", tmp_path / "work"
     work.mkdir()
     cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "1,2", "--rounds", "2", "--seconds", "2",
            "--warmup", "0.5", "--budget-ms", "1000", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        # Locust's statistics file of the first round's second point appears once that run is under way.
-        deadline = time.monotonic() + 120
-        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no second point"
-            time.sleep(0.1)
+    with sweep_in_flight(cmd, work) as proc:  # at the first round's second point
         (pid,) = _servers_under(work)
         os.killpg(pid, signal.SIGKILL)  # the server and its stubs
         table, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     # A point failed: the sweep says so in its exit code, but measured every point of both rounds.
     assert proc.returncode == 1, err[-3000:]
     result = json.loads(out.read_text())
@@ -355,19 +363,10 @@ def test_a_sweep_stopped_by_a_signal_stops_its_locust_and_server_and_leaves_noth
              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     cmd = [sys.executable, "-c", start, str(SWEEP), "--variant", "light", "--users", "2", "--rounds", "1",
            "--seconds", "60", "--user-class", "ShmUser", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "TMPDIR": str(work)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(work.glob("tritonvision-sweep-*/locust_2_stats.csv")):
-            assert proc.poll() is None and time.monotonic() < deadline, "Locust did not start"
-            time.sleep(0.1)
+    with sweep_in_flight(cmd, work) as proc:
         (locust_pid,) = _children(proc.pid, "locust")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + sig, err[-2000:]
     assert "Traceback" not in err and "stopped" in err, err[-2000:]
     deadline = time.monotonic() + 10  # the server's process group, reaped by the sweep's stop
