@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from image_helpers import encode, jpeg
+from image_helpers import encode, jpeg, orientation_exif
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "test"
@@ -41,18 +41,16 @@ def photos() -> dict[str, bytes]:
 def odd_photos(photos) -> dict[str, bytes]:
     """Real photos at odd sizes and aspect ratios, EXIF-rotated, CMYK and greyscale."""
     import skimage.data
-    from PIL import Image
 
     chelsea, coffee, astronaut = skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut()
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     return {
         **photos,
         "odd_333x257": jpeg(coffee[:257, :333]),
         "tall_97x301": jpeg(astronaut[:301, 200:297]),
         "wide_511x129": jpeg(chelsea[100:229, :511 if chelsea.shape[1] >= 511 else None]),
         "tiny_57x43": jpeg(coffee[100:143, 100:157]),
-        "exif_rotated": jpeg(coffee[:300, :451], exif=exif.tobytes()),
+        # orientation 6: rotate 90 degrees clockwise to display
+        "exif_rotated": jpeg(coffee[:300, :451], exif=orientation_exif(6)),
         "cmyk": jpeg(chelsea, mode="CMYK"),
         "greyscale": jpeg(astronaut, mode="L"),
     }

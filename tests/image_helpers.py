@@ -17,6 +17,16 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def orientation_exif(orientation: int | None = None) -> bytes:
+    """EXIF data, for Pillow's ``exif=``, whose orientation tag (0x0112) is ``orientation``; none when None."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return exif.tobytes()
+
+
 def jpeg(array: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
     """``array`` as a quality-92 JPEG, converted to ``mode`` (``CMYK``, ``L``) first when given."""
     from PIL import Image

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_helpers import orientation_exif
 from reference import torchvision_pixels
 from tritonvision import spec
 
@@ -51,11 +52,7 @@ def _jpeg(array: np.ndarray, orientation: int | None = None, mode: str | None = 
     if mode:
         image = image.convert(mode)
     buf = io.BytesIO()
-    kwargs = {}
-    if orientation:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        kwargs["exif"] = exif.tobytes()
+    kwargs = {"exif": orientation_exif(orientation)} if orientation else {}
     image.save(buf, format="JPEG", quality=92, **kwargs)
     return buf.getvalue()
 
@@ -163,10 +160,8 @@ def rotated_webp(tmp_path_factory) -> Path:
     photo = Image.fromarray(skimage.data.coffee()[:300, :451])
     folder = tmp_path_factory.mktemp("rotated_webp")
     for orientation in (3, 6, 8):
-        exif = Image.Exif()
-        exif[0x0112] = orientation
         for fmt, suffix in (("JPEG", "jpg"), ("WEBP", "webp")):
-            photo.save(folder / f"exif_{orientation}.{suffix}", fmt, quality=95, exif=exif.tobytes())
+            photo.save(folder / f"exif_{orientation}.{suffix}", fmt, quality=95, exif=orientation_exif(orientation))
     return folder
 
 

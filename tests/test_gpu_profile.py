@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_helpers import orientation_exif
 from tritonvision import spec
 from tritonvision_server import configs, engines
 from tritonvision_server.configs import mc
@@ -610,10 +611,7 @@ def test_validate_refuses_a_webp_its_dali_would_decode_as_noise_and_nothing_else
 
     def encoded(fmt, orientation=None):
         buf = io.BytesIO()
-        exif = Image.Exif()
-        if orientation:
-            exif[0x0112] = orientation
-        photo.save(buf, fmt, quality=90, exif=exif.tobytes())
+        photo.save(buf, fmt, quality=90, exif=orientation_exif(orientation))
         return buf.getvalue()
 
     def verdict(data):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD, TEST_WEIGHTS
-from image_helpers import undecodable_jpeg
+from image_helpers import orientation_exif, undecodable_jpeg
 from sdk_helpers import classify_in_threads
 from tritonvision import Classifier, InvalidImageError, spec
 from tritonvision_server import configs
@@ -132,10 +132,8 @@ def test_gpu_torch_turns_an_exif_rotated_photo_upright(orientation, torch_classi
     upright = Image.open(io.BytesIO(photos["chelsea"]))
     stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
                                 8: Image.Transpose.ROTATE_270}[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
     buf = io.BytesIO()
-    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    stored.save(buf, format="JPEG", quality=95, exif=orientation_exif(orientation))
     rotated = torch_classifier.classify(buf.getvalue(), top_k=3)
     upright_top = torch_classifier.classify(photos["chelsea"], top_k=3)
     assert [p.index for p in rotated] == [p.index for p in upright_top]

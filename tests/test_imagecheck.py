@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
+from image_helpers import orientation_exif
 from tritonvision import spec
 from tritonvision_server.imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows, webp_orientation
 
@@ -201,9 +202,7 @@ def exif_bytes(orientation: int, order: str = "<") -> bytes:
 
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_webp_orientation_comes_from_its_exif_chunk(orientation):
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    data = save(Image.fromarray(pixels()), "WEBP", quality=80, exif=exif.tobytes())
+    data = save(Image.fromarray(pixels()), "WEBP", quality=80, exif=orientation_exif(orientation))
     assert data[12:16] == b"VP8X" and b"EXIF" in data
     assert webp_orientation(data) == orientation
     assert inspect(data) == ImageInfo("webp", W, H)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from image_helpers import encode, undecodable_jpeg
+from image_helpers import encode, orientation_exif, undecodable_jpeg
 from sdk_helpers import classify_in_threads
 from reference import reference_scores, top_k
 from tritonvision import Classifier, InvalidImageError, spec
@@ -198,10 +198,8 @@ def test_exif_rotated_photo_classifies_like_the_upright_photo(orientation, class
     upright = Image.open(io.BytesIO(photos["chelsea"]))
     # Store the pixels rotated and let the EXIF tag say how to turn them back, as cameras do.
     stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
     buf = io.BytesIO()
-    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    stored.save(buf, format="JPEG", quality=95, exif=orientation_exif(orientation))
     rotated = classifier.classify(buf.getvalue())
     _check_against_reference(rotated, onnx_path, buf.getvalue())
     # Re-encoding adds JPEG noise, so compare with the upright photo on the well-separated top 3 only.

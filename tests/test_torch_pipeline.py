@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from image_helpers import jpeg, undecodable_jpeg
+from image_helpers import jpeg, orientation_exif, undecodable_jpeg
 from reference import torchvision_pixels
 from tritonvision import spec
 
@@ -83,9 +83,7 @@ def test_every_exif_orientation_is_applied_as_pil_does(orientation):
     import skimage.data
     from PIL import Image, ImageOps
 
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    data = jpeg(skimage.data.coffee()[:300, :451], exif=exif.tobytes())
+    data = jpeg(skimage.data.coffee()[:300, :451], exif=orientation_exif(orientation))
     assert tp.jpeg_info(data) == tp.JpegInfo(components=3, orientation=orientation)
     (decoded,) = tp.decode([np.frombuffer(data, np.uint8)], "cpu")
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).transpose(2, 0, 1)
