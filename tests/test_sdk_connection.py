@@ -178,6 +178,46 @@ def test_the_cli_takes_tls_files_headers_and_the_environment_address(tls_servers
     assert result["image"].endswith("cat.jpg") and len(result["predictions"]) == 5
 
 
+def test_statistics_over_round_robin_count_every_server_once(tls_servers, pki, photos, capsys, monkeypatch):
+    # Each snapshot asks every address the target resolves to; one connection would ask whichever server the
+    # balancer picked, a different one from call to call, and the difference of two such snapshots means nothing.
+    target = "ipv4:" + ",".join(f"127.0.0.1:{s.grpc_port}" for s in tls_servers)
+    with tv.Classifier(target, load_balancing="round_robin", tls_server_name="localhost", **tls(pki)) as clf:
+        snapshots = [clf.statistics() for _ in range(4)]
+        assert len({s.models[spec.ENSEMBLE].success.count for s in snapshots}) == 1
+        assert sorted(snapshots[0].servers) == sorted(f"ipv4:127.0.0.1:{s.grpc_port}" for s in tls_servers)
+        apart = [_ensemble_successes(s, pki) for s in tls_servers]
+        assert snapshots[0].models[spec.ENSEMBLE].success.count == sum(apart)
+        with clf.measure() as m:
+            for _ in range(12):
+                clf.classify(photos["chelsea"], top_k=1)
+        served = [_ensemble_successes(s, pki) - b for s, b in zip(tls_servers, apart)]
+    assert min(served) >= 3, served  # both servers took part
+    assert m.breakdown[spec.ENSEMBLE].requests == 12 and m.breakdown[spec.RESNET50].inferences == 12
+    assert not m.breakdown.restarted and len(m.breakdown.servers) == 2
+
+    async def run():
+        async with tv.AsyncClassifier(target, load_balancing="round_robin", tls_server_name="localhost",
+                                      **tls(pki)) as clf:
+            async with clf.measure() as m:
+                for _ in range(6):
+                    await clf.classify(photos["coffee"], top_k=1)
+            return m.breakdown
+
+    breakdown = asyncio.run(run())
+    assert breakdown[spec.ENSEMBLE].requests == 6 and len(breakdown.servers) == 2
+
+    # The CLI says what it summed.
+    code = main(["stats", "--url", target, "--load-balancing", "round_robin", "--tls-server-name", "localhost",
+                 "--root-certificates", str(pki / "ca.crt"), "--client-key", str(pki / "client.key"),
+                 "--client-cert", str(pki / "client.crt"), "--header", f"{HEADER[0]}={HEADER[1]}", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["servers"]) == 2
+    assert next(s for s in out["stages"] if s["model"] == spec.ENSEMBLE)["requests"] == sum(
+        _ensemble_successes(s, pki) for s in tls_servers)
+
+
 @pytest.mark.slow
 def test_locust_users_connect_with_tls_headers_and_round_robin(tls_servers, pki, tmp_path, monkeypatch):
     from locust_helpers import locust

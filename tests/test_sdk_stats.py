@@ -77,6 +77,51 @@ def test_a_model_whose_counters_went_backwards_restarted_and_counts_from_zero():
     assert "restarted" in b.table() and "*" in b.table()
 
 
+def _ensemble(served):
+    return {"model_stats": [model(ENSEMBLE, inferences=served, executions=served, success=served, queue_ns=0,
+                                  infer_ns=0, batches={})]}
+
+
+def test_several_servers_are_differenced_one_by_one_then_summed():
+    # Behind a round_robin client: a and b in both snapshots, c joined in between, d answered only the first.
+    before = tv.Statistics.gather({"a": _ensemble(100), "b": _ensemble(5), "d": _ensemble(7)}, taken_at=0.0)
+    assert before.models[ENSEMBLE].success.count == 112 and sorted(before.servers) == ["a", "b", "d"]
+    after = tv.Statistics.gather({"a": _ensemble(110), "b": _ensemble(2), "c": _ensemble(4),
+                                  "d": tv.ServerUnavailableError("connection refused")}, taken_at=1.0)
+    assert after.unreachable == {"d": "connection refused"}
+    b = after - before
+    # a: 10 more; b restarted and served 2 since; c counts from its start; summing the snapshots first would
+    # give 116 - 112 = 4 and no restart.
+    e = b[ENSEMBLE]
+    assert e.requests == 16 and e.restarted
+    assert b.servers == ("a", "b", "c") and b.lost == ("d",)
+    assert "summed over 3 servers" in b.table() and "not counted (no second snapshot): d" in b.table()
+    assert b.to_dict()["lost"] == ["d"] and b.active().lost == ("d",)
+    # Since the servers started: everything, nothing marked.
+    assert not after.breakdown().restarted and after.breakdown()[ENSEMBLE].requests == 116
+    # No server answered: the error, not an empty snapshot.
+    with pytest.raises(tv.ServerUnavailableError):
+        tv.Statistics.gather({"a": tv.ServerUnavailableError("down"), "b": tv.ServerUnavailableError("down")})
+
+
+def test_round_robin_statistics_ask_every_address_the_target_resolves_to():
+    from tritonvision._transport._channel import Connection, resolve
+
+    assert resolve("ipv4:10.0.0.1:8001,10.0.0.2:8001") == (None, ["ipv4:10.0.0.1:8001", "ipv4:10.0.0.2:8001"])
+    host, addresses = resolve("dns:///localhost:9")
+    assert host == "localhost" and addresses and set(addresses) <= {"ipv4:127.0.0.1:9", "ipv6:[::1]:9"}
+    assert resolve("localhost:9") == (host, addresses)
+    assert resolve("ipv6:[::1]:7") == (None, ["ipv6:[::1]:7"])
+    assert resolve("unix:/run/triton.sock") == (None, ["unix:/run/triton.sock"])
+    # Over TLS each address is checked against the name the certificate carries: the host's.
+    (one,) = Connection.make("grpcs://localhost:9", load_balancing="round_robin", headers={"k": "v"}).servers()
+    assert one.target.endswith(":9") and one.tls_server_name == "localhost" and one.load_balancing is None
+    assert one.headers == (("k", "v"),)
+    # pick_first talks to one server: its own channel answers.
+    conn = Connection.make("10.0.0.1:8001")
+    assert conn.servers() == [conn]
+
+
 def test_measure_reports_every_stage_of_the_pipeline(classifier, photos):
     images = [photos["chelsea"], photos["coffee"], photos["rocket"]]
     with classifier.measure() as m:

@@ -116,7 +116,8 @@ class AsyncClassifier(_ClassifierBase):
             await asyncio.sleep(interval)
 
     async def statistics(self) -> Statistics:
-        return Statistics.parse(await self._transport.statistics(self.timeout))
+        """See :meth:`Classifier.statistics`."""
+        return Statistics.gather(await self._transport.statistics_by_server(self.timeout))
 
     async def settled_statistics(self, patience: float = 2.0, interval: float = 0.05) -> Statistics:
         """See :meth:`Classifier.settled_statistics`."""

@@ -134,8 +134,10 @@ def _stats(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
             breakdown = (clf.statistics() - before).active()
             if breakdown.restarted:
-                log.warning("%s started again during the interval (server restart or model reload): their figures "
-                            "count from that start", ", ".join(breakdown.restarted))
+                log.warning("%s started again during the interval (server restart, model reload or a server that "
+                            "joined): their figures count from that start", ", ".join(breakdown.restarted))
+            if breakdown.lost:
+                log.warning("not counted, no second snapshot from: %s", ", ".join(breakdown.lost))
         else:
             breakdown = before.breakdown()
     if args.json:

@@ -347,8 +347,9 @@ class Classifier(_ClassifierBase):
             time.sleep(interval)
 
     def statistics(self) -> Statistics:
-        """A snapshot of Triton's counters for every model; subtract two to get a :class:`Breakdown`."""
-        return Statistics.parse(self._transport.statistics(self.timeout))
+        """A snapshot of Triton's counters for every model; subtract two to get a :class:`Breakdown`. With
+        ``load_balancing="round_robin"``, of every server the target resolves to, summed."""
+        return Statistics.gather(self._transport.statistics_by_server(self.timeout))
 
     @contextmanager
     def measure(self) -> Iterator["Measurement"]:

@@ -11,14 +11,23 @@ counted 8 times); ``batch_stats`` count executions per batch size once each. Bet
 Counters that went backwards mean the model started again in between (a server restart, a model reload):
 its figures then count from that start, and the stage is marked ``restarted``. A restart after which the
 model served more than before goes unnoticed; the counters cannot tell it.
+
+Behind a ``round_robin`` client (every pod of a headless Service) a snapshot holds every server's counters,
+by address: intervals are differenced server by server, then summed. A server that joined in between counts
+from its start (marked ``restarted``); one that answered only the first snapshot is listed in ``lost``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from .exceptions import TritonVisionError
+
 from .spec import ENSEMBLE, PREPROCESS, RESNET50, VALIDATE
+
+log = logging.getLogger(__name__)
 
 _STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 
@@ -35,6 +44,9 @@ class Counter:
 
     def __sub__(self, other: "Counter") -> "Counter":
         return Counter(self.count - other.count, self.ns - other.ns)
+
+    def __add__(self, other: "Counter") -> "Counter":
+        return Counter(self.count + other.count, self.ns + other.ns)
 
     def mean_ms(self) -> float:
         return self.ns / self.count / 1e6 if self.count else 0.0
@@ -94,6 +106,20 @@ class ModelCounters:
             },
         )
 
+    def __add__(self, other: "ModelCounters") -> "ModelCounters":
+        """Two servers' counters of the same model together."""
+        return ModelCounters(
+            name=self.name,
+            version=self.version,
+            inference_count=self.inference_count + other.inference_count,
+            execution_count=self.execution_count + other.execution_count,
+            success=self.success + other.success,
+            fail=self.fail + other.fail,
+            **{stage: getattr(self, stage) + getattr(other, stage) for stage in _STAGES},
+            batches={s: self.batches.get(s, Counter()) + other.batches.get(s, Counter())
+                     for s in set(self.batches) | set(other.batches)},
+        )
+
 
 @dataclass(frozen=True)
 class StageStats:
@@ -140,28 +166,70 @@ class StageStats:
         return {**asdict(self), "avg_batch": self.avg_batch}
 
 
+def _models(response: dict) -> dict[str, ModelCounters]:
+    models = {}
+    for d in response.get("model_stats", []):
+        m = ModelCounters.parse(d)
+        models[m.name] = m
+    return models
+
+
+def _summed(per_server) -> dict[str, ModelCounters]:
+    total: dict[str, ModelCounters] = {}
+    for models in per_server:
+        for name, m in models.items():
+            total[name] = total[name] + m if name in total else m
+    return total
+
+
 @dataclass(frozen=True)
 class Statistics:
-    """A snapshot of every model's counters; ``later - earlier`` is the :class:`Breakdown` between them."""
+    """A snapshot of every model's counters; ``later - earlier`` is the :class:`Breakdown` between them.
+
+    ``models`` are summed over ``servers`` (address -> that server's counters; one entry for one server);
+    ``unreachable`` maps a server that did not answer this snapshot to its error."""
 
     models: dict[str, ModelCounters]
     taken_at: float = field(default_factory=time.monotonic)
+    servers: dict[str, dict[str, ModelCounters]] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.models and not self.servers:
+            object.__setattr__(self, "servers", {"": self.models})
 
     @classmethod
-    def parse(cls, response: dict, taken_at: float | None = None) -> "Statistics":
-        models = {}
-        for d in response.get("model_stats", []):
-            m = ModelCounters.parse(d)
-            models[m.name] = m
-        return cls(models, time.monotonic() if taken_at is None else taken_at)
+    def parse(cls, response: dict, taken_at: float | None = None, server: str = "") -> "Statistics":
+        models = _models(response)
+        return cls(models, time.monotonic() if taken_at is None else taken_at, {server: models})
+
+    @classmethod
+    def gather(cls, responses: dict[str, dict | TritonVisionError], taken_at: float | None = None) -> "Statistics":
+        """One snapshot of several servers' responses (by address); a server that failed is ``unreachable``,
+        and if every one failed, its error is raised."""
+        answered = {a: _models(r) for a, r in responses.items() if not isinstance(r, TritonVisionError)}
+        failed = {a: r for a, r in responses.items() if isinstance(r, TritonVisionError)}
+        if not answered:
+            raise next(iter(failed.values()))
+        for address, error in failed.items():
+            log.warning("no statistics from %s: %s", address, error.message)
+        return cls(_summed(answered.values()), time.monotonic() if taken_at is None else taken_at, answered,
+                   {a: e.message for a, e in failed.items()})
 
     def __sub__(self, earlier: "Statistics") -> "Breakdown":
-        stages = []
-        for name, now in self.models.items():
-            before = earlier.models.get(name, ModelCounters(name))
-            restarted = now.went_back_from(before)
-            stages.append(StageStats.from_delta(now - (ModelCounters(name) if restarted else before), restarted))
-        return Breakdown(_ordered(stages), self.taken_at - earlier.taken_at)
+        deltas: dict[str, list[tuple[ModelCounters, bool]]] = {}
+        for address, models in self.servers.items():
+            before_models = earlier.servers.get(address)
+            # A server missing from a non-empty earlier snapshot joined since (or did not answer then).
+            joined = before_models is None and bool(earlier.servers)
+            for name, now in models.items():
+                before = (before_models or {}).get(name, ModelCounters(name))
+                restarted = joined or now.went_back_from(before)
+                deltas.setdefault(name, []).append((now - (ModelCounters(name) if restarted else before), restarted))
+        stages = [StageStats.from_delta(_summed([{name: d} for d, _ in parts])[name], any(r for _, r in parts))
+                  for name, parts in deltas.items()]
+        return Breakdown(_ordered(stages), self.taken_at - earlier.taken_at, servers=tuple(self.servers),
+                         lost=tuple(a for a in earlier.servers if a not in self.servers))
 
     def breakdown(self) -> "Breakdown":
         """Everything since the server started."""
@@ -196,6 +264,10 @@ class Breakdown:
 
     stages: list[StageStats]
     seconds: float
+    #: the servers summed (addresses; one entry for one server)
+    servers: tuple[str, ...] = ()
+    #: servers in the first snapshot but not the second: what they served in between is missing
+    lost: tuple[str, ...] = ()
 
     def __getitem__(self, model: str) -> StageStats:
         for s in self.stages:
@@ -210,7 +282,8 @@ class Breakdown:
 
     def active(self) -> "Breakdown":
         """Only the models that served requests in the interval, or started again during it."""
-        return Breakdown([s for s in self.stages if s.requests or s.failures or s.restarted], self.seconds)
+        return Breakdown([s for s in self.stages if s.requests or s.failures or s.restarted], self.seconds,
+                         self.servers, self.lost)
 
     def table(self) -> str:
         header = "  ".join(fmt.replace(".2f", "").format(title) for title, fmt, _ in _COLUMNS)
@@ -219,8 +292,14 @@ class Breakdown:
             row = "  ".join(fmt.format(getattr(s, attr)) for _, fmt, attr in _COLUMNS)
             lines.append(row + ("  *" if s.restarted else ""))
         if self.restarted:
-            lines.append("* restarted during the interval (server restart or model reload): counted from that start")
+            lines.append("* restarted during the interval (server restart, model reload or a server that joined): "
+                         "counted from that start")
+        if len(self.servers) > 1:
+            lines.append(f"summed over {len(self.servers)} servers: {', '.join(self.servers)}")
+        if self.lost:
+            lines.append(f"not counted (no second snapshot): {', '.join(self.lost)}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "stages": [s.to_dict() for s in self.stages]}
+        return {"seconds": self.seconds, "servers": list(self.servers), "lost": list(self.lost),
+                "stages": [s.to_dict() for s in self.stages]}

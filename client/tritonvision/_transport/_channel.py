@@ -12,8 +12,9 @@ opens a connection to every address the target resolves to and spreads calls ove
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -149,6 +150,46 @@ class Connection:
             # The name the server's certificate must carry, where the target is an address or a list of them.
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return args
+
+    def servers(self) -> list[Connection]:
+        """One connection per server the calls may reach: each address the target resolves to under
+        ``round_robin``, else this connection (``pick_first`` keeps to one server). Control calls whose answer
+        is one server's state (statistics) go to each of these, not to whichever one the balancer picks."""
+        if self.load_balancing != "round_robin":
+            return [self]
+        host, addresses = resolve(self.target)
+        # A certificate names the host, not the address the name resolved to.
+        name = self.tls_server_name or (host if self.ssl else None)
+        return [replace(self, target=a, load_balancing=None, tls_server_name=name) for a in addresses]
+
+
+def _address_target(family: int, address: str, port: int | str) -> str:
+    return f"ipv6:[{address}]:{port}" if family == socket.AF_INET6 or ":" in address else f"ipv4:{address}:{port}"
+
+
+def resolve(target: str) -> tuple[str | None, list[str]]:
+    """The host name in ``target`` (None for address lists) and the gRPC target of every address it resolves
+    to now, as gRPC's own resolver sees it (``dns:``, ``ipv4:``/``ipv6:`` lists, ``host:port``). Unix sockets
+    are one server. Raises :class:`OSError` when a name does not resolve."""
+    lowered = target.lower()
+    if lowered.startswith(("unix:", "unix-abstract:")):
+        return None, [target]
+    if lowered.startswith(("ipv4:", "ipv6:")):
+        scheme, _, rest = target.partition(":")
+        return None, [f"{scheme.lower()}:{a.strip()}" for a in rest.split(",") if a.strip()]
+    if lowered.startswith("dns:"):
+        target = target[4:]
+        if target.startswith("//"):  # dns://authority/host:port: the authority is the DNS server, not needed here
+            target = target[2:].partition("/")[2]
+    if target.startswith("["):
+        host, _, port = target[1:].partition("]")
+        port = port.lstrip(":") or str(DEFAULT_PORT)
+    else:
+        host, sep, port = target.rpartition(":")
+        if not sep:
+            host, port = target, str(DEFAULT_PORT)
+    found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    return host, list(dict.fromkeys(_address_target(family, sockaddr[0], port) for family, _, _, _, sockaddr in found))
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):

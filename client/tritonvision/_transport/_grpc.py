@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .._retry import Deadline
 from .._types import Prediction
-from ..exceptions import TritonVisionError
+from ..exceptions import ServerUnavailableError, TritonVisionError
 from ..spec import ENSEMBLE, IMAGE, SCORES
 from ._channel import CHANNEL_ARGS, Connection, open_channel  # noqa: F401 - CHANNEL_ARGS: the benchmarks' bare loop
 from ._errors import map_error
@@ -150,6 +150,13 @@ def _call(method, request, timeout: float | None = None):
         raise map_error(exc) from exc
 
 
+def _servers(conn: Connection) -> list[Connection]:
+    try:
+        return conn.servers()
+    except OSError as exc:
+        raise ServerUnavailableError(f"cannot resolve {conn.target}: {exc}") from exc
+
+
 class ShmCalls:
     """The shared-memory registration calls (a :class:`._shm.Registrar`). A pool's finalizer keeps this
     alive, not the transport that owns the pool: the pool is then collected with its transport, and its
@@ -262,8 +269,31 @@ class GrpcTransport:
             return False
 
     def statistics(self, timeout: float | None = None) -> dict:
-        """Triton's statistics of every model (``ModelStatisticsResponse`` as JSON)."""
+        """Triton's statistics of every model (``ModelStatisticsResponse`` as JSON), from the server this
+        channel reaches."""
         return _json(_call(self._stub.ModelStatistics, service_pb2.ModelStatisticsRequest(name=""), timeout))
+
+    def statistics_by_server(self, timeout: float | None = None) -> dict[str, dict | TritonVisionError]:
+        """:meth:`statistics` of every server the calls may reach (see :meth:`Connection.servers`), asked
+        at once, by address; a server that did not answer maps to its error."""
+        servers = _servers(self.connection)
+        if servers == [self.connection]:
+            return {self.url: self.statistics(timeout)}
+        channels = [open_channel(conn) for conn in servers]
+        try:
+            request = service_pb2.ModelStatisticsRequest(name="")
+            calls = [service_pb2_grpc.GRPCInferenceServiceStub(c).ModelStatistics.future(request, timeout=timeout)
+                     for c in channels]
+            out: dict[str, dict | TritonVisionError] = {}
+            for conn, call in zip(servers, calls):
+                try:
+                    out[conn.target] = _json(call.result())
+                except Exception as exc:  # noqa: BLE001 - one server's failure is reported, not raised
+                    out[conn.target] = map_error(exc)
+            return out
+        finally:
+            for c in channels:
+                c.close()
 
     # -- shared memory ---------------------------------------------------------------------------------
     def registered_shm(self, kind: str = "system") -> list[str]:
@@ -349,6 +379,24 @@ class AsyncGrpcTransport:
                                                           metadata=self._metadata))
         except Exception as exc:
             raise map_error(exc) from exc
+
+    async def statistics_by_server(self, timeout: float | None = None) -> dict[str, dict | TritonVisionError]:
+        """See :meth:`GrpcTransport.statistics_by_server`."""
+        servers = await asyncio.to_thread(_servers, self.connection)  # name resolution blocks
+        if servers == [self.connection]:
+            return {self.url: await self.statistics(timeout)}
+        channels = [open_channel(conn, aio=True) for conn in servers]
+        try:
+            request = service_pb2.ModelStatisticsRequest(name="")
+            answers = await asyncio.gather(
+                *(service_pb2_grpc.GRPCInferenceServiceStub(c).ModelStatistics(request, timeout=timeout,
+                                                                               metadata=self._metadata)
+                  for c in channels),
+                return_exceptions=True)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
+        return {conn.target: map_error(a) if isinstance(a, BaseException) else _json(a)
+                for conn, a in zip(servers, answers)}
 
     async def close(self) -> None:
         try:
