@@ -205,3 +205,50 @@ def test_an_async_classifier_made_outside_a_loop_serves_each_loop_it_is_used_in(
             assert_no_regions(prefix, registered(grpc_url))
         with pytest.raises(tv.TritonVisionError, match="closed"):
             asyncio.run(clf.classify(photos["chelsea"]))
+
+
+def test_an_async_classifier_shared_by_threads_keeps_one_channel_per_event_loop(grpc_url, photos, classifier, monkeypatch):
+    """A thread-per-loop application (or a worker pool) sharing one client: each loop keeps its own channel
+    for the client's life, instead of each call from another loop dropping the channel in use and opening a
+    connection of its own."""
+    import threading
+
+    import tritonvision._transport._grpc as grpc_transport
+
+    opened = []
+    real_open = grpc_transport.open_channel
+    monkeypatch.setattr(grpc_transport, "open_channel", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    expected = top(classifier.classify(photos["coffee"]))
+    clf = tv.AsyncClassifier(grpc_url, timeout=120)
+    results, errors = [], []
+    barrier = threading.Barrier(3)
+    finished = threading.Event()
+
+    def worker():
+        async def main():
+            barrier.wait()  # both loops run at once
+            for _ in range(10):
+                results.extend(top(p) for p in await asyncio.gather(*(clf.classify(photos["coffee"]) for _ in range(3))))
+            await asyncio.to_thread(finished.wait)  # the loop still runs when the client is closed
+
+        try:
+            asyncio.run(main())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    while len(results) < 60 and not errors and any(t.is_alive() for t in threads):
+        threading.Event().wait(0.05)
+    assert not errors and results == [expected] * 60
+    assert len(opened) == 2, f"{len(opened)} channels for 2 event loops"
+    # Closed from a third loop: the channels of loops still running are closed on their own loops.
+    asyncio.run(clf.close())
+    finished.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    with pytest.raises(tv.TritonVisionError, match="closed"):
+        asyncio.run(clf.classify(photos["coffee"]))

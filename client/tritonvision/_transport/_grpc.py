@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
+import weakref
 from collections.abc import Mapping
 from typing import Union
 
@@ -320,13 +322,12 @@ class AsyncGrpcTransport:
         self.model = model
         self._registrar = GrpcTransport(self.connection, model=model, shm=shm, device_id=device_id) if shm else None
         self.pool: ShmPool | None = self._registrar.pool if self._registrar is not None else None
-        # A grpc.aio channel belongs to the event loop it was opened in: it is opened in the first loop that
-        # uses the transport, and again in each later one (a client made at import time, then used under
-        # the application's loop or one asyncio.run() after another).
-        self._channel = None
+        # A grpc.aio channel belongs to the event loop it was opened in: one is opened in each loop that uses
+        # the transport (a client made at import time, then used under the application's loop, one
+        # asyncio.run() after another, or one loop per thread) and kept while that loop lives.
+        self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stub_of_loop: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         # The connection's headers go with every call as its metadata (see open_channel).
         self._metadata = self.connection.headers or None
 
@@ -335,14 +336,15 @@ class AsyncGrpcTransport:
         if self._closed:
             raise TritonVisionError(f"the client of {self.url} is closed")
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._channel is not None:
-                # Its loop has ended or is another thread's: it cannot be closed from here, and it goes with it.
-                log.debug("opening a new channel to %s for another event loop", self.url)
-            self._channel = open_channel(self.connection, aio=True)
-            self._loop = loop
-            self._stub_of_loop = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        return self._stub_of_loop
+        opened = self._channels.get(loop)
+        if opened is None:
+            with self._lock:
+                # Channels of loops that have ended cannot be closed any more: they go with their loops.
+                for old in [old for old in self._channels if old.is_closed()]:
+                    del self._channels[old]
+                channel = open_channel(self.connection, aio=True)
+                opened = self._channels[loop] = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
+        return opened[1]
 
     async def _infer(self, payload: Payload, top_k: int, timeout: float | None) -> list[Prediction]:
         try:
@@ -400,10 +402,18 @@ class AsyncGrpcTransport:
 
     async def close(self) -> None:
         try:
-            if self._channel is not None and self._loop is asyncio.get_running_loop():
-                await self._channel.close()
-            self._channel = self._loop = self._stub_of_loop = None
             self._closed = True
+            with self._lock:
+                channels, self._channels = list(self._channels.items()), weakref.WeakKeyDictionary()
+            here = asyncio.get_running_loop()
+            elsewhere = []
+            for loop, (channel, _) in channels:
+                if loop is here:
+                    await channel.close()
+                elif loop.is_running():  # another thread's loop: closed there, its calls failing as cancelled
+                    elsewhere.append(asyncio.wrap_future(asyncio.run_coroutine_threadsafe(channel.close(), loop)))
+            if elsewhere:
+                await asyncio.gather(*elsewhere, return_exceptions=True)
         finally:
             if self._registrar is not None:
                 # Unregistering waits for regions a cancelled request may still read: not on the event loop.
