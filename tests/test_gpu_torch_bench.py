@@ -27,7 +27,7 @@ def test_gpu_torch_benchmark_smoke_runs_every_part_and_writes_its_json(tmp_path)
     assert {r["batch"] for r in result["preprocess"]} == {1, 2}
     sdk = result["triton"]["sdk"]
     assert {(r["transport"], r["concurrency"]) for r in sdk} == {("grpc", 1), ("grpc", 2), ("system", 1), ("system", 2)}
-    assert all(r["throughput"] > 0 and r["errors"] == 0 for r in sdk)
+    assert all(r["throughput"] > 0 and r["errors"] == 0 for r in sdk), sdk
     assert result["triton"]["agreement"]["ok"] and all(result["triton"]["agreement"]["top1_equal"])
     stages = {s["model"]: s for s in result["triton"]["breakdown"]["stages"]}
     assert stages["resnet50"]["inferences"] > 0 and stages["preprocess"]["inferences"] > 0
