@@ -54,9 +54,11 @@ def environment(root: Path) -> dict[str, str]:
     return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(path))
 
 
-def input_data(image: bytes, dest: Path) -> Path:
-    """``--input-data`` JSON with one encoded image as the UINT8 [-1] input."""
-    dest.write_text(json.dumps({"data": [{"IMAGE": {"content": list(image), "shape": [len(image)]}}]}))
+def input_data(images: bytes | list[bytes], dest: Path) -> Path:
+    """``--input-data`` JSON with encoded images as the UINT8 [-1] input: one, or several that perf_analyzer
+    sends in turn (one per request, in order)."""
+    images = [images] if isinstance(images, bytes) else images
+    dest.write_text(json.dumps({"data": [{"IMAGE": {"content": list(i), "shape": [len(i)]}} for i in images]}))
     return dest
 
 

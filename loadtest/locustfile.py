@@ -52,6 +52,7 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 import tritonvision as tv  # noqa: E402
 from tritonvision import spec  # noqa: E402
 from tritonvision import sample_images  # noqa: E402
+from tritonvision._images import image_files  # noqa: E402
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not the rest of a JPEG"
 IMAGE_SUFFIXES = spec.image_suffixes()
@@ -138,10 +139,9 @@ def connection_options(opts) -> dict:
 
 
 def load_images(source: str) -> list[bytes]:
-    path = Path(source)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    files = image_files(source)
     if not files:
-        raise SystemExit(f"no images under {path}")
+        raise SystemExit(f"no images under {source}")
     return [p.read_bytes() for p in files]
 
 
@@ -172,7 +172,7 @@ def option_problem(opts, images: bool = True) -> str | None:
         return None
     if not path.exists():
         return f"--images {opts.images}: no such file or folder"
-    if path.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+    if not image_files(path):
         return f"--images {opts.images}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in that folder"
     return None
 

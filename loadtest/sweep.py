@@ -254,7 +254,7 @@ def run_locust(url: str, users: int, args, out: Path) -> dict:
            "-u", str(users), "-r", str(users), "-t", f"{math.ceil(args.seconds + args.warmup)}s", "--csv", str(prefix),
            "--only-summary", "--loglevel", "WARNING", "--latency-file", str(latency_file),
            "--stream-in-flight", str(args.stream_in_flight), "--bad-image-every", str(args.bad_image_every),
-           args.user_class]
+           "--images", str(args.images), args.user_class]
     log.debug("%s", " ".join(cmd))
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
@@ -318,15 +318,22 @@ def perf_analyzer_binary(given: str) -> tuple[Path, dict]:
 
 def perf_analyzer_point(url: str, users: int, args, out: Path) -> dict:
     import perf_analyzer
-    from tritonvision import sample_images
+    from tritonvision._images import image_files
 
     binary, env = args.pa
-    data = perf_analyzer.input_data(sample_images()[0].read_bytes(), out / "input_data.json")
+    # The images the Locust users send, in the same order (perf_analyzer takes them in turn, request by request).
+    data = perf_analyzer.input_data([p.read_bytes() for p in image_files(args.images)], out / "input_data.json")
     csv_path = out / f"pa_{users}.csv"
     csv_path.unlink(missing_ok=True)
     r = perf_analyzer.run(binary, env, url=url, model=spec.ENSEMBLE, data=data, concurrency=users,
                           interval_ms=int(args.seconds * 1000 / 3), csv_path=csv_path)  # 3+ windows ~ one point
     return {"pa_throughput": r["throughput"], "pa_p50_ms": r["p50_ms"], "pa_p99_ms": r["p99_ms"]}
+
+
+def _samples() -> str:
+    from tritonvision import sample_images
+
+    return str(sample_images()[0].parent)
 
 
 # -- aggregation and the answer ---------------------------------------------------------------------------
@@ -681,6 +688,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the knee: the fewest users reaching this fraction of the configuration's peak throughput")
     ap.add_argument("--user-class", default="UnaryUser", choices=tuple(KINDS))
     ap.add_argument("--stream-in-flight", type=number(1, kind=int), default=4)
+    ap.add_argument("--images", type=Path, default=Path(os.environ.get("TRITONVISION_IMAGES") or _samples()),
+                    help="image file or folder the users send, round-robin, and perf_analyzer too (default: the "
+                         "SDK's sample photos; env TRITONVISION_IMAGES)")
     ap.add_argument("--bad-image-every", type=number(0, kind=int), default=0,
                     help="a corrupt image every N requests (0: none; 1 would leave nothing to measure)")
     ap.add_argument("--seconds", type=number(0, above=True), default=15.0, help="measured seconds per point and round")
@@ -712,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
                 clf.wait_until_ready(timeout=URL_WAIT_S)
         except (TritonVisionError, ValueError) as exc:
             ap.error(f"argument --url: no classifier ready at {args.url} ({exc})")
+    from tritonvision._images import image_files
+
+    if not image_files(args.images) or not args.images.exists():
+        ap.error(f"argument --images: no images at {args.images}")
     if args.bad_image_every == 1:
         ap.error("argument --bad-image-every: 1 makes every image corrupt, which leaves nothing to measure")
     if args.perf_analyzer is not None:
@@ -734,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     points_path.write_text("")
     meta = {"hardware": hardware(), "variant": None if args.url else args.variant, "url": args.url,
             "user_class": args.user_class, "seconds_per_point": args.seconds, "warmup_seconds": args.warmup,
+            "images": [str(p) for p in image_files(args.images)],
             "rounds": args.rounds, "tolerance": args.tolerance, "budget_ms": args.budget_ms,
             "percentile": args.percentile, "knee_fraction": args.knee_fraction,
             "grid": [dict(c.fields(), label=c.label(varying)) for c in configs], "users": args.users,

@@ -395,6 +395,25 @@ def test_a_failing_perf_analyzer_fails_the_cross_check_not_the_sweep(tmp_path):
     assert not (tmp_path / "never.jsonl").exists()
 
 
+def test_the_perf_analyzer_cross_check_sends_the_images_the_locust_users_send(tmp_path, photos):
+    # A folder of two images, one of which the server refuses: both tools must meet it, or they measured
+    # different work (perf_analyzer used to send one sample photo whatever Locust sent).
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(photos["chelsea"])
+    (images / "b.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    out = tmp_path / "sweep.json"
+    proc = run([sys.executable, str(SWEEP), "--variant", "light", "--users", "1", "--rounds", "1", "--seconds", "1.5",
+                "--warmup", "0.5", "--images", str(images), "--perf-analyzer", "--no-progress", "--out", str(out)],
+               timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["images"] == [str(images / "a.jpg"), str(images / "b.jpg")]
+    (point,) = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert point["failures"] > 0 and point["throughput"] > 0, point  # Locust: b.jpg refused, a.jpg classified
+    assert "image refused" in point["pa_error"], point
+
+
 def test_sweep_refuses_server_knobs_for_a_server_it_did_not_start(tmp_path):
     proc = run([sys.executable, str(SWEEP), "--url", "127.0.0.1:1", "--queue-delay-us", "100,200"], timeout=60)
     assert proc.returncode == 2 and "drop --url" in proc.stderr
@@ -561,6 +580,7 @@ def test_from_points_reads_a_sweep_that_died_mid_write(tmp_path):
     (["--bad-image-every", "-1"], "--bad-image-every"),
     (["--bad-image-every", "1"], "--bad-image-every"),
     (["--variant", "heavy"], "--variant"),
+    (["--images", "/nonexistent/photos"], "--images"),
 ])
 def test_sweep_refuses_arguments_that_cannot_be_measured_with_a_usage_error(argv, message, capsys, tmp_path):
     sweep = load_sweep()

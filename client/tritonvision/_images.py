@@ -37,6 +37,18 @@ def sample_images() -> list[Path]:
     return sorted((Path(str(p)) for p in folder.iterdir() if p.name.endswith(".jpg")), key=lambda p: p.name)
 
 
+def image_files(source: str | os.PathLike) -> list[Path]:
+    """A load test's images: the file itself, or a folder's image files (by suffix, not recursive, sorted);
+    empty when the folder has none. The sweep hands perf_analyzer exactly what its Locust users send."""
+    from .spec import image_suffixes
+
+    path = Path(source)
+    if not path.is_dir():
+        return [path]
+    suffixes = image_suffixes()
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
 def _is_pil(image: Any) -> bool:
     # Checked by duck type so that Pillow is imported only when a PIL image is actually passed.
     return type(image).__module__.startswith("PIL.") and hasattr(image, "save") and hasattr(image, "mode")
