@@ -226,3 +226,25 @@ def test_bench_run_refuses_settings_that_would_hang_or_measure_nothing(kwargs):
 
     with pytest.raises(ValueError):
         _bench.run(None, [b"jpeg"], **kwargs)  # refused before the client is used
+
+
+def test_classify_dash_reads_one_image_from_standard_input(grpc_url, photos, tmp_path):
+    # curl -s https://... | tritonvision classify - : the entry point as installed, bytes through a pipe.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).with_name("tritonvision")
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    piped = subprocess.run([str(cli), "classify", "--url", grpc_url, "--json", "-", str(tmp_path / "cat.jpg")],
+                           input=photos["chelsea"], capture_output=True, timeout=120)
+    assert piped.returncode == EXIT_OK, piped.stderr.decode()[-2000:]
+    stdin_result, file_result = json.loads(piped.stdout)
+    assert stdin_result["image"] == "-" and stdin_result["predictions"] == file_result["predictions"]
+    # Refused bytes are that image's failure; standard input named twice is a usage error (it can be read once).
+    bad = subprocess.run([str(cli), "classify", "--url", grpc_url, "-"], input=b"not an image", capture_output=True,
+                         timeout=120)
+    assert bad.returncode == EXIT_SOME_FAILED and b"-: error:" in bad.stderr, bad.stderr[-2000:]
+    twice = subprocess.run([str(cli), "classify", "--url", grpc_url, "-", "-"], input=b"", capture_output=True,
+                           timeout=60)
+    assert twice.returncode == 2 and b"standard input" in twice.stderr and b"Traceback" not in twice.stderr

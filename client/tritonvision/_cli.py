@@ -54,6 +54,7 @@ EXIT_CODES = ("exit status: 0 done; 1 some images refused or timed out (bench: s
               "request (try again later); 130 interrupted")
 
 IMAGE_SUFFIXES = image_suffixes()
+STDIN = "-"  # an image argument that reads the image from standard input
 
 
 def expand(args: list[str]) -> list[str]:
@@ -89,10 +90,20 @@ def _connect(args: argparse.Namespace, **kwargs) -> Classifier:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    if args.images.count(STDIN) > 1:
+        log.error("standard input (-) holds one image: name it once")
+        return EXIT_ERROR
     images = expand(args.images)
     if not images:
         log.error("no images to classify")
         return EXIT_ERROR
+    sources: list = images
+    if STDIN in images:
+        if sys.stdin.isatty():
+            log.error("- reads an image from standard input: pipe one in (curl -s URL | tritonvision classify -)")
+            return EXIT_ERROR
+        data = sys.stdin.buffer.read()
+        sources = [data if image == STDIN else image for image in images]
     failed = 0
     out = []
     bar = _progress(len(images), len(images) > 20 and sys.stderr.isatty(), "classify")
@@ -101,7 +112,7 @@ def _classify(args: argparse.Namespace) -> int:
         (lambda text, file=sys.stdout: print(text, file=file))
     with _connect(args, timeout=args.timeout, shm=args.shm) as clf:
         log.debug("shared memory: %s", clf.shm or "off")
-        for image, result in zip(images, clf.classify_stream(images, top_k=args.top_k)):
+        for image, result in zip(images, clf.classify_stream(sources, top_k=args.top_k)):
             if bar is not None:
                 bar.update(1)
             if not result.ok:
@@ -296,7 +307,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("classify", help="classify image files, folders or globs")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="files, folders (searched recursively) or globs")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="files, folders (searched recursively), globs, or - for one image from standard input")
     _url(p)
     p.add_argument("--top-k", type=_top_k, default=5, help=f"classes per image, 1 to {NUM_CLASSES} (default 5)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one entry per image")
