@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .exceptions import TritonVisionError
-
 from .spec import ENSEMBLE, PREPROCESS, RESNET50, VALIDATE
 
 log = logging.getLogger(__name__)
