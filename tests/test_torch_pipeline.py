@@ -4,6 +4,7 @@ EXIF orientation, per-image decode failures, the CUDA-graph runner's padding, an
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from image_helpers import jpeg, orientation_exif, undecodable_jpeg
 from reference import torchvision_pixels
 from tritonvision import spec
+from tritonvision_server.imagecheck import is_frame_header, jpeg_segments
 
 tp = pytest.importorskip("tritonvision_server.torch_pipeline")
 torch = tp.torch
@@ -104,6 +106,125 @@ def test_jpeg_info_reads_components_and_routes_cmyk_and_other_formats_to_pil(odd
     out = _pixels(odd_photos, ["cmyk", "greyscale"])
     for i, n in enumerate(["cmyk", "greyscale"]):
         assert np.abs(out[i] - torchvision_pixels(odd_photos[n])).max() <= GREY_LEVEL + 1e-5
+
+
+JPEG_KINDS = Path(__file__).parent / "jpeg_kinds"  # files Pillow cannot write; how each was made: README.md there
+
+
+def _hierarchical(data: bytes) -> bytes:
+    """``data`` with its frame header marked SOF5 (hierarchical, differential sequential): a header only, as
+    no encoder at hand writes hierarchical JPEGs (and no decoder here reads them)."""
+    out = bytearray(data)
+    for marker, i, _ in jpeg_segments(data):
+        if is_frame_header(marker):
+            out[i + 1] = 0xC5
+            return bytes(out)
+    raise AssertionError("no frame header")
+
+
+@pytest.mark.parametrize(("kind", "frame", "precision", "nvjpeg"), [
+    ("baseline", 0xC0, 8, True), ("progressive", 0xC2, 8, True), ("arithmetic", 0xC9, 8, False),
+    ("arithmetic_progressive", 0xCA, 8, False), ("lossless", 0xC3, 8, False), ("twelve_bit", 0xC1, 12, False),
+    ("hierarchical", 0xC5, 8, False)])
+def test_jpeg_info_reports_the_frame_type_and_precision_that_decide_the_decoder(kind, frame, precision, nvjpeg):
+    import skimage.data
+
+    coffee = skimage.data.coffee()[:64, :96]
+    made = {"baseline": lambda: jpeg(coffee), "progressive": lambda: jpeg(coffee, progressive=True),
+            "hierarchical": lambda: _hierarchical(jpeg(coffee))}
+    data = made[kind]() if kind in made else (JPEG_KINDS / f"{kind}.jpg").read_bytes()
+    info = tp.jpeg_info(data)
+    assert (info.components, info.frame, info.precision) == (3, frame, precision)
+    assert info.nvjpeg is nvjpeg
+    assert not tp.JpegInfo(components=4).nvjpeg, "CMYK goes to PIL whatever its frame"
+
+
+@pytest.mark.parametrize("kind", ["arithmetic", "arithmetic_progressive", "lossless"])
+def test_jpeg_kinds_nvjpeg_lacks_are_decoded_by_pil_like_the_reference_and_the_cpu_profile(kind, monkeypatch):
+    # nvJPEG has no arithmetic decoding and no lossless process: on a GPU, decode_jpeg would refuse these.
+    # They go to PIL (libjpeg-turbo) without trying it; the cpu profile's DALI decodes them too.
+    from PIL import Image
+
+    import torchvision.io
+
+    from tritonvision_server.pipeline import CpuPreprocessor
+
+    data = (JPEG_KINDS / f"{kind}.jpg").read_bytes()
+    calls = []
+    real = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, **k: calls.append(a) or real(*a, **k))
+    (decoded,) = tp.decode([np.frombuffer(data, np.uint8)], "cpu")
+    assert calls == [], "routed to PIL, not to decode_jpeg"
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(decoded.numpy(), expected)
+    pixels = tp.preprocess([decoded], "cpu").numpy()
+    assert np.abs(pixels[0] - torchvision_pixels(data)).max() <= GREY_LEVEL + 1e-5
+    dali = CpuPreprocessor(max_batch_size=1, num_threads=1)([np.frombuffer(data, np.uint8)])
+    assert np.abs(pixels - dali).max() <= GREY_LEVEL + 1e-5
+
+
+def test_arithmetic_coding_decodes_to_the_pixels_of_the_huffman_jpeg_it_was_transcoded_from():
+    # jpegtran -arithmetic re-codes the coefficients only: a decoder that misread the arithmetic scans (or
+    # decoded the first of the progressive ones only) would differ from the Huffman-coded original.
+    rows = [np.frombuffer((JPEG_KINDS / f"{k}.jpg").read_bytes(), np.uint8)
+            for k in ("huffman", "arithmetic", "arithmetic_progressive")]
+    assert tp.jpeg_info(rows[0].tobytes()).nvjpeg
+    huffman, sequential, progressive = tp.decode(rows, "cpu")
+    assert tuple(huffman.shape) == (3, 96, 128) and float(huffman.float().std()) > 10, "a photo, not a flat image"
+    assert torch.equal(sequential, huffman) and torch.equal(progressive, huffman)
+
+
+def test_a_twelve_bit_jpeg_fails_alone_as_in_the_reference_and_the_cpu_profile(photos):
+    # No decoder of the three profiles takes 12-bit samples (Pillow and DALI use libjpeg-turbo's 8-bit API,
+    # nvJPEG has none): the image is refused, the others in its batch decode.
+    from PIL import Image
+
+    from tritonvision_server.pipeline import CpuPreprocessor, DecodeError
+
+    twelve = (JPEG_KINDS / "twelve_bit.jpg").read_bytes()
+    good = photos["chelsea"]
+    out = tp.decode([np.frombuffer(d, np.uint8) for d in (good, twelve, good)], "cpu")
+    assert [isinstance(o, tp.DecodeFailed) for o in out] == [False, True, False]
+    assert torch.equal(out[0], out[2])
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(twelve)).convert("RGB")
+    with pytest.raises(DecodeError):
+        CpuPreprocessor(max_batch_size=1, num_threads=1)([np.frombuffer(twelve, np.uint8)])
+
+
+def test_a_jpeg_decode_jpeg_refuses_is_decoded_by_pil_alone_and_upright(photos, odd_photos, monkeypatch, caplog):
+    # nvJPEG refuses some JPEGs that libjpeg-turbo decodes (chroma sampling factors it does not know). Here
+    # decode_jpeg refuses one EXIF-rotated JPEG as nvJPEG would: the batched call fails, each JPEG is retried
+    # alone, and the refused one goes to PIL. The same code runs after a failed batch on CUDA.
+    import logging
+
+    import torchvision.io
+
+    from PIL import Image, ImageOps
+
+    refused = odd_photos["exif_rotated"]
+    names = ["chelsea", "refused", "broken", "coffee"]
+    data = {**photos, "refused": refused, "broken": undecodable_jpeg(photos["chelsea"])}
+    real, calls = torchvision.io.decode_jpeg, []
+
+    def decode_jpeg(image, *args, **kwargs):
+        calls.append(bytes(image.numpy()))
+        if bytes(image.numpy()) == refused:
+            raise RuntimeError("Unknown chroma subsampling")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    with caplog.at_level(logging.DEBUG, logger=tp.log.name):
+        out = tp.decode([np.frombuffer(data[n], np.uint8) for n in names], "cpu")
+    assert isinstance(out[2], tp.DecodeFailed) and "could not decode the JPEG image" in str(out[2])
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(refused))).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(out[1].numpy(), upright), "PIL's decode, turned once (not again by orient)"
+    for k in (0, 3):  # the others are decode_jpeg's, as without the refusal
+        assert torch.equal(out[k], real(torch.frombuffer(bytearray(data[names[k]]), dtype=torch.uint8)))
+    assert calls.count(refused) == 2, "the batch, then the retry alone; PIL after that"
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1 and "PIL decoded" in warnings_[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and "undecodable JPEG" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
