@@ -8,6 +8,11 @@ side (``int(256 * long / short)``) and the crop offset rounds half-to-even, as i
 and in the DALI graph of the other profiles (:mod:`.dali_graph`). Resizing is bilinear with antialiasing in
 float, rounded to whole grey levels as PIL does, then normalised with the spec's mean and std.
 
+One difference stays on CUDA: torchvision creates its nvJPEG handle without
+``NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION`` (and has no option for it), so the chroma of a subsampled (4:2:0)
+JPEG is replicated where libjpeg-turbo and DALI interpolate: a few grey levels at colour edges after resizing,
+up to ~20 (measured on the CPU with libjpeg-turbo's replicating mode; tests/test_torch_pipeline.py).
+
 Checked with torch 2.14.1 / torchvision 0.29.1 (CPU, here) and written for torch 2.11 / CUDA 13 (the GPU hosts).
 """
 
