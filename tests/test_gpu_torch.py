@@ -197,3 +197,19 @@ def test_gpu_torch_on_cuda_answers_like_the_cpu_override(torch_classifier, photo
         results = gpu.classify_batch([good, undecodable_jpeg(good), good], return_exceptions=True)
         assert isinstance(results[1], InvalidImageError)
         assert [p.index for p in results[0]] == [p.index for p in results[2]]
+
+
+def test_gpu_torch_classifies_an_arithmetic_coded_jpeg_like_the_cpu_profile_and_refuses_12_bit_as_it(
+        torch_classifier, classifier):
+    # nvJPEG decodes neither; the arithmetic-coded JPEG goes to PIL instead, the 12-bit one no profile decodes.
+    from pathlib import Path
+
+    kinds = Path(__file__).parent / "jpeg_kinds"
+    arithmetic = (kinds / "arithmetic.jpg").read_bytes()
+    got, want = torch_classifier.classify(arithmetic, top_k=5), classifier.classify(arithmetic, top_k=5)
+    assert got[0].index == want[0].index
+    assert all(abs(g.score - w.score) <= SCORE_TOLERANCE for g, w in zip(got, want) if g.index == w.index)
+    twelve = (kinds / "twelve_bit.jpg").read_bytes()
+    for clf in (torch_classifier, classifier):
+        with pytest.raises(InvalidImageError):
+            clf.classify(twelve)

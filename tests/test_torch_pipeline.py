@@ -4,6 +4,7 @@ EXIF orientation, per-image decode failures, the CUDA-graph runner's padding, an
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from image_helpers import jpeg, orientation_exif, undecodable_jpeg
 from reference import torchvision_pixels
 from tritonvision import spec
+from tritonvision_server.imagecheck import is_frame_header, jpeg_segments
 
 tp = pytest.importorskip("tritonvision_server.torch_pipeline")
 torch = tp.torch
@@ -104,6 +106,123 @@ def test_jpeg_info_reads_components_and_routes_cmyk_and_other_formats_to_pil(odd
     out = _pixels(odd_photos, ["cmyk", "greyscale"])
     for i, n in enumerate(["cmyk", "greyscale"]):
         assert np.abs(out[i] - torchvision_pixels(odd_photos[n])).max() <= GREY_LEVEL + 1e-5
+
+
+JPEG_KINDS = Path(__file__).parent / "jpeg_kinds"  # files Pillow cannot write; how each was made: README.md there
+
+
+def _hierarchical(data: bytes) -> bytes:
+    """``data`` with its frame header marked SOF5 (hierarchical, differential sequential): a header only, as
+    no encoder at hand writes hierarchical JPEGs (and no decoder here reads them)."""
+    out = bytearray(data)
+    for marker, i, _ in jpeg_segments(data):
+        if is_frame_header(marker):
+            out[i + 1] = 0xC5
+            return bytes(out)
+    raise AssertionError("no frame header")
+
+
+@pytest.mark.parametrize(("kind", "frame", "precision", "nvjpeg"), [
+    ("baseline", 0xC0, 8, True), ("progressive", 0xC2, 8, True), ("arithmetic", 0xC9, 8, False),
+    ("arithmetic_progressive", 0xCA, 8, False), ("lossless", 0xC3, 8, False), ("twelve_bit", 0xC1, 12, False),
+    ("hierarchical", 0xC5, 8, False)])
+def test_jpeg_info_reports_the_frame_type_and_precision_that_decide_the_decoder(kind, frame, precision, nvjpeg):
+    import skimage.data
+
+    coffee = skimage.data.coffee()[:64, :96]
+    made = {"baseline": lambda: jpeg(coffee), "progressive": lambda: jpeg(coffee, progressive=True),
+            "hierarchical": lambda: _hierarchical(jpeg(coffee))}
+    data = made[kind]() if kind in made else (JPEG_KINDS / f"{kind}.jpg").read_bytes()
+    info = tp.jpeg_info(data)
+    assert (info.components, info.frame, info.precision) == (3, frame, precision)
+    assert info.nvjpeg is nvjpeg
+    assert not tp.JpegInfo(components=4).nvjpeg, "CMYK goes to PIL whatever its frame"
+
+
+@pytest.mark.parametrize("kind", ["arithmetic", "arithmetic_progressive", "lossless"])
+def test_jpeg_kinds_nvjpeg_lacks_are_decoded_by_pil_like_the_reference_and_the_cpu_profile(kind, monkeypatch):
+    # nvJPEG has no arithmetic decoding and no lossless process: on a GPU, decode_jpeg would refuse these.
+    # They go to PIL (libjpeg-turbo) without trying it; the cpu profile's DALI decodes them too.
+    import torchvision.io
+    from PIL import Image
+
+    from tritonvision_server.pipeline import CpuPreprocessor
+
+    data = (JPEG_KINDS / f"{kind}.jpg").read_bytes()
+    calls = []
+    real = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda *a, **k: calls.append(a) or real(*a, **k))
+    (decoded,) = tp.decode([np.frombuffer(data, np.uint8)], "cpu")
+    assert calls == [], "routed to PIL, not to decode_jpeg"
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(decoded.numpy(), expected)
+    pixels = tp.preprocess([decoded], "cpu").numpy()
+    assert np.abs(pixels[0] - torchvision_pixels(data)).max() <= GREY_LEVEL + 1e-5
+    dali = CpuPreprocessor(max_batch_size=1, num_threads=1)([np.frombuffer(data, np.uint8)])
+    assert np.abs(pixels - dali).max() <= GREY_LEVEL + 1e-5
+
+
+def test_arithmetic_coding_decodes_to_the_pixels_of_the_huffman_jpeg_it_was_transcoded_from():
+    # jpegtran -arithmetic re-codes the coefficients only: a decoder that misread the arithmetic scans (or
+    # decoded the first of the progressive ones only) would differ from the Huffman-coded original.
+    rows = [np.frombuffer((JPEG_KINDS / f"{k}.jpg").read_bytes(), np.uint8)
+            for k in ("huffman", "arithmetic", "arithmetic_progressive")]
+    assert tp.jpeg_info(rows[0].tobytes()).nvjpeg
+    huffman, sequential, progressive = tp.decode(rows, "cpu")
+    assert tuple(huffman.shape) == (3, 96, 128) and float(huffman.float().std()) > 10, "a photo, not a flat image"
+    assert torch.equal(sequential, huffman) and torch.equal(progressive, huffman)
+
+
+def test_a_twelve_bit_jpeg_fails_alone_as_in_the_reference_and_the_cpu_profile(photos):
+    # No decoder of the three profiles takes 12-bit samples (Pillow and DALI use libjpeg-turbo's 8-bit API,
+    # nvJPEG has none): the image is refused, the others in its batch decode.
+    from PIL import Image
+
+    from tritonvision_server.pipeline import CpuPreprocessor, DecodeError
+
+    twelve = (JPEG_KINDS / "twelve_bit.jpg").read_bytes()
+    good = photos["chelsea"]
+    out = tp.decode([np.frombuffer(d, np.uint8) for d in (good, twelve, good)], "cpu")
+    assert [isinstance(o, tp.DecodeFailed) for o in out] == [False, True, False]
+    assert torch.equal(out[0], out[2])
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(twelve)).convert("RGB")
+    with pytest.raises(DecodeError):
+        CpuPreprocessor(max_batch_size=1, num_threads=1)([np.frombuffer(twelve, np.uint8)])
+
+
+def test_a_jpeg_decode_jpeg_refuses_is_decoded_by_pil_alone_and_upright(photos, odd_photos, monkeypatch, caplog):
+    # nvJPEG refuses some JPEGs that libjpeg-turbo decodes (chroma sampling factors it does not know). Here
+    # decode_jpeg refuses one EXIF-rotated JPEG as nvJPEG would: the batched call fails, each JPEG is retried
+    # alone, and the refused one goes to PIL. The same code runs after a failed batch on CUDA.
+    import logging
+
+    import torchvision.io
+    from PIL import Image, ImageOps
+
+    refused = odd_photos["exif_rotated"]
+    names = ["chelsea", "refused", "broken", "coffee"]
+    data = {**photos, "refused": refused, "broken": undecodable_jpeg(photos["chelsea"])}
+    real, calls = torchvision.io.decode_jpeg, []
+
+    def decode_jpeg(image, *args, **kwargs):
+        calls.append(bytes(image.numpy()))
+        if bytes(image.numpy()) == refused:
+            raise RuntimeError("Unknown chroma subsampling")
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    with caplog.at_level(logging.DEBUG, logger=tp.log.name):
+        out = tp.decode([np.frombuffer(data[n], np.uint8) for n in names], "cpu")
+    assert isinstance(out[2], tp.DecodeFailed) and "could not decode the JPEG image" in str(out[2])
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(refused))).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(out[1].numpy(), upright), "PIL's decode, turned once (not again by orient)"
+    for k in (0, 3):  # the others are decode_jpeg's, as without the refusal
+        assert torch.equal(out[k], real(torch.frombuffer(bytearray(data[names[k]]), dtype=torch.uint8)))
+    assert calls.count(refused) == 2, "the batch, then the retry alone; PIL after that"
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1 and "PIL decoded" in warnings_[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and "undecodable JPEG" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
@@ -207,15 +326,105 @@ def test_without_cuda_the_device_error_names_the_cpu_override():
     assert tp.device_for("cpu") == torch.device("cpu")
 
 
+# Chroma upsampling. libjpeg-turbo (PIL, the cpu profile's DALI, decode_jpeg on the CPU) upsamples the
+# subsampled chroma of a 4:2:0 JPEG with its "fancy" triangle filter; DALI's GPU decoder does the same
+# (jpeg_fancy_upsampling). nvJPEG interpolates only when its handle is created with
+# NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION, and torchvision's GPU decode_jpeg creates it with
+# NVJPEG_FLAGS_DEFAULT and offers no option: on a GPU, chroma is replicated. libjpeg-turbo replicates too when
+# asked (simplejpeg's fastupsample), which measures the effect here. After resize and crop, on the test photos:
+# 8-20 grey levels at most (at sharp colour edges), 0.22-0.57 on average, more than 3 levels for 0.2-2.3% of
+# the values; 4:4:4 and greyscale JPEGs are not affected. Top-5 classes unchanged, scores within 3e-4.
+CHROMA_MAX_GREY_LEVELS = 20
+
+
+def _colour_jpegs(photos: dict[str, bytes]) -> list[str]:
+    """Names of the 3-component JPEGs (4:2:0 in the fixtures, Pillow's default)."""
+    return sorted(n for n in photos if tp.jpeg_info(photos[n]).components == 3)
+
+
+def _replicated_chroma(data: bytes):
+    """``data`` decoded by libjpeg-turbo with its chroma replicated (no interpolation), upright."""
+    import simplejpeg
+
+    array = simplejpeg.decode_jpeg(data, colorspace="RGB", fastupsample=True)
+    return tp.orient(torch.from_numpy(array.copy()).permute(2, 0, 1), tp.jpeg_info(data).orientation)
+
+
+def test_replicated_chroma_as_on_the_gpu_moves_subsampled_pixels_by_grey_levels_but_not_the_top5(odd_photos,
+                                                                                                tmp_path):
+    import simplejpeg
+    import skimage.data
+
+    from tritonvision_server.onnx_export import export_state_dict
+
+    photos = {**odd_photos, "coffee_444": jpeg(skimage.data.coffee(), subsampling=0)}
+    names = _colour_jpegs(photos)
+    fancy = tp.decode([np.frombuffer(photos[n], np.uint8) for n in names], "cpu")
+    replicated = [_replicated_chroma(photos[n]) for n in names]
+    for n, f in zip(names, fancy):  # the flag is the only difference: without it simplejpeg decodes as we do
+        array = simplejpeg.decode_jpeg(photos[n], colorspace="RGB")
+        assert torch.equal(tp.orient(torch.from_numpy(array.copy()).permute(2, 0, 1), tp.jpeg_info(photos[n]).orientation), f)
+    a, b = tp.resize_crop(fancy), tp.resize_crop(replicated)
+    diff = (a - b).abs().flatten(1)
+    table = {n: (int(d.max()), round(float(d.mean()), 3)) for n, d in zip(names, diff)}
+    print(f"fancy vs replicated chroma after resize and crop, grey levels (max, mean): {table}")
+    assert table["coffee_444"] == (0, 0.0), "4:4:4 has no chroma to upsample"
+    others = [n for n in names if n != "coffee_444"]
+    assert all(table[n][0] > 3 for n in others), "4:2:0 photos move by more than the strict GPU tolerance"
+    assert max(table[n][0] for n in others) <= CHROMA_MAX_GREY_LEVELS
+    assert all(table[n][1] < 0.6 for n in others)
+    greyscale = tp.decode([np.frombuffer(photos["greyscale"], np.uint8)], "cpu")[0]
+    assert torch.equal(greyscale, torch.from_numpy(simplejpeg.decode_jpeg(photos["greyscale"], colorspace="RGB",
+                                                                          fastupsample=True).copy()).permute(2, 0, 1))
+    model, _ = tp.load_resnet50(export_state_dict(tmp_path / "r.pt", "random:0"), "cpu")
+    normalise = tp.Normaliser("cpu", torch.float32)
+    with torch.inference_mode():
+        sa, sb = model(normalise(a)), model(normalise(b))
+    assert torch.equal(sa.topk(5).indices, sb.topk(5).indices)
+    # Within the end-to-end GPU test's tolerance on the top score (test_gpu_torch.py).
+    assert float((sa - sb).abs().max()) <= 2e-3
+
+
 @pytest.mark.gpu
-def test_cuda_decode_and_preprocessing_match_the_cpu_within_one_grey_level(odd_photos):
-    names = sorted(odd_photos)
-    rows = [np.frombuffer(odd_photos[n], np.uint8) for n in names]
-    gpu = tp.preprocess(tp.decode(rows, "cuda"), "cuda").cpu().numpy()
-    cpu = tp.preprocess(tp.decode(rows, "cpu"), "cpu").numpy()
-    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a grey level or two.
-    assert np.abs(gpu - cpu).max() <= 3 * GREY_LEVEL
-    assert np.abs(gpu - cpu).mean() < 0.5 * GREY_LEVEL
+def test_cuda_decode_matches_the_cpu_within_three_grey_levels_where_no_chroma_is_upsampled():
+    import skimage.data
+
+    photos = {n: jpeg(getattr(skimage.data, n)(), subsampling=0) for n in ("chelsea", "coffee", "astronaut", "rocket")}
+    photos["greyscale"] = jpeg(skimage.data.astronaut(), mode="L")
+    rows = [np.frombuffer(photos[n], np.uint8) for n in sorted(photos)]
+    gpu = tp.resize_crop(tp.decode(rows, "cuda")).cpu()
+    cpu = tp.resize_crop(tp.decode(rows, "cpu"))
+    diff = (gpu - cpu).abs()
+    print(f"4:4:4 and greyscale, nvJPEG vs libjpeg-turbo: max {float(diff.max())}, mean {float(diff.mean()):.3f} grey levels")
+    # nvJPEG's IDCT and colour conversion against libjpeg-turbo's.
+    assert diff.max() <= 3
+    assert diff.mean() < 0.5
+
+
+@pytest.mark.gpu
+def test_cuda_decode_of_subsampled_jpegs_matches_libjpeg_with_replicated_chroma(odd_photos):
+    names = _colour_jpegs(odd_photos)
+    gpu = tp.resize_crop(tp.decode([np.frombuffer(odd_photos[n], np.uint8) for n in names], "cuda")).cpu()
+    replicated = tp.resize_crop([_replicated_chroma(odd_photos[n]) for n in names])
+    fancy = tp.resize_crop(tp.decode([np.frombuffer(odd_photos[n], np.uint8) for n in names], "cpu"))
+    d_rep, d_fancy = (gpu - replicated).abs(), (gpu - fancy).abs()
+    print(f"nvJPEG vs replicated chroma: max {float(d_rep.max())}, mean {float(d_rep.mean()):.3f}; "
+          f"vs fancy (the reference): max {float(d_fancy.max())}, mean {float(d_fancy.mean()):.3f} grey levels")
+    assert d_rep.max() <= 3 and d_rep.mean() < 0.5  # the IDCT's share, as for 4:4:4
+    assert d_fancy.max() <= CHROMA_MAX_GREY_LEVELS + 3
+
+
+@pytest.mark.gpu
+def test_cuda_decode_takes_the_jpeg_kinds_nvjpeg_lacks_through_pil():
+    kinds = ["huffman", "arithmetic", "arithmetic_progressive", "lossless", "twelve_bit"]
+    rows = [np.frombuffer((JPEG_KINDS / f"{k}.jpg").read_bytes(), np.uint8) for k in kinds]
+    gpu, cpu = tp.decode(rows, "cuda"), tp.decode(rows, "cpu")
+    assert isinstance(gpu[4], tp.DecodeFailed) and isinstance(cpu[4], tp.DecodeFailed)
+    assert all(g.device.type == "cuda" for g in gpu[:4])
+    for k in (1, 2, 3):  # PIL on both
+        assert torch.equal(gpu[k].cpu(), cpu[k])
+    nvjpeg = (tp.resize_crop([gpu[0]]).cpu() - tp.resize_crop([cpu[0]])).abs()  # nvJPEG against libjpeg-turbo
+    assert gpu[0].shape == cpu[0].shape and nvjpeg.max() <= CHROMA_MAX_GREY_LEVELS + 3
 
 
 @pytest.mark.gpu

@@ -8,6 +8,11 @@ side (``int(256 * long / short)``) and the crop offset rounds half-to-even, as i
 and in the DALI graph of the other profiles (:mod:`.dali_graph`). Resizing is bilinear with antialiasing in
 float, rounded to whole grey levels as PIL does, then normalised with the spec's mean and std.
 
+One difference stays on CUDA: torchvision creates its nvJPEG handle without
+``NVJPEG_FLAGS_UPSAMPLING_WITH_INTERPOLATION`` (and has no option for it), so the chroma of a subsampled (4:2:0)
+JPEG is replicated where libjpeg-turbo and DALI interpolate: a few grey levels at colour edges after resizing,
+up to ~20 (measured on the CPU with libjpeg-turbo's replicating mode; tests/test_torch_pipeline.py).
+
 Checked with torch 2.14.1 / torchvision 0.29.1 (CPU, here) and written for torch 2.11 / CUDA 13 (the GPU hosts).
 """
 
@@ -37,17 +42,33 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 # --- decoding -----------------------------------------------------------------------------------------------
 
 
+# Frame types (SOF markers) that torchvision's GPU decoder takes: nvJPEG decodes baseline and progressive
+# Huffman-coded JPEGs with 8-bit samples (SOF0; SOF1, extended sequential, the same with 16-bit quantisation
+# tables or more Huffman tables; SOF2). It has no arithmetic decoding (SOF9-11), no lossless process in the
+# backends torchvision uses (SOF3), no hierarchical mode (SOF5-7, SOF13-15) and no 12-bit samples.
+NVJPEG_FRAMES = (0xC0, 0xC1, 0xC2)
+
+
 @dataclass(frozen=True)
 class JpegInfo:
-    """What the decoder choice needs from a JPEG's header: colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK)
-    and the EXIF orientation (1 = upright; 2..8 as in the EXIF standard)."""
+    """What the decoder choice needs from a JPEG's header: colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK),
+    the EXIF orientation (1 = upright; 2..8 as in the EXIF standard), the frame type (its SOF marker, 0xC0
+    baseline .. 0xCF) and the sample precision in bits."""
 
     components: int
     orientation: int = 1
+    frame: int = 0xC0
+    precision: int = 8
+
+    @property
+    def nvjpeg(self) -> bool:
+        """Whether torchvision's ``decode_jpeg`` takes it on the GPU (nvJPEG); the others go to PIL."""
+        return self.components in (1, 3) and self.frame in NVJPEG_FRAMES and self.precision == 8
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
-    """The components and EXIF orientation of a JPEG, or None for anything that is not a readable JPEG.
+    """The components, EXIF orientation, frame type and precision of a JPEG, or None for anything that is not
+    a readable JPEG.
 
     nvJPEG (and torchvision's GPU path) ignores EXIF orientation, so it is read here and applied to the
     decoded tensor (:func:`orient`)."""
@@ -63,7 +84,7 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
             if is_frame_header(marker):
                 if i + 10 > len(data):
                     return None
-                return JpegInfo(components=data[i + 9], orientation=orientation)
+                return JpegInfo(components=data[i + 9], orientation=orientation, frame=marker, precision=data[i + 4])
     except InvalidImage:
         return None
     return None
@@ -120,7 +141,8 @@ def _rgb_array(image):
 
 
 def _decode_other(data: bytes, device):
-    """Formats nvJPEG does not take (PNG, BMP, TIFF, WebP, CMYK JPEG): PIL on the CPU, as the reference does."""
+    """Images nvJPEG does not take (PNG, BMP, TIFF, WebP; CMYK, arithmetic-coded, lossless JPEG): PIL on the
+    CPU, as the reference does, then moved to ``device``."""
     from PIL import Image, ImageOps
 
     try:
@@ -134,10 +156,12 @@ def _decode_other(data: bytes, device):
 def decode(rows, device) -> list:
     """Decode encoded images (1-D uint8 arrays) to ``[3, H, W]`` uint8 tensors on ``device``, upright.
 
-    Baseline and progressive JPEGs with 1 or 3 components go through torchvision's ``decode_jpeg``: one batched
-    nvJPEG call on CUDA, libjpeg on the CPU. When the batched call fails (it returns nothing then), each
-    JPEG is decoded alone, so only the broken ones fail. Everything else is decoded by PIL. An image that
-    cannot be decoded is returned as its :class:`DecodeFailed` in its slot."""
+    JPEGs that nvJPEG takes (:attr:`JpegInfo.nvjpeg`: baseline and progressive Huffman-coded, 8-bit, 1 or 3
+    components) go through torchvision's ``decode_jpeg``: one batched nvJPEG call on CUDA, libjpeg on the CPU.
+    When that call fails (it returns nothing then), each JPEG is decoded alone, and one that ``decode_jpeg``
+    refuses is handed to PIL on the CPU before it is declared undecodable, so only images that no decoder
+    takes fail. Everything else (other JPEG kinds, PNG, BMP, TIFF, WebP) is decoded by PIL, as the reference
+    does. An image that cannot be decoded is returned as its :class:`DecodeFailed` in its slot."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
@@ -146,31 +170,54 @@ def decode(rows, device) -> list:
     for i, row in enumerate(rows):
         data = memoryview(row).tobytes() if not isinstance(row, bytes) else row
         info = jpeg_info(data)
-        if info is not None and info.components in (1, 3):
+        if info is not None and info.nvjpeg:
             jpegs.append((i, _as_tensor(row)))
             infos.append(info)
         else:
-            try:
-                out[i] = _decode_other(data, device)
-            except DecodeFailed as exc:
-                out[i] = exc
-    if jpegs:
-        tensors = [t for _, t in jpegs]
+            out[i] = _decode_or_failure(data, device)
+    if not jpegs:
+        return out
+    tensors = [t for _, t in jpegs]
+    try:
+        if device.type == "cuda":
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        else:
+            images = [decode_jpeg(t, mode=ImageReadMode.RGB) for t in tensors]
+    except RuntimeError:
+        images = None
+    for k, ((i, t), info) in enumerate(zip(jpegs, infos)):
         try:
-            if device.type == "cuda":
-                images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-            else:
-                images = [decode_jpeg(t, mode=ImageReadMode.RGB) for t in tensors]
-        except RuntimeError:
-            images = []
-            for t in tensors:
-                try:
-                    images.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as exc:
-                    images.append(DecodeFailed(f"could not decode the JPEG image: {exc}"))
-        for (i, _), info, image in zip(jpegs, infos, images):
-            out[i] = image if isinstance(image, Exception) else orient(image, info.orientation)
+            image = images[k] if images is not None else decode_jpeg(t, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as exc:
+            out[i] = _refused_by_decode_jpeg(t, device, exc)  # upright already, or its DecodeFailed
+        else:
+            out[i] = orient(image, info.orientation)
     return out
+
+
+def _decode_or_failure(data: bytes, device):
+    try:
+        return _decode_other(data, device)
+    except DecodeFailed as exc:
+        return exc
+
+
+def _refused_by_decode_jpeg(encoded, device, exc: RuntimeError):
+    """A JPEG that ``decode_jpeg`` refused on ``device``, decoded by PIL on the CPU, or its :class:`DecodeFailed`.
+
+    nvJPEG refuses some JPEGs that libjpeg-turbo decodes and :func:`jpeg_info` does not single out (chroma
+    sampling factors outside 4:4:4 .. 4:1:0, which torchvision's GPU path rejects as "Unknown chroma
+    subsampling"); such an image is decoded the reference's way and a warning logged. A refusal that PIL
+    confirms is a broken upload, the client's error and answered as such: logged at debug level only."""
+    data = encoded.numpy().tobytes()
+    try:
+        image = _decode_other(data, device)
+    except DecodeFailed as failed:
+        log.debug("undecodable JPEG (%d bytes): decode_jpeg on %s: %s; PIL: %s", len(data), device, exc, failed)
+        return DecodeFailed(f"could not decode the JPEG image: {exc}")
+    log.warning("decode_jpeg on %s refused a JPEG (%d bytes) that PIL decoded on the CPU instead: %s",
+                device, len(data), exc)
+    return image
 
 
 # --- geometry and normalisation -----------------------------------------------------------------------------
