@@ -158,6 +158,28 @@ def test_tiff_size_comes_from_its_first_directory_in_either_byte_order(order, si
     assert inspect(tiff_by_hand(order, size_type)) == ImageInfo("tiff", W, H)
 
 
+def tiff_with_size_entry(tag: int, typ: int, count: int, values: tuple[int, ...]) -> bytes:
+    """A greyscale TIFF by Pillow whose width (256) or height (257) entry is rewritten to hold ``count``
+    values of ``typ``, stored after the image data where its value field points (``values``, 4 bytes each)."""
+    data = save(Image.fromarray(pixels(channels=1)), "TIFF")
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    at = next(ifd + 2 + 12 * k for k in range(n) if struct.unpack("<H", data[ifd + 2 + 12 * k : ifd + 4 + 12 * k])[0] == tag)
+    out = bytearray(data)
+    out[at : at + 12] = struct.pack("<HHII", tag, typ, count, len(data))
+    return bytes(out) + struct.pack(f"<{len(values)}I", *values)
+
+
+@pytest.mark.parametrize("tag, typ, count", [(257, 4, 255), (257, 4, 2), (256, 3, 3), (257, 16, 1), (256, 12, 1)],
+                         ids=["255-LONGs", "2-LONGs", "3-SHORTs", "LONG8", "DOUBLE"])
+def test_tiff_size_of_more_than_one_value_or_another_type_is_refused(tag, typ, count):
+    # Found by benchmarks/fuzz_images.py (--profile gpu-torch): with its count set to 255 the height's value
+    # field became an offset; the check read it as the height (36) while PIL, the gpu-torch profile's decoder
+    # for TIFF, read the value there (65539) and decoded a 52x65539 image past the aspect-ratio limit.
+    data = tiff_with_size_entry(tag, typ, count, (16000, 16000, 0))
+    assert "corrupt TIFF" in refused(data, what=f"a TIFF size of {count} values of type {typ}")
+
+
 def test_tiff_written_by_pillow_in_either_byte_order():
     little = save(Image.fromarray(pixels()), "TIFF")
     big = save(Image.fromarray((pixels(channels=1) * np.uint16(257)).astype(">u2")), "TIFF")  # mode I;16B

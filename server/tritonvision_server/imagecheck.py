@@ -175,8 +175,13 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         tags = {}
         for k in range(count):
             off = ifd + 2 + 12 * k
-            tag, typ = struct.unpack(end + "HH", data[off : off + 4])
+            tag, typ, n = struct.unpack(end + "HHI", data[off : off + 8])
             if tag in (256, 257):
+                # One SHORT or LONG, held in the entry. Of more values, or of a wider type, the field is an
+                # offset to them, which decoders follow (PIL took the first of 255 LONGs there: 65539).
+                if typ not in (3, 4) or n != 1:
+                    what = "width" if tag == 256 else "height"
+                    raise InvalidImage(f"corrupt TIFF: its image {what} is not one SHORT or LONG value")
                 fmt = "H" if typ == 3 else "I"
                 (tags[tag],) = struct.unpack(end + fmt, data[off + 8 : off + 8 + struct.calcsize(fmt)])
         return tags[256], tags[257]
