@@ -34,6 +34,11 @@ CASES = {
                        "--output", lambda d: d["ratios"]["throughput_served_over_in_process"] > 0),
     "cancel_storm": (["--seconds", "2", "--threads", "2", "--rounds", "1"], "--output",
                      lambda d: bool(d["rows"]) and all(r["probes"] > 0 for r in d["rows"])),
+    "fuzz_images": (["--cases", "60", "--server", "4", "--no-progress"], "--out",
+                    lambda d: d["cases"] == sum(r["cases"] for r in d["rows"]) == 60
+                    and {r["format"] for r in d["rows"]} == {"jpeg", "png", "bmp", "tiff", "webp", "gif"}
+                    and sum(r["decoded"] for r in d["rows"]) >= 31 and not any(r["faults"] for r in d["rows"])
+                    and d["server"]["cases"] == 4 and not d["server"]["faults"] and d["server"]["alive_after"]),
     "overload": (["--rounds", "1", "--seconds", "3", "--capacity-seconds", "2", "--capacity-concurrency", "2",
                   "--variants", "shed", "--no-progress"], "--out",
                  lambda d: bool(d["results"]) and all(r["outcomes"].get("ok", 0) > 0 for r in d["results"])),

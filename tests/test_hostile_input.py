@@ -158,3 +158,39 @@ def test_a_request_of_many_large_images_is_decoded_within_the_run_budget(own_ser
     np.testing.assert_allclose(scores, np.repeat(one, 32, axis=0), atol=1e-6)
     run_bytes = 3 * spec.IMAGE_LIMITS.max_run_pixels  # one run's decoded RGB pixels (measured: ~1.5x of it)
     assert grown <= 3 * run_bytes, f"the preprocess stub's peak grew by {grown >> 20} MiB for 32 x 30 MP"
+
+
+def _length_bombs() -> dict[str, bytes]:
+    """Small files with one chunk declaring 1 GiB: a PNG's eXIf chunk, a WebP's EXIF chunk."""
+    import struct
+    import zlib
+
+    from image_helpers import orientation_exif
+
+    pixels = np.random.default_rng(0).integers(0, 256, (36, 52, 3), dtype=np.uint8)
+    png = encode(pixels, "PNG")
+    at = png.find(b"IDAT") - 4
+    body = b"MM\0*\0\0\0\x08"
+    chunk = struct.pack(">I", 1 << 30) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    webp = bytearray(encode(pixels, "WEBP", quality=80, exif=orientation_exif(6)))
+    exif = webp.find(b"EXIF")
+    webp[exif + 4 : exif + 8] = struct.pack("<I", 1 << 30)
+    return {"png": png[:at] + chunk + png[at:], "webp": bytes(webp)}
+
+
+def test_chunk_length_bombs_are_refused_by_the_header_check_alone_without_the_decoder_allocating(
+        classifier, photos, triton_server):
+    # A few hundred bytes whose chunk declares 1 GiB: DALI 2.4's PNG and WebP parsers allocated the declared
+    # size (up to 4 GiB, 20 s, for a WebP) before finding the data missing.
+    (stub,) = [pid for pid, cmd in triton_server.stub_processes().items() if f"/{spec.PREPROCESS}/1/model.py" in cmd]
+    bombs = _length_bombs()
+    reference = classifier.classify(photos["coffee"])
+    before = _status_kib(stub)["VmHWM"]
+    results = classifier.classify_batch([photos["coffee"], bombs["png"], bombs["webp"], photos["coffee"]],
+                                        return_exceptions=True)
+    grown_mib = (_status_kib(stub)["VmHWM"] - before) >> 10
+    assert [p.label for p in results[0]] == [p.label for p in reference] == [p.label for p in results[3]]
+    for fmt, refused in zip(bombs, results[1:3]):
+        assert isinstance(refused, tv.InvalidImageError), f"{fmt}: {refused!r}"
+        assert "image refused (header)" in refused.message and "runs past the end of the file" in refused.message
+    assert grown_mib < 256, f"the preprocess stub's peak grew by {grown_mib} MiB"

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -157,6 +158,28 @@ def test_tiff_size_comes_from_its_first_directory_in_either_byte_order(order, si
     assert inspect(tiff_by_hand(order, size_type)) == ImageInfo("tiff", W, H)
 
 
+def tiff_with_size_entry(tag: int, typ: int, count: int, values: tuple[int, ...]) -> bytes:
+    """A greyscale TIFF by Pillow whose width (256) or height (257) entry is rewritten to hold ``count``
+    values of ``typ``, stored after the image data where its value field points (``values``, 4 bytes each)."""
+    data = save(Image.fromarray(pixels(channels=1)), "TIFF")
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (n,) = struct.unpack("<H", data[ifd : ifd + 2])
+    at = next(ifd + 2 + 12 * k for k in range(n) if struct.unpack("<H", data[ifd + 2 + 12 * k : ifd + 4 + 12 * k])[0] == tag)
+    out = bytearray(data)
+    out[at : at + 12] = struct.pack("<HHII", tag, typ, count, len(data))
+    return bytes(out) + struct.pack(f"<{len(values)}I", *values)
+
+
+@pytest.mark.parametrize("tag, typ, count", [(257, 4, 255), (257, 4, 2), (256, 3, 3), (257, 16, 1), (256, 12, 1)],
+                         ids=["255-LONGs", "2-LONGs", "3-SHORTs", "LONG8", "DOUBLE"])
+def test_tiff_size_of_more_than_one_value_or_another_type_is_refused(tag, typ, count):
+    # Found by benchmarks/fuzz_images.py (--profile gpu-torch): with its count set to 255 the height's value
+    # field became an offset; the check read it as the height (36) while PIL, the gpu-torch profile's decoder
+    # for TIFF, read the value there (65539) and decoded a 52x65539 image past the aspect-ratio limit.
+    data = tiff_with_size_entry(tag, typ, count, (16000, 16000, 0))
+    assert "corrupt TIFF" in refused(data, what=f"a TIFF size of {count} values of type {typ}")
+
+
 def test_tiff_written_by_pillow_in_either_byte_order():
     little = save(Image.fromarray(pixels()), "TIFF")
     big = save(Image.fromarray((pixels(channels=1) * np.uint16(257)).astype(">u2")), "TIFF")  # mode I;16B
@@ -185,7 +208,8 @@ def test_webp_size_comes_from_each_kind_of_header(kind):
 def test_webp_with_a_truncated_header_is_refused(kind):
     data = webp(kind)
     assert "truncated WebP header" in refused(data[:24], what=f"a {kind!r} WebP header cut short")
-    assert inspect(data[:30]) == ImageInfo("webp", W, H)  # the size is in the first 30 bytes
+    # The size is in the first 30 bytes: cut there, the file is refused for what is missing after them.
+    assert "truncated WebP: its RIFF header declares" in refused(data[:30], what=f"a {kind!r} WebP of 30 bytes")
 
 
 def test_webp_of_an_unknown_kind_is_refused():
@@ -284,7 +308,8 @@ def test_jpeg_end_marker_before_any_scan_is_refused():
 
 def test_png_without_its_iend_chunk_is_refused_as_truncated():
     data = png()
-    assert "truncated PNG: no IEND chunk" in refused(data[: len(data) // 2])
+    assert "truncated PNG: a chunk of" in refused(data[: len(data) // 2])  # cut inside its IDAT chunk
+    assert "truncated PNG: no IEND chunk" in refused(data[: data.rfind(b"IEND") - 4])  # cut after it
     assert "corrupt PNG: no IHDR chunk" in refused(data[:20])
 
 
@@ -370,3 +395,105 @@ def test_rows_of_a_padded_request_are_checked_one_by_one():
     assert inspect_rows(np.frombuffer(a, np.uint8)) == [ImageInfo("jpeg", W, H)]
     with pytest.raises(InvalidImage, match="truncated JPEG"):
         inspect_rows(request(b, cut_in_scan_data(a)))
+
+
+# --- chunk lengths: what a parser allocates before it finds the file too short ------------------------------
+
+
+def png_chunk(kind: bytes, body: bytes, length: int | None = None) -> bytes:
+    """A PNG chunk holding ``body``, declaring ``length`` bytes (its own length unless given); a right CRC."""
+    declared = len(body) if length is None else length
+    return struct.pack(">I", declared) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with(chunk: bytes, before: bytes = b"IDAT") -> bytes:
+    """png() with ``chunk`` inserted ahead of its first ``before`` chunk."""
+    data = png()
+    at = data.find(before) - 4
+    return data[:at] + chunk + data[at:]
+
+
+@pytest.mark.parametrize("kind, before", [(b"eXIf", b"IDAT"), (b"eXIf", b"IEND"), (b"PLTE", b"IDAT"),
+                                          (b"IDAT", b"IDAT"), (b"tEXt", b"IEND")])
+def test_png_chunk_declaring_more_bytes_than_the_file_holds_is_refused(kind, before):
+    # A 2 GB length in a file of a few hundred bytes: DALI 2.4's PNG parser allocated the declared size of an
+    # eXIf, PLTE or IDAT chunk (2 GiB and 2.5 s per image) before it found the data missing.
+    data = png_with(png_chunk(kind, b"MM\0*\0\0\0\x08", length=0x7FFFFFF0), before)
+    assert "runs past the end of the file" in refused(data, what=f"a {kind!r} chunk of 2 GB in {len(data)} bytes")
+
+
+def test_png_whose_iend_comes_before_its_image_data_is_refused():
+    # Found by benchmarks/fuzz_images.py: with IEND ahead of any IDAT the decoder read on past it, and
+    # allocated the 4 GiB an IDAT chunk there declared. After a real IEND nothing is read (padded rows).
+    data = png()
+    ihdr_end = 8 + 25
+    early_end = data[:ihdr_end] + png_chunk(b"IEND", b"") + png_chunk(b"IDAT", bytes(16), length=0xFFFFFFF0)
+    assert "IEND chunk before any image data" in refused(early_end)
+    assert inspect(data + png_chunk(b"IDAT", bytes(16), length=0xFFFFFFF0)) == ImageInfo("png", W, H)
+
+
+def test_png_with_many_chunks_and_a_chunk_of_its_own_is_accepted():
+    # The walk over the chunks goes past ancillary chunks and an image split into one IDAT per byte.
+    data = png()
+    start = data.find(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    idat = data[start + 8 : start + 8 + length]
+    split = b"".join(png_chunk(b"IDAT", idat[k : k + 1]) for k in range(len(idat)))
+    data = data[:start] + png_chunk(b"tEXt", b"Comment\0hi") + png_chunk(b"abCd", b"x" * 3) + split \
+        + data[start + 12 + length :]
+    assert inspect(data) == ImageInfo("png", W, H)
+    assert inspect(data + bytes(100)) == ImageInfo("png", W, H)  # a padded row of a request
+
+
+def test_png_of_more_chunks_than_any_encoder_writes_is_refused_without_walking_them_all():
+    empty = png_chunk(b"tEXt", b"")
+    data = png_with(empty * 300_000, b"IEND")
+    assert "chunks" in refused(data, what="a PNG of 300000 empty chunks")
+
+
+def webp_with_exif() -> bytes:
+    data = save(Image.fromarray(pixels()), "WEBP", quality=80, exif=orientation_exif(6))
+    assert data[12:16] == b"VP8X" and b"EXIF" in data
+    return data
+
+
+def webp_chunk_size_at(data: bytes, fourcc: bytes) -> int:
+    """The offset of the size field of the first RIFF chunk ``fourcc`` of a WebP."""
+    pos = 12
+    while data[pos : pos + 4] != fourcc:
+        pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little") + (data[pos + 4] & 1)
+    return pos + 4
+
+
+@pytest.mark.parametrize("fourcc", [b"EXIF", b"VP8 "])
+@pytest.mark.parametrize("size", [0x40000000, 0xFFFFFFF0], ids=["1GiB", "4GiB"])
+def test_webp_chunk_declaring_more_bytes_than_the_file_holds_is_refused(fourcc, size):
+    # Found by benchmarks/fuzz_images.py: one bit flipped in the size of the EXIF chunk of a 694-byte WebP
+    # made DALI 2.4's WebP parser allocate 1 GiB before it failed; 0xFFFFFFF0 took 4 GiB and 20 s.
+    data = bytearray(webp_with_exif())
+    at = webp_chunk_size_at(bytes(data), fourcc)
+    data[at : at + 4] = struct.pack("<I", size)
+    assert "runs past the end of the file" in refused(bytes(data), what=f"a {fourcc!r} chunk of {size} bytes")
+
+
+def test_webp_chunk_after_its_riff_data_is_walked_too():
+    # The parser looks for the EXIF chunk the VP8X header announces past the RIFF data as well: moved there,
+    # declaring 0xFFFFFFF0 bytes, it cost 4 GiB. Zero padding there (a request's padded row) is not walked.
+    data = webp_with_exif()
+    at = webp_chunk_size_at(data, b"EXIF") - 4
+    riff = data[:at]
+    riff = riff[:4] + struct.pack("<I", len(riff) - 8) + riff[8:]
+    exif = data[at:]
+    moved = riff + exif[:4] + struct.pack("<I", 0xFFFFFFF0) + exif[8:]
+    assert "runs past the end of the file" in refused(moved, what="an EXIF chunk of 4 GiB after the RIFF data")
+    assert inspect(riff + exif) == ImageInfo("webp", W, H)  # the same chunk, of its true size
+    assert inspect(riff + bytes(1000)) == ImageInfo("webp", W, H)
+
+
+def test_webp_whose_riff_size_exceeds_the_file_is_refused_as_truncated():
+    data = webp_with_exif()
+    assert "truncated WebP" in refused(data[:-20])
+    assert inspect(data + bytes(64)) == ImageInfo("webp", W, H)  # a padded row of a request
+    animated = save(Image.fromarray(pixels()), "WEBP", save_all=True,
+                    append_images=[Image.fromarray(pixels()[::-1])], duration=50)
+    assert inspect(animated) == ImageInfo("webp", W, H)
