@@ -2,7 +2,8 @@
 
 The DALI backend runs a dynamic batch as one pipeline iteration and, when one sample fails to decode,
 returns the same error to every request of the batch. This step runs in the ensemble before DALI and
-checks each request on its own (:func:`..imagecheck.inspect`: format, size limits, JPEG/PNG end marker),
+checks each request on its own (:func:`..imagecheck.inspect`: format, size limits, JPEG/PNG end marker,
+PNG/WebP chunks within the file),
 so a corrupt or truncated upload fails only its own request with INVALID_ARGUMENT. An accepted image gets
 the one-byte verdict ``ACCEPTED``, which ``preprocess`` waits for; the image itself goes to DALI straight
 from the ensemble's input, so it is never copied back out of this step.
