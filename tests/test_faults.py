@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 
 import pytest
 
@@ -322,3 +323,66 @@ def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photo
         assert server.running and server.grpc_port == port and server.restarts == 1
         with tv.Classifier(server.grpc_url, timeout=60) as clf:
             assert clf.classify(photos["chelsea"], top_k=1)
+
+
+def _files(prefix: str) -> list:
+    """/dev/shm files named ``prefix*``: python-backend regions and launchers' lock files."""
+    from tritonvision_server.launcher import SHM_DIR
+
+    return sorted(SHM_DIR.glob(prefix + "*"))
+
+
+def _regions(prefix: str) -> list:
+    return [p for p in _files(prefix) if not p.name.endswith(".lock")]
+
+
+def test_regions_of_a_sigkilled_serve_are_removed_by_the_next_start_and_a_live_serve_s_are_not(
+        cpu_repository, photos, tmp_path):
+    """SIGKILL of ``serve`` while its models load: tritonserver ends (parent-death signal) but its stubs live on,
+    orphaned, with the regions. The next start kills those stubs and removes the regions, logging the bytes;
+    the regions of a live serve on the same host, under the same namespace, stay."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"  # this test's alone: no other launcher's regions are touched
+    try:
+        _sigkilled_serve_is_swept(namespace, cpu_repository, photos, tmp_path)
+    finally:
+        for path in _files(f"{namespace}_"):  # whatever a failure left: this test's files only
+            path.unlink(missing_ok=True)
+
+
+def _sigkilled_serve_is_swept(namespace, cpu_repository, photos, tmp_path):
+    with _serve(cpu_repository, photos["chelsea"], tmp_path / "live.log", "--shm-prefix", namespace) as (live, url, _):
+        live_prefix = f"{namespace}_{live.pid}_"
+        live_regions = _regions(live_prefix)
+        assert live_regions
+        ports = [free_port() for _ in range(3)]
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+             "--shm-prefix", namespace], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            victim_prefix = f"{namespace}_{victim.pid}_"
+            assert _wait(lambda: _regions(victim_prefix), 120, interval=0.05), "no region appeared"
+            server = _tritonserver_of(victim.pid)
+            assert server is not None
+        finally:
+            victim.kill()
+            victim.wait()
+        assert _wait(lambda: not _alive(server), 30), "tritonserver outlived the serve that was killed"
+        left = _regions(victim_prefix)
+        assert left, "nothing was left behind: the kill came after the models loaded"
+        orphans = list(process_group(server))
+        held = sum(p.stat().st_blocks * 512 for p in left)
+
+        with _serve(cpu_repository, photos["chelsea"], tmp_path / "next.log", "--shm-prefix", namespace) as (nxt, _, _):
+            assert not _files(victim_prefix), "the dead serve's regions are still there"
+            assert not any(_alive(p) for p in orphans), "the dead serve's orphaned stubs still run"
+            assert all(p.exists() for p in live_regions), "a live serve's regions were removed"
+            assert _classifies(url, photos["chelsea"]), "the live serve stopped serving"
+            text = (tmp_path / "next.log").read_text()
+            assert f"removed {len(left)} shared-memory file(s), {held} bytes" in text, text[-3000:]
+            assert victim_prefix in text and (not orphans or "killed its orphaned python-backend stub(s)" in text)
+            nxt.send_signal(signal.SIGTERM)
+            assert nxt.wait(timeout=60) == 0
+        live.send_signal(signal.SIGTERM)
+        assert live.wait(timeout=60) == 0
+    assert not _files(f"{namespace}_"), "a serve that stopped left files behind"

@@ -8,6 +8,10 @@ Nothing outlives it: the server runs in its own process group, which is killed w
 (however it ends: python-backend stubs otherwise outlive a killed server, deadlocked), and it receives
 SIGTERM when the process that started it dies (Linux's parent-death signal). Ports already in use are
 refused before start, so a leftover server answering the readiness probe is never taken for ours.
+While it runs it holds an exclusive ``flock`` on ``/dev/shm/<prefix>.lock``; a starting server removes the
+regions (and kills the orphaned python-backend stubs) of every owner whose lock it can take, i.e. of launchers
+that are gone however they ended (SIGKILL, the OOM killer), and never those of a live one, even one in
+another pid namespace sharing ``/dev/shm`` (the lock lives in the kernel, on the file): :func:`sweep_dead_owners`.
 :meth:`TritonServer.heal` restarts a server whose python-backend stub died (Triton 2.51 does not restart
 stubs: every request then fails while Triton still reports itself and the model ready), and
 :meth:`TritonServer.serve_forever` also restarts one that crashed or stopped answering, up to a crash loop.
@@ -15,8 +19,11 @@ stubs: every request then fails while Triton still reports itself and the model 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +47,10 @@ from .admission import METRICS_URL_ENV
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+# The python backend's regions are /dev/shm/<namespace>_<launcher pid>_<8 hex>_<uuid>, and the launcher's lock
+# /dev/shm/<namespace>_<launcher pid>_<8 hex>.lock. (The Helm chart runs tritonserver without the launcher,
+# one per pod's own /dev/shm, with the fixed prefix ``tritonvision_server_`` and no lock: never swept here.)
+SHM_NAMESPACE = "tritonvision"
 
 
 # `serve_forever`'s watchdog. A live check that takes longer than this counts as unanswered; this many in a
@@ -141,6 +152,121 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class SweptOwner:
+    """What :func:`sweep_dead_owners` removed for one launcher that is gone."""
+
+    prefix: str
+    files: tuple[Path, ...]
+    bytes: int  # memory the files held (their allocated blocks), freed once no process maps them
+    stubs: tuple[int, ...]  # its orphaned python-backend stubs, killed (those visible in our pid namespace)
+
+
+def _lock_pattern(namespace: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(namespace)}_\d+_[0-9a-f]{{8}}\.lock")
+
+
+def owner_lock_path(prefix: str, shm_dir: Path = SHM_DIR) -> Path:
+    """The lock file of the launcher whose regions are named ``prefix*`` (outside that glob)."""
+    return shm_dir / f"{prefix.rstrip('_')}.lock"
+
+
+def hold_owner_lock(prefix: str, shm_dir: Path = SHM_DIR) -> int | None:
+    """Create and lock (exclusive ``flock``, for as long as the returned descriptor is open) the lock file of
+    ``prefix``; None, with a warning, where /dev/shm cannot hold it. The file is locked under a name no sweep
+    looks at and then renamed, so a sweep never finds it unlocked. The descriptor is not inherited: the
+    lock is the launcher's, so a sweep can also end the stubs that outlive it."""
+    final = owner_lock_path(prefix, shm_dir)
+    pending = shm_dir / f".{final.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("cannot create %s (%s): a launcher that is killed will leave its shared memory behind", final, exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(pending, final)
+    except BaseException:
+        os.close(fd)
+        pending.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def release_owner_lock(fd: int | None, prefix: str, shm_dir: Path = SHM_DIR) -> None:
+    """Remove the lock file (while still holding it) and close it."""
+    if fd is None:
+        return
+    owner_lock_path(prefix, shm_dir).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _stubs_of(prefix: str) -> list[int]:
+    """Python-backend stubs (visible in our pid namespace) whose command line names a region ``prefix*``."""
+    stubs = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if not Path(f"/proc/{entry}/comm").read_text().startswith(STUB_COMM):
+                continue
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix.encode()) for a in args):
+            stubs.append(int(entry))
+    return stubs
+
+
+def sweep_dead_owners(namespace: str = SHM_NAMESPACE, shm_dir: Path = SHM_DIR) -> list[SweptOwner]:
+    """Remove the /dev/shm regions of launchers of ``namespace`` that are gone, after killing their orphaned
+    stubs; return what was removed. An owner is gone when its lock file can be locked: a live launcher holds
+    its lock whatever its pid namespace, and the kernel drops it when the launcher dies, however it dies.
+    Regions without a lock file (the Helm chart's, an older launcher's) are never touched."""
+    pattern = _lock_pattern(namespace)
+    swept = []
+    for lock in sorted(shm_dir.glob(f"{namespace}_*.lock")):
+        if not pattern.fullmatch(lock.name):
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # another sweep removed it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue  # its owner is alive
+                raise
+            prefix = lock.name.removesuffix(".lock") + "_"
+            # Killed first: a region's memory is freed once its file is gone and nothing maps it any more.
+            stubs = []
+            for pid in _stubs_of(prefix):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    stubs.append(pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            files, held = [], 0
+            for path in sorted(shm_dir.glob(prefix + "*")):
+                try:
+                    blocks = path.stat().st_blocks
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except PermissionError as exc:
+                    log.warning("cannot remove %s of a launcher that is gone: %s", path, exc)
+                    continue
+                files.append(path)
+                held += blocks * 512
+            lock.unlink(missing_ok=True)
+            swept.append(SweptOwner(prefix, tuple(files), held, tuple(stubs)))
+        finally:
+            os.close(fd)
+    return swept
+
+
 def bundled_server_root() -> Path:
     """``pytriton/tritonserver`` inside the installed nvidia-pytriton wheel."""
     pytriton = require("pytriton", extra="server", what="the bundled Triton server")
@@ -223,13 +349,22 @@ class TritonServer:
     # 244 MiB, and more with each. With 0 the memory of every request is freed after it (the same 3: 65 MiB,
     # not growing); no throughput difference was measurable (light variant, 1 and 16 in flight).
     grpc_request_pool: int | None = 0
+    # The first part of the python backend's region names; a start removes the regions of this namespace's
+    # launchers that are gone (sweep_dead_owners; False: never).
+    shm_namespace: str = SHM_NAMESPACE
+    sweep_shm: bool = True
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
-        self.shm_prefix = f"tritonvision_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", self.shm_namespace):
+            raise ValueError(f"shared-memory namespace {self.shm_namespace!r}: letters, digits and '-' only")
+        self.shm_prefix = f"{self.shm_namespace}_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._lock_fd: int | None = None
+        #: What this start removed of launchers that were gone (:func:`sweep_dead_owners`).
+        self.swept: list[SweptOwner] = []
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_tail: deque[str] = deque(maxlen=60)
@@ -317,6 +452,7 @@ class TritonServer:
         log.info("starting %s", " ".join(self._cmd))
         self._log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed in stop()
         try:
+            self._claim_shm()
             try:
                 self._spawn()
             except ServerStartError:
@@ -335,6 +471,22 @@ class TritonServer:
             raise
         log.info("Triton is ready: gRPC %s, HTTP %s, metrics %s", self.grpc_url, self.http_url, self.metrics_url)
         return self
+
+    def _claim_shm(self) -> None:
+        """Hold this launcher's lock, then remove what launchers that are gone left in /dev/shm."""
+        if not SHM_DIR.is_dir():
+            return
+        self._lock_fd = hold_owner_lock(self.shm_prefix)
+        if not self.sweep_shm:
+            return
+        self.swept = sweep_dead_owners(self.shm_namespace)
+        for owner in self.swept:
+            if not (owner.files or owner.stubs):
+                continue  # it died before its server made a region
+            log.warning("removed %d shared-memory file(s), %d bytes (%.1f MiB), of a launcher that is gone (%s*)%s",
+                        len(owner.files), owner.bytes, owner.bytes / (1 << 20), SHM_DIR / owner.prefix,
+                        f"; killed its orphaned python-backend stub(s) {', '.join(map(str, owner.stubs))}"
+                        if owner.stubs else "")
 
     def _spawn(self) -> None:
         """Start the server process and wait until it is ready."""
@@ -491,6 +643,8 @@ class TritonServer:
             self._log_fh.close()
             self._log_fh = None
         self.cleaned_shm += self.cleanup_shm()
+        release_owner_lock(self._lock_fd, self.shm_prefix)
+        self._lock_fd = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -15,6 +15,7 @@ from .launcher import (
     MAX_RESTARTS,
     PROBE_INTERVAL_S,
     RESTART_WINDOW_S,
+    SHM_NAMESPACE,
     ServerStartError,
     ServerTLS,
     TritonServer,
@@ -154,6 +155,7 @@ def serve(
     probe_timeout: float = PROBE_TIMEOUT_S,
     allow_client_shm: bool = False,
     torch_device: str = "cuda",
+    shm_namespace: str = SHM_NAMESPACE,
     verbose: bool = False,
 ) -> int:
     """Serve ``model_repository`` (default: the cpu profile's, built if needed) until Ctrl-C; the exit code.
@@ -189,6 +191,7 @@ def serve(
         log_verbose=1 if verbose else 0,
         access_key=access_key,
         tls=tls,
+        shm_namespace=shm_namespace,
     )
     try:
         server.start()
@@ -237,6 +240,12 @@ def ensemble_probe(url: str, tls: ServerTLS | None, timeout: float = PROBE_TIMEO
 ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
 
 
+def _shm_namespace(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", text):
+        raise argparse.ArgumentTypeError(f"letters, digits and '-' only, got {text!r}")
+    return text
+
+
 def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run tritonserver with the classifier (cpu profile by default): "
                                 "build the repository if needed, start Triton, serve until Ctrl-C.")
@@ -281,6 +290,10 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
                         f"over gRPC (default {PROBE_INTERVAL_S:.0f}; 0: none)")
     p.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S,
                    help=f"seconds an inference probe may take (default {PROBE_TIMEOUT_S:.0f}); a shed probe counts as alive")
+    p.add_argument("--shm-prefix", default=SHM_NAMESPACE, type=_shm_namespace, metavar="NAME",
+                   help=f"the python backend's /dev/shm regions are named NAME_<pid>_<random>_...; a start removes "
+                        f"those of NAME's launchers that are gone, e.g. killed by SIGKILL or the OOM killer, never a "
+                        f"live one's (default {SHM_NAMESPACE})")
     p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                    help=f"restarts allowed within {RESTART_WINDOW_S / 60:.0f} minutes (default {MAX_RESTARTS}); one more "
                         "is a crash loop: serve stops with exit code 1, for systemd or Kubernetes to act on")
@@ -310,7 +323,8 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
             max_restarts=args.max_restarts, probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
-            allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, verbose=args.verbose,
+            allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, shm_namespace=args.shm_prefix,
+            verbose=args.verbose,
         )
     except KeyboardInterrupt:
         return 130
