@@ -386,3 +386,50 @@ def _sigkilled_serve_is_swept(namespace, cpu_repository, photos, tmp_path):
         live.send_signal(signal.SIGTERM)
         assert live.wait(timeout=60) == 0
     assert not _files(f"{namespace}_"), "a serve that stopped left files behind"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_models_load_stops_serve_in_order(cpu_repository, tmp_path, signum):
+    """Kubernetes or systemd stopping a slow start, a terminal hanging up: serve stops the server, removes its
+    regions and lock, and exits with 128 + the signal, nothing left running."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    ports = [free_port() for _ in range(3)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_fh:
+        wrapper = subprocess.Popen(
+            [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+             "--shm-prefix", namespace], stdout=log_fh, stderr=subprocess.STDOUT)
+    try:
+        assert _wait(lambda: _regions(f"{namespace}_"), 120, interval=0.05), "no region appeared"
+        group = {server := _tritonserver_of(wrapper.pid), *process_group(server)}
+        wrapper.send_signal(signum)
+        code = wrapper.wait(timeout=30)
+        text = log_path.read_text()
+        assert "Triton is ready" not in text, "the signal came after the start: nothing tested"
+        assert code == 128 + signum, text[-3000:]
+        assert f"stopped by {signum.name} before serving" in text
+        assert not any(_alive(p) for p in group), "the server's processes outlived serve"
+        assert not _files(f"{namespace}_"), "serve left shared memory or its lock behind"
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)
+
+
+def test_sighup_stops_a_serving_serve_in_order(cpu_repository, photos, tmp_path):
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    log_path = tmp_path / "serve.log"
+    try:
+        with _serve(cpu_repository, photos["chelsea"], log_path, "--shm-prefix", namespace) as (wrapper, _, ports):
+            group = {server := _tritonserver_of(wrapper.pid), *process_group(server)}
+            wrapper.send_signal(signal.SIGHUP)
+            assert wrapper.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        assert "shutting down" in log_path.read_text()
+        assert not any(_alive(p) for p in group)
+        assert not _files(f"{namespace}_"), "serve left shared memory or its lock behind"
+    finally:
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)

@@ -69,6 +69,8 @@ class ServerStartError(RuntimeError):
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# What stops a server in order: Ctrl-C, a supervisor (systemd, the kubelet), a terminal that hangs up.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # What an access key guards (Triton 2.51 names): registering shared memory (any /dev/shm key the server's
 # user can open), loading and unloading models, and statistics.
 RESTRICTED = ("shared-memory", "model-repository", "statistics")
@@ -671,7 +673,7 @@ class TritonServer:
     def serve_forever(self, health_interval: float = 1.0, *, max_restarts: int = MAX_RESTARTS,
                       restart_window: float = RESTART_WINDOW_S, unanswered: int = LIVENESS_MISSES,
                       probe: Callable[[], str | None] | None = None, probe_interval: float = PROBE_INTERVAL_S) -> int:
-        """Block until SIGINT/SIGTERM, then stop the server; returns an exit code.
+        """Block until SIGINT, SIGTERM or SIGHUP, then stop the server; returns an exit code.
 
         Every ``health_interval`` seconds (0: never, and a server that dies ends this with 1) the server is
         restarted on the same ports when its process died (Triton 2.51 crashes in its gRPC handler when
@@ -683,7 +685,7 @@ class TritonServer:
         within ``restart_window`` seconds is a crash loop: the server is stopped and the exit code is 1, for
         the supervisor above to act on. A restart that does not come up counts too and is tried again."""
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
         watchdog = _Watchdog(self, unanswered, probe, probe_interval)
         restarts: deque[float] = deque()
         try:

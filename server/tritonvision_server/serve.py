@@ -4,9 +4,13 @@ serve until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
+import signal
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from .launcher import (
     PROBE_INTERVAL_S,
     RESTART_WINDOW_S,
     SHM_NAMESPACE,
+    STOP_SIGNALS,
     ServerStartError,
     ServerTLS,
     TritonServer,
@@ -116,6 +121,38 @@ def _demo(url: str, images: list[str]) -> None:
                 log.info("demo: %s -> %s", Path(path).name, ", ".join(f"{p.label} ({p.score:.3f})" for p in result))
 
 
+class Stopped(BaseException):
+    """A stop signal arrived before the server was serving. A BaseException, like KeyboardInterrupt, so that
+    nothing on the way out takes it for an error, and the server's own clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    # Once: a second signal must not interrupt the clean-up the first one started.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextmanager
+def _stop_signals_raise():
+    """SIGTERM and SIGHUP raise :class:`Stopped` (SIGINT raises KeyboardInterrupt already): their default
+    action would end the process at once, leaving the server to its parent-death signal, its stubs orphaned
+    during a model load, and the regions and lock behind. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def client_shm_args(allow: bool, tritonserver: str | None) -> list[str]:
     """``--allow-client-shm=true`` when asked for; refused for the bundled Triton 2.51, which exits on a flag
     it does not know (and lets clients use shared memory without it)."""
@@ -134,6 +171,23 @@ def _access_key(text: str) -> tuple[str, str]:
     return name, value
 
 
+def stops_in_order(fn: Callable[..., int]) -> Callable[..., int]:
+    """``fn`` (returning an exit code) with SIGTERM and SIGHUP ending it like Ctrl-C does: in order, through
+    its clean-up, with exit code 128 + the signal, until the server's own handlers take over."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            with _stop_signals_raise():
+                return fn(*args, **kwargs)
+        except Stopped as exc:
+            log.warning("stopped by %s before serving", signal.Signals(exc.signum).name)
+            return 128 + exc.signum
+
+    return wrapper
+
+
+@stops_in_order
 def serve(
     *,
     model_repository: str | Path | None = None,
@@ -194,7 +248,7 @@ def serve(
         shm_namespace=shm_namespace,
     )
     try:
-        server.start()
+        server.start()  # stops the server on every failure, Stopped included
     except ServerStartError as exc:
         cause = start_failure(server.log_tail(60))
         first_line = str(exc).splitlines()[0].removesuffix("; last log lines:")
@@ -204,14 +258,17 @@ def serve(
             log.error("%s", exc)
         log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
         return 1
-    if demo is not None and tls is not None:
-        log.info("demo skipped: the server requires TLS")
-    elif demo is not None:
-        _demo(server.grpc_url, demo)
-    log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    with ensemble_probe(server.grpc_url, tls, probe_timeout) if probe_interval > 0 else nullcontext() as probe:
-        return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
-                                    probe_interval=probe_interval)
+    try:
+        if demo is not None and tls is not None:
+            log.info("demo skipped: the server requires TLS")
+        elif demo is not None:
+            _demo(server.grpc_url, demo)
+        log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
+        with ensemble_probe(server.grpc_url, tls, probe_timeout) if probe_interval > 0 else nullcontext() as probe:
+            return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
+                                        probe_interval=probe_interval)
+    finally:
+        server.stop()  # a signal before serve_forever took over; a no-op after it
 
 
 @contextmanager
