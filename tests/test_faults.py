@@ -433,3 +433,54 @@ def test_sighup_stops_a_serving_serve_in_order(cpu_repository, photos, tmp_path)
     finally:
         for path in _files(f"{namespace}_"):
             path.unlink(missing_ok=True)
+
+
+def test_two_serves_started_at_once_on_the_same_ports_one_serves_and_the_other_exits_with_the_cause(
+        cpu_repository, photos, tmp_path):
+    """Both find the ports free (Triton binds them only after its models load). The one whose server cannot bind
+    must not take the other's readiness answer for its own server's: it exits 1 naming the port, its server
+    and regions gone, and the other keeps serving."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--shm-prefix", namespace, "--probe-interval", "0"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    serves = []
+    try:
+        for log_path in logs:
+            with open(log_path, "w") as log_fh:
+                serves.append(subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT))
+        assert _wait(lambda: any(s.poll() is not None for s in serves), 120), "neither serve gave up"
+        loser = next(i for i, s in enumerate(serves) if s.poll() is not None)
+        winner = serves[1 - loser]
+        text = logs[loser].read_text()
+        assert serves[loser].returncode == 1, text[-3000:]
+        assert "already in use" in text and "Triton is ready" not in text and "restart" not in text, text[-3000:]
+        assert "build_engines.py check" not in text, "a port clash is not the repository's fault"
+        assert not _files(f"{namespace}_{serves[loser].pid}_"), "the serve that gave up left files behind"
+        assert not [pid for pid in _pids_with_arg(f"{namespace}_{serves[loser].pid}_")], "its server outlived it"
+        assert _wait(lambda: _said(logs[1 - loser], "Ctrl-C to stop"), 60), logs[1 - loser].read_text()[-3000:]
+        assert winner.poll() is None and _classifies(f"127.0.0.1:{ports[1]}", photos["chelsea"])
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(timeout=60) == 0
+    finally:
+        for s in serves:
+            if s.poll() is None:
+                s.kill()
+                s.wait()
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)
+
+
+def _pids_with_arg(prefix: str) -> list[int]:
+    """Processes whose command line has an argument containing ``prefix`` (a server's or stub's region prefix)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            try:
+                if prefix.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found

@@ -146,3 +146,31 @@ def test_shm_prefix_is_a_plain_name():
     assert exited.value.code == 2
     with pytest.raises(ValueError, match="letters, digits"):
         TritonServer("/nonexistent", shm_namespace="x/y")
+
+
+def test_a_port_in_use_is_named_without_sending_the_operator_to_the_repository(light_repo, caplog):
+    import socket
+
+    from tritonvision_server.launcher import SHM_DIR, free_port
+
+    namespace = "tvtest-portinuse"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.INFO):
+            code = main(["serve", "--model-repository", str(light_repo), "--http-port", str(free_port()),
+                         "--grpc-port", str(port), "--metrics-port", str(free_port()), "--shm-prefix", namespace])
+    assert code == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert f"port(s) {port} on 127.0.0.1 already in use" in errors
+    assert "build_engines.py check" not in errors, "a port clash is not the repository's fault"
+    assert not list(SHM_DIR.glob(f"{namespace}_*"))
+
+
+def test_a_server_with_its_metrics_port_turned_off_is_still_found_ready(light_repo):
+    from tritonvision_server.launcher import TritonServer, listening_ports
+
+    with TritonServer(light_repo, extra_args=["--allow-metrics=false"], startup_timeout=60) as server:
+        assert server.metrics_port not in listening_ports(server.pid)
+        assert {server.http_port, server.grpc_port} <= listening_ports(server.pid)

@@ -19,6 +19,7 @@ stubs: every request then fails while Triton still reports itself and the model 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -66,6 +67,10 @@ RESTART_WINDOW_S = 600.0
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the tail of its log."""
+
+
+class PortInUseError(ServerStartError):
+    """One of the server's ports was taken before it started (nothing was started)."""
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -146,6 +151,29 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def listening_ports(pid: int) -> set[int] | None:
+    """TCP ports on which process ``pid`` holds a listening socket (from ``/proc``; IPv4 and IPv6), or None
+    where ``/proc`` does not tell (no procfs, another user's process)."""
+    try:
+        sockets = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                sockets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    except OSError:
+        return None
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in sockets:  # 0A: TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -444,7 +472,7 @@ class TritonServer:
             raise RuntimeError("server already started")
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
         if busy:
-            raise ServerStartError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
+            raise PortInUseError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
                                    "(another server, or one left behind?); not starting")
         backend_dir = None
         if self.tritonserver is None:
@@ -610,10 +638,23 @@ class TritonServer:
                     f"tritonserver exited with code {self._proc.returncode} during start-up; last log lines:\n"
                     f"{self.log_tail()}"
                 )
-            if self.is_ready():
+            # Ready, and on our server's own ports: another server may have taken one since start() found them
+            # free (Triton binds them only after its models load); its readiness is not our server's.
+            if self.is_ready() and self._owns_ports():
                 return
             time.sleep(0.2)
         raise ServerStartError(f"tritonserver was not ready after {timeout:.0f} s; last log lines:\n{self.log_tail()}")
+
+    def _owns_ports(self) -> bool:
+        """Whether our server process listens on its HTTP, gRPC and metrics ports (True where ``/proc`` does not
+        tell)."""
+        held = listening_ports(self._proc.pid) if self._proc is not None else None
+        if held is None:
+            return True
+        # Not those a --allow-grpc/--allow-metrics=false among the extra arguments turned off.
+        off = {port for port, flag in ((self.grpc_port, "grpc"), (self.metrics_port, "metrics"))
+               if any(a.lower() in (f"--allow-{flag}=false", f"--allow-{flag}=0") for a in self.extra_args)}
+        return {self.http_port, self.grpc_port, self.metrics_port} - off <= held
 
     @property
     def pid(self) -> int | None:

@@ -18,6 +18,7 @@ from .launcher import (
     LIVENESS_MISSES,
     MAX_RESTARTS,
     PROBE_INTERVAL_S,
+    PortInUseError,
     RESTART_WINDOW_S,
     SHM_NAMESPACE,
     STOP_SIGNALS,
@@ -256,7 +257,11 @@ def serve(
             log.error("%s; Triton said:\n  %s", first_line, "\n  ".join(cause))
         else:
             log.error("%s", exc)
-        log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
+        # Another server on one of the ports: found before the start, or (two started at once) by Triton.
+        if isinstance(exc, PortInUseError) or any("already in use" in line for line in cause):
+            log.error("stop the server on that port or choose others (--http-port, --grpc-port, --metrics-port)")
+        else:
+            log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
         return 1
     try:
         if demo is not None and tls is not None:
