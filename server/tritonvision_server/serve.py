@@ -18,10 +18,10 @@ from .launcher import (
     LIVENESS_MISSES,
     MAX_RESTARTS,
     PROBE_INTERVAL_S,
-    PortInUseError,
     RESTART_WINDOW_S,
     SHM_NAMESPACE,
     STOP_SIGNALS,
+    PortInUseError,
     ServerStartError,
     ServerTLS,
     TritonServer,
@@ -109,9 +109,7 @@ def _repository(model_repository: str | Path | None, profile: str, weights: str,
 
 
 def _demo(url: str, images: list[str]) -> None:
-    from tritonvision import Classifier, TritonVisionError
-
-    from tritonvision import sample_images
+    from tritonvision import Classifier, TritonVisionError, sample_images
 
     paths = images or [str(p) for p in sample_images()]
     with Classifier(url) as clf:
