@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import os
 import signal
 import socket
@@ -14,9 +15,9 @@ import threading
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
-
 import tritonvision as tv
 from tritonvision_server.launcher import ServerStartError, TritonServer, free_port, process_group
 
@@ -243,20 +244,27 @@ open(counter, "w").write(str(n))
 mode = os.environ["FAKE_TRITON_MODE"]
 if mode == "abort-once" and n == 1:
     os.abort()
-if mode == "exit":
+if mode == "exit" or (mode == "exit-after-first" and n > 1):
     print("error: creating server: Invalid argument - unknown option", flush=True)
     sys.exit(1)
 if mode == "hang-second" and n == 2:
     import time
     time.sleep(3600)  # running, never ready
-port = int(next(a for a in sys.argv if a.startswith("--http-port=")).split("=")[1])
+import socket
+def port(name):
+    return int(next(a for a in sys.argv if a.startswith("--" + name + "-port=")).split("=")[1])
+held = []
+for name in ("grpc", "metrics"):  # held like Triton's: the launcher checks that its server listens on them
+    held.append(socket.socket())
+    held[-1].bind(("127.0.0.1", port(name)))
+    held[-1].listen()
 class Ready(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
         self.end_headers()
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+http.server.HTTPServer(("127.0.0.1", port("http")), Ready).serve_forever()
 """
 
 
@@ -423,7 +431,7 @@ def test_sighup_stops_a_serving_serve_in_order(cpu_repository, photos, tmp_path)
     namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "serve.log"
     try:
-        with _serve(cpu_repository, photos["chelsea"], log_path, "--shm-prefix", namespace) as (wrapper, _, ports):
+        with _serve(cpu_repository, photos["chelsea"], log_path, "--shm-prefix", namespace) as (wrapper, _, _):
             group = {server := _tritonserver_of(wrapper.pid), *process_group(server)}
             wrapper.send_signal(signal.SIGHUP)
             assert wrapper.wait(timeout=30) == 0, log_path.read_text()[-3000:]
@@ -479,8 +487,31 @@ def _pids_with_arg(prefix: str) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and _alive(int(entry)):
             try:
-                if prefix.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                if prefix.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
                     found.append(int(entry))
             except OSError:
                 continue
     return found
+
+
+def test_restarts_that_fail_back_off_and_a_stop_during_the_wait_is_prompt(cpu_repository, tmp_path, monkeypatch):
+    """A server that cannot come back (its repository broke, the host is out of memory) is not restarted in a
+    tight loop: each failed restart doubles the wait before the next, and SIGTERM ends that wait at once."""
+    import datetime
+
+    fake, counter = _fake_tritonserver(tmp_path, monkeypatch, "exit-after-first")
+    log_path = tmp_path / "serve.log"
+    args = ("--tritonserver", str(fake), "--startup-timeout", "10", "--probe-interval", "0", "--max-restarts", "9")
+    with _serve(cpu_repository, None, log_path, *args, up_within=60) as (wrapper, _, _):
+        os.kill(_tritonserver_of(wrapper.pid), signal.SIGKILL)
+        assert _wait(lambda: int(counter.read_text()) >= 4, 60), log_path.read_text()[-3000:]
+        starts = [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                  for line in log_path.read_text().splitlines() if "restarting it" in line]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+        assert len(gaps) >= 2 and gaps[0] >= 1.0 and gaps[1] >= 2.0, (gaps, log_path.read_text()[-3000:])
+        assert "next restart in 4 s" in log_path.read_text() or _wait(
+            lambda: "next restart in 4 s" in log_path.read_text(), 10), log_path.read_text()[-3000:]
+        stopped = time.monotonic()
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=10) == 0
+        assert time.monotonic() - stopped < 3, "the stop waited out the backoff"

@@ -63,6 +63,9 @@ LIVENESS_MISSES = 3
 PROBE_INTERVAL_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
+# After a restart that does not come up, the next waits this long, doubled at each failure in a row, up to the max.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class ServerStartError(RuntimeError):
@@ -724,11 +727,14 @@ class TritonServer:
         runs every ``probe_interval`` seconds and counts the same way: after such a race, Triton 2.51's gRPC
         inference can stop answering while its HTTP health endpoints still do. More than ``max_restarts``
         within ``restart_window`` seconds is a crash loop: the server is stopped and the exit code is 1, for
-        the supervisor above to act on. A restart that does not come up counts too and is tried again."""
+        the supervisor above to act on. A restart that does not come up counts too and is tried again, after a
+        wait that doubles with each such failure in a row (RESTART_BACKOFF_S up to RESTART_BACKOFF_MAX_S); a stop
+        signal ends the wait."""
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
         watchdog = _Watchdog(self, unanswered, probe, probe_interval)
         restarts: deque[float] = deque()
+        failed = 0  # restarts in a row that did not come up
         try:
             while not stop.wait(health_interval or 0.5):
                 if not health_interval:
@@ -747,13 +753,21 @@ class TritonServer:
                               len(restarts), restart_window, self.log_tail(20))
                     return 1
                 log.error("%s; restarting it. Last log lines:\n%s", reason, self.log_tail(20))
+                restarts.append(now)
                 try:
                     self.restart()
+                    failed = 0
                 except ServerStartError as exc:
                     # Dead or not answering after the start-up timeout: the next check finds that and it
-                    # counts as another restart, so a server that cannot come back ends in the crash-loop exit.
+                    # counts as another restart, so a server that cannot come back ends in the crash-loop exit,
+                    # after waits that double (1, 2, 4 ... s) rather than in a tight loop of model loads.
+                    failed += 1
+                    delay = min(RESTART_BACKOFF_S * 2 ** (failed - 1), RESTART_BACKOFF_MAX_S)
                     log.error("%s", exc)
-                restarts.append(now)
+                    if len(restarts) < max_restarts:
+                        log.warning("next restart in %.0f s", delay)
+                        if stop.wait(delay):
+                            break
                 watchdog.reset()
             log.info("shutting down")
             return 0
