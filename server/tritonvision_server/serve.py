@@ -144,7 +144,9 @@ def _stop_signals_raise():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}  # _raise_stopped ignores SIGINT too
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_stopped)
     try:
         yield
     finally:
