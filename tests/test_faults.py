@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import os
 import signal
 import socket
@@ -13,9 +14,10 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
-
 import tritonvision as tv
 from tritonvision_server.launcher import ServerStartError, TritonServer, free_port, process_group
 
@@ -242,20 +244,27 @@ open(counter, "w").write(str(n))
 mode = os.environ["FAKE_TRITON_MODE"]
 if mode == "abort-once" and n == 1:
     os.abort()
-if mode == "exit":
+if mode == "exit" or (mode == "exit-after-first" and n > 1):
     print("error: creating server: Invalid argument - unknown option", flush=True)
     sys.exit(1)
 if mode == "hang-second" and n == 2:
     import time
     time.sleep(3600)  # running, never ready
-port = int(next(a for a in sys.argv if a.startswith("--http-port=")).split("=")[1])
+import socket
+def port(name):
+    return int(next(a for a in sys.argv if a.startswith("--" + name + "-port=")).split("=")[1])
+held = []
+for name in ("grpc", "metrics"):  # held like Triton's: the launcher checks that its server listens on them
+    held.append(socket.socket())
+    held[-1].bind(("127.0.0.1", port(name)))
+    held[-1].listen()
 class Ready(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
         self.end_headers()
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+http.server.HTTPServer(("127.0.0.1", port("http")), Ready).serve_forever()
 """
 
 
@@ -322,3 +331,187 @@ def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photo
         assert server.running and server.grpc_port == port and server.restarts == 1
         with tv.Classifier(server.grpc_url, timeout=60) as clf:
             assert clf.classify(photos["chelsea"], top_k=1)
+
+
+def _files(prefix: str) -> list:
+    """/dev/shm files named ``prefix*``: python-backend regions and launchers' lock files."""
+    from tritonvision_server.launcher import SHM_DIR
+
+    return sorted(SHM_DIR.glob(prefix + "*"))
+
+
+def _regions(prefix: str) -> list:
+    return [p for p in _files(prefix) if not p.name.endswith(".lock")]
+
+
+def test_regions_of_a_sigkilled_serve_are_removed_by_the_next_start_and_a_live_serve_s_are_not(
+        cpu_repository, photos, tmp_path):
+    """SIGKILL of ``serve`` while its models load: tritonserver ends (parent-death signal) but its stubs live on,
+    orphaned, with the regions. The next start kills those stubs and removes the regions, logging the bytes;
+    the regions of a live serve on the same host, under the same namespace, stay."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"  # this test's alone: no other launcher's regions are touched
+    try:
+        _sigkilled_serve_is_swept(namespace, cpu_repository, photos, tmp_path)
+    finally:
+        for path in _files(f"{namespace}_"):  # whatever a failure left: this test's files only
+            path.unlink(missing_ok=True)
+
+
+def _sigkilled_serve_is_swept(namespace, cpu_repository, photos, tmp_path):
+    with _serve(cpu_repository, photos["chelsea"], tmp_path / "live.log", "--shm-prefix", namespace) as (live, url, _):
+        live_prefix = f"{namespace}_{live.pid}_"
+        live_regions = _regions(live_prefix)
+        assert live_regions
+        ports = [free_port() for _ in range(3)]
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+             "--shm-prefix", namespace], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            victim_prefix = f"{namespace}_{victim.pid}_"
+            assert _wait(lambda: _regions(victim_prefix), 120, interval=0.05), "no region appeared"
+            server = _tritonserver_of(victim.pid)
+            assert server is not None
+        finally:
+            victim.kill()
+            victim.wait()
+        assert _wait(lambda: not _alive(server), 30), "tritonserver outlived the serve that was killed"
+        left = _regions(victim_prefix)
+        assert left, "nothing was left behind: the kill came after the models loaded"
+        orphans = list(process_group(server))
+        held = sum(p.stat().st_blocks * 512 for p in left)
+
+        with _serve(cpu_repository, photos["chelsea"], tmp_path / "next.log", "--shm-prefix", namespace) as (nxt, _, _):
+            assert not _files(victim_prefix), "the dead serve's regions are still there"
+            assert not any(_alive(p) for p in orphans), "the dead serve's orphaned stubs still run"
+            assert all(p.exists() for p in live_regions), "a live serve's regions were removed"
+            assert _classifies(url, photos["chelsea"]), "the live serve stopped serving"
+            text = (tmp_path / "next.log").read_text()
+            assert f"removed {len(left)} shared-memory file(s), {held} bytes" in text, text[-3000:]
+            assert victim_prefix in text and (not orphans or "killed its orphaned python-backend stub(s)" in text)
+            nxt.send_signal(signal.SIGTERM)
+            assert nxt.wait(timeout=60) == 0
+        live.send_signal(signal.SIGTERM)
+        assert live.wait(timeout=60) == 0
+    assert not _files(f"{namespace}_"), "a serve that stopped left files behind"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_models_load_stops_serve_in_order(cpu_repository, tmp_path, signum):
+    """Kubernetes or systemd stopping a slow start, a terminal hanging up: serve stops the server, removes its
+    regions and lock, and exits with 128 + the signal, nothing left running."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    ports = [free_port() for _ in range(3)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_fh:
+        wrapper = subprocess.Popen(
+            [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+             "--shm-prefix", namespace], stdout=log_fh, stderr=subprocess.STDOUT)
+    try:
+        assert _wait(lambda: _regions(f"{namespace}_"), 120, interval=0.05), "no region appeared"
+        group = {server := _tritonserver_of(wrapper.pid), *process_group(server)}
+        wrapper.send_signal(signum)
+        code = wrapper.wait(timeout=30)
+        text = log_path.read_text()
+        assert "Triton is ready" not in text, "the signal came after the start: nothing tested"
+        assert code == 128 + signum, text[-3000:]
+        assert f"stopped by {signum.name} before serving" in text
+        assert not any(_alive(p) for p in group), "the server's processes outlived serve"
+        assert not _files(f"{namespace}_"), "serve left shared memory or its lock behind"
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)
+
+
+def test_sighup_stops_a_serving_serve_in_order(cpu_repository, photos, tmp_path):
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    log_path = tmp_path / "serve.log"
+    try:
+        with _serve(cpu_repository, photos["chelsea"], log_path, "--shm-prefix", namespace) as (wrapper, _, _):
+            group = {server := _tritonserver_of(wrapper.pid), *process_group(server)}
+            wrapper.send_signal(signal.SIGHUP)
+            assert wrapper.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        assert "shutting down" in log_path.read_text()
+        assert not any(_alive(p) for p in group)
+        assert not _files(f"{namespace}_"), "serve left shared memory or its lock behind"
+    finally:
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)
+
+
+def test_two_serves_started_at_once_on_the_same_ports_one_serves_and_the_other_exits_with_the_cause(
+        cpu_repository, photos, tmp_path):
+    """Both find the ports free (Triton binds them only after its models load). The one whose server cannot bind
+    must not take the other's readiness answer for its own server's: it exits 1 naming the port, its server
+    and regions gone, and the other keeps serving."""
+    namespace = f"tvtest-{uuid.uuid4().hex[:8]}"
+    ports = [free_port() for _ in range(3)]
+    cmd = [sys.executable, "-m", "tritonvision._cli", "serve", "--model-repository", str(cpu_repository),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--shm-prefix", namespace, "--probe-interval", "0"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    serves = []
+    try:
+        for log_path in logs:
+            with open(log_path, "w") as log_fh:
+                serves.append(subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT))
+        assert _wait(lambda: any(s.poll() is not None for s in serves), 120), "neither serve gave up"
+        loser = next(i for i, s in enumerate(serves) if s.poll() is not None)
+        winner = serves[1 - loser]
+        text = logs[loser].read_text()
+        assert serves[loser].returncode == 1, text[-3000:]
+        assert "already in use" in text and "Triton is ready" not in text and "restart" not in text, text[-3000:]
+        assert "build_engines.py check" not in text, "a port clash is not the repository's fault"
+        assert not _files(f"{namespace}_{serves[loser].pid}_"), "the serve that gave up left files behind"
+        assert not [pid for pid in _pids_with_arg(f"{namespace}_{serves[loser].pid}_")], "its server outlived it"
+        assert _wait(lambda: _said(logs[1 - loser], "Ctrl-C to stop"), 60), logs[1 - loser].read_text()[-3000:]
+        assert winner.poll() is None and _classifies(f"127.0.0.1:{ports[1]}", photos["chelsea"])
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(timeout=60) == 0
+    finally:
+        for s in serves:
+            if s.poll() is None:
+                s.kill()
+                s.wait()
+        for path in _files(f"{namespace}_"):
+            path.unlink(missing_ok=True)
+
+
+def _pids_with_arg(prefix: str) -> list[int]:
+    """Processes whose command line has an argument containing ``prefix`` (a server's or stub's region prefix)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            try:
+                if prefix.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_restarts_that_fail_back_off_and_a_stop_during_the_wait_is_prompt(cpu_repository, tmp_path, monkeypatch):
+    """A server that cannot come back (its repository broke, the host is out of memory) is not restarted in a
+    tight loop: each failed restart doubles the wait before the next, and SIGTERM ends that wait at once."""
+    import datetime
+
+    fake, counter = _fake_tritonserver(tmp_path, monkeypatch, "exit-after-first")
+    log_path = tmp_path / "serve.log"
+    args = ("--tritonserver", str(fake), "--startup-timeout", "10", "--probe-interval", "0", "--max-restarts", "9")
+    with _serve(cpu_repository, None, log_path, *args, up_within=60) as (wrapper, _, _):
+        os.kill(_tritonserver_of(wrapper.pid), signal.SIGKILL)
+        assert _wait(lambda: int(counter.read_text()) >= 4, 60), log_path.read_text()[-3000:]
+        starts = [datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                  for line in log_path.read_text().splitlines() if "restarting it" in line]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+        assert len(gaps) >= 2 and gaps[0] >= 1.0 and gaps[1] >= 2.0, (gaps, log_path.read_text()[-3000:])
+        assert "next restart in 4 s" in log_path.read_text() or _wait(
+            lambda: "next restart in 4 s" in log_path.read_text(), 10), log_path.read_text()[-3000:]
+        stopped = time.monotonic()
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=10) == 0
+        assert time.monotonic() - stopped < 3, "the stop waited out the backoff"

@@ -101,3 +101,76 @@ def test_a_missing_gpu_repository_is_named_with_how_to_build_it(tmp_path, caplog
     with caplog.at_level(logging.ERROR):
         assert main(["serve", "--profile", "gpu", "--model-repository", str(missing)]) == 1
     assert f"no model repository at {missing}" in caplog.text and "build_engines.py gpu" in caplog.text
+
+
+def test_a_sweep_removes_only_what_owners_that_are_gone_left(tmp_path):
+    """Owners are told apart by their lock: held by a live process (here another one), or free. Files
+    without a lock file (the Helm chart's fixed prefix, another namespace) are never touched."""
+    import subprocess
+    import sys
+
+    from tritonvision_server.launcher import hold_owner_lock, release_owner_lock, sweep_dead_owners
+
+    live, dead = "tv_1_0000aaaa_", "tv_2_0000bbbb_"
+    for name in (f"{live}r1", f"{dead}r1", f"{dead}r2", "tv_server_r1", "tv2_3_0000cccc_r1", "tv_client_4_x_0"):
+        (tmp_path / name).write_bytes(b"x" * 8192)
+    release_owner_lock(hold_owner_lock(dead, tmp_path), dead, tmp_path)  # an owner that stopped cleanly: no lock file
+    (tmp_path / f"{dead.rstrip('_')}.lock").touch()  # one that was killed: its lock file, nobody holding it
+    (tmp_path / "tv2_3_0000cccc.lock").touch()
+    # The live owner's lock is held by another process (flock state is the kernel's, per open file).
+    code = ("import sys; from pathlib import Path; from tritonvision_server.launcher import hold_owner_lock; "
+            f"hold_owner_lock({live!r}, Path({str(tmp_path)!r})); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        swept = sweep_dead_owners("tv", tmp_path)
+        assert [(s.prefix, [p.name for p in s.files], s.stubs) for s in swept] == [(dead, [f"{dead}r1", f"{dead}r2"], ())]
+        assert swept[0].bytes >= 2 * 8192
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [f"{live}r1", "tv_1_0000aaaa.lock", "tv_server_r1", "tv2_3_0000cccc_r1", "tv2_3_0000cccc.lock",
+             "tv_client_4_x_0"])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    # Its holder gone, however it ended, the live owner's files go at the next sweep.
+    assert [s.prefix for s in sweep_dead_owners("tv", tmp_path)] == [live]
+    assert not (tmp_path / f"{live}r1").exists()
+
+
+def test_shm_prefix_is_a_plain_name():
+    from tritonvision_server.launcher import TritonServer
+
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        main(["serve", "--shm-prefix", "a_b", "--model-repository", "/nonexistent"])
+    assert exited.value.code == 2
+    with pytest.raises(ValueError, match="letters, digits"):
+        TritonServer("/nonexistent", shm_namespace="x/y")
+
+
+def test_a_port_in_use_is_named_without_sending_the_operator_to_the_repository(light_repo, caplog):
+    import socket
+
+    from tritonvision_server.launcher import SHM_DIR, free_port
+
+    namespace = "tvtest-portinuse"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.INFO):
+            code = main(["serve", "--model-repository", str(light_repo), "--http-port", str(free_port()),
+                         "--grpc-port", str(port), "--metrics-port", str(free_port()), "--shm-prefix", namespace])
+    assert code == 1
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert f"port(s) {port} on 127.0.0.1 already in use" in errors
+    assert "build_engines.py check" not in errors, "a port clash is not the repository's fault"
+    assert not list(SHM_DIR.glob(f"{namespace}_*"))
+
+
+def test_a_server_with_its_metrics_port_turned_off_is_still_found_ready(light_repo):
+    from tritonvision_server.launcher import TritonServer, listening_ports
+
+    with TritonServer(light_repo, extra_args=["--allow-metrics=false"], startup_timeout=60) as server:
+        assert server.metrics_port not in listening_ports(server.pid)
+        assert {server.http_port, server.grpc_port} <= listening_ports(server.pid)

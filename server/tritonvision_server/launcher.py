@@ -8,6 +8,10 @@ Nothing outlives it: the server runs in its own process group, which is killed w
 (however it ends: python-backend stubs otherwise outlive a killed server, deadlocked), and it receives
 SIGTERM when the process that started it dies (Linux's parent-death signal). Ports already in use are
 refused before start, so a leftover server answering the readiness probe is never taken for ours.
+While it runs it holds an exclusive ``flock`` on ``/dev/shm/<prefix>.lock``; a starting server removes the
+regions (and kills the orphaned python-backend stubs) of every owner whose lock it can take, i.e. of launchers
+that are gone however they ended (SIGKILL, the OOM killer), and never those of a live one, even one in
+another pid namespace sharing ``/dev/shm`` (the lock lives in the kernel, on the file): :func:`sweep_dead_owners`.
 :meth:`TritonServer.heal` restarts a server whose python-backend stub died (Triton 2.51 does not restart
 stubs: every request then fails while Triton still reports itself and the model ready), and
 :meth:`TritonServer.serve_forever` also restarts one that crashed or stopped answering, up to a crash loop.
@@ -15,8 +19,12 @@ stubs: every request then fails while Triton still reports itself and the model 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +48,10 @@ from .admission import METRICS_URL_ENV
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+# The python backend's regions are /dev/shm/<namespace>_<launcher pid>_<8 hex>_<uuid>, and the launcher's lock
+# /dev/shm/<namespace>_<launcher pid>_<8 hex>.lock. (The Helm chart runs tritonserver without the launcher,
+# one per pod's own /dev/shm, with the fixed prefix ``tritonvision_server_`` and no lock: never swept here.)
+SHM_NAMESPACE = "tritonvision"
 
 
 # `serve_forever`'s watchdog. A live check that takes longer than this counts as unanswered; this many in a
@@ -51,13 +63,22 @@ LIVENESS_MISSES = 3
 PROBE_INTERVAL_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
+# After a restart that does not come up, the next waits this long, doubled at each failure in a row, up to the max.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
 
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become ready; the message carries the tail of its log."""
 
 
+class PortInUseError(ServerStartError):
+    """One of the server's ports was taken before it started (nothing was started)."""
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# What stops a server in order: Ctrl-C, a supervisor (systemd, the kubelet), a terminal that hangs up.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # What an access key guards (Triton 2.51 names): registering shared memory (any /dev/shm key the server's
 # user can open), loading and unloading models, and statistics.
 RESTRICTED = ("shared-memory", "model-repository", "statistics")
@@ -135,10 +156,148 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def listening_ports(pid: int) -> set[int] | None:
+    """TCP ports on which process ``pid`` holds a listening socket (from ``/proc``; IPv4 and IPv6), or None
+    where ``/proc`` does not tell (no procfs, another user's process)."""
+    try:
+        sockets = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                sockets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    except OSError:
+        return None
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in sockets:  # 0A: TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class SweptOwner:
+    """What :func:`sweep_dead_owners` removed for one launcher that is gone."""
+
+    prefix: str
+    files: tuple[Path, ...]
+    bytes: int  # memory the files held (their allocated blocks), freed once no process maps them
+    stubs: tuple[int, ...]  # its orphaned python-backend stubs, killed (those visible in our pid namespace)
+
+
+def _lock_pattern(namespace: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(namespace)}_\d+_[0-9a-f]{{8}}\.lock")
+
+
+def owner_lock_path(prefix: str, shm_dir: Path = SHM_DIR) -> Path:
+    """The lock file of the launcher whose regions are named ``prefix*`` (outside that glob)."""
+    return shm_dir / f"{prefix.rstrip('_')}.lock"
+
+
+def hold_owner_lock(prefix: str, shm_dir: Path = SHM_DIR) -> int | None:
+    """Create and lock (exclusive ``flock``, for as long as the returned descriptor is open) the lock file of
+    ``prefix``; None, with a warning, where /dev/shm cannot hold it. The file is locked under a name no sweep
+    looks at and then renamed, so a sweep never finds it unlocked. The descriptor is not inherited: the
+    lock is the launcher's, so a sweep can also end the stubs that outlive it."""
+    final = owner_lock_path(prefix, shm_dir)
+    pending = shm_dir / f".{final.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("cannot create %s (%s): a launcher that is killed will leave its shared memory behind", final, exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(pending, final)
+    except BaseException:
+        os.close(fd)
+        pending.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def release_owner_lock(fd: int | None, prefix: str, shm_dir: Path = SHM_DIR) -> None:
+    """Remove the lock file (while still holding it) and close it."""
+    if fd is None:
+        return
+    owner_lock_path(prefix, shm_dir).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _stubs_of(prefix: str) -> list[int]:
+    """Python-backend stubs (visible in our pid namespace) whose command line names a region ``prefix*``."""
+    stubs = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if not Path(f"/proc/{entry}/comm").read_text().startswith(STUB_COMM):
+                continue
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix.encode()) for a in args):
+            stubs.append(int(entry))
+    return stubs
+
+
+def sweep_dead_owners(namespace: str = SHM_NAMESPACE, shm_dir: Path = SHM_DIR) -> list[SweptOwner]:
+    """Remove the /dev/shm regions of launchers of ``namespace`` that are gone, after killing their orphaned
+    stubs; return what was removed. An owner is gone when its lock file can be locked: a live launcher holds
+    its lock whatever its pid namespace, and the kernel drops it when the launcher dies, however it dies.
+    Regions without a lock file (the Helm chart's, an older launcher's) are never touched."""
+    pattern = _lock_pattern(namespace)
+    swept = []
+    for lock in sorted(shm_dir.glob(f"{namespace}_*.lock")):
+        if not pattern.fullmatch(lock.name):
+            continue
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # another sweep removed it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue  # its owner is alive
+                raise
+            prefix = lock.name.removesuffix(".lock") + "_"
+            # Killed first: a region's memory is freed once its file is gone and nothing maps it any more.
+            stubs = []
+            for pid in _stubs_of(prefix):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    stubs.append(pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            files, held = [], 0
+            for path in sorted(shm_dir.glob(prefix + "*")):
+                try:
+                    blocks = path.stat().st_blocks
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                except PermissionError as exc:
+                    log.warning("cannot remove %s of a launcher that is gone: %s", path, exc)
+                    continue
+                files.append(path)
+                held += blocks * 512
+            lock.unlink(missing_ok=True)
+            swept.append(SweptOwner(prefix, tuple(files), held, tuple(stubs)))
+        finally:
+            os.close(fd)
+    return swept
 
 
 def bundled_server_root() -> Path:
@@ -223,13 +382,22 @@ class TritonServer:
     # 244 MiB, and more with each. With 0 the memory of every request is freed after it (the same 3: 65 MiB,
     # not growing); no throughput difference was measurable (light variant, 1 and 16 in flight).
     grpc_request_pool: int | None = 0
+    # The first part of the python backend's region names; a start removes the regions of this namespace's
+    # launchers that are gone (sweep_dead_owners; False: never).
+    shm_namespace: str = SHM_NAMESPACE
+    sweep_shm: bool = True
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
-        self.shm_prefix = f"tritonvision_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", self.shm_namespace):
+            raise ValueError(f"shared-memory namespace {self.shm_namespace!r}: letters, digits and '-' only")
+        self.shm_prefix = f"{self.shm_namespace}_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._lock_fd: int | None = None
+        #: What this start removed of launchers that were gone (:func:`sweep_dead_owners`).
+        self.swept: list[SweptOwner] = []
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log_tail: deque[str] = deque(maxlen=60)
@@ -307,7 +475,7 @@ class TritonServer:
             raise RuntimeError("server already started")
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
         if busy:
-            raise ServerStartError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
+            raise PortInUseError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
                                    "(another server, or one left behind?); not starting")
         backend_dir = None
         if self.tritonserver is None:
@@ -317,6 +485,7 @@ class TritonServer:
         log.info("starting %s", " ".join(self._cmd))
         self._log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed in stop()
         try:
+            self._claim_shm()
             try:
                 self._spawn()
             except ServerStartError:
@@ -335,6 +504,22 @@ class TritonServer:
             raise
         log.info("Triton is ready: gRPC %s, HTTP %s, metrics %s", self.grpc_url, self.http_url, self.metrics_url)
         return self
+
+    def _claim_shm(self) -> None:
+        """Hold this launcher's lock, then remove what launchers that are gone left in /dev/shm."""
+        if not SHM_DIR.is_dir():
+            return
+        self._lock_fd = hold_owner_lock(self.shm_prefix)
+        if not self.sweep_shm:
+            return
+        self.swept = sweep_dead_owners(self.shm_namespace)
+        for owner in self.swept:
+            if not (owner.files or owner.stubs):
+                continue  # it died before its server made a region
+            log.warning("removed %d shared-memory file(s), %d bytes (%.1f MiB), of a launcher that is gone (%s*)%s",
+                        len(owner.files), owner.bytes, owner.bytes / (1 << 20), SHM_DIR / owner.prefix,
+                        f"; killed its orphaned python-backend stub(s) {', '.join(map(str, owner.stubs))}"
+                        if owner.stubs else "")
 
     def _spawn(self) -> None:
         """Start the server process and wait until it is ready."""
@@ -456,10 +641,23 @@ class TritonServer:
                     f"tritonserver exited with code {self._proc.returncode} during start-up; last log lines:\n"
                     f"{self.log_tail()}"
                 )
-            if self.is_ready():
+            # Ready, and on our server's own ports: another server may have taken one since start() found them
+            # free (Triton binds them only after its models load); its readiness is not our server's.
+            if self.is_ready() and self._owns_ports():
                 return
             time.sleep(0.2)
         raise ServerStartError(f"tritonserver was not ready after {timeout:.0f} s; last log lines:\n{self.log_tail()}")
+
+    def _owns_ports(self) -> bool:
+        """Whether our server process listens on its HTTP, gRPC and metrics ports (True where ``/proc`` does not
+        tell)."""
+        held = listening_ports(self._proc.pid) if self._proc is not None else None
+        if held is None:
+            return True
+        # Not those a --allow-grpc/--allow-metrics=false among the extra arguments turned off.
+        off = {port for port, flag in ((self.grpc_port, "grpc"), (self.metrics_port, "metrics"))
+               if any(a.lower() in (f"--allow-{flag}=false", f"--allow-{flag}=0") for a in self.extra_args)}
+        return {self.http_port, self.grpc_port, self.metrics_port} - off <= held
 
     @property
     def pid(self) -> int | None:
@@ -491,6 +689,8 @@ class TritonServer:
             self._log_fh.close()
             self._log_fh = None
         self.cleaned_shm += self.cleanup_shm()
+        release_owner_lock(self._lock_fd, self.shm_prefix)
+        self._lock_fd = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -517,7 +717,7 @@ class TritonServer:
     def serve_forever(self, health_interval: float = 1.0, *, max_restarts: int = MAX_RESTARTS,
                       restart_window: float = RESTART_WINDOW_S, unanswered: int = LIVENESS_MISSES,
                       probe: Callable[[], str | None] | None = None, probe_interval: float = PROBE_INTERVAL_S) -> int:
-        """Block until SIGINT/SIGTERM, then stop the server; returns an exit code.
+        """Block until SIGINT, SIGTERM or SIGHUP, then stop the server; returns an exit code.
 
         Every ``health_interval`` seconds (0: never, and a server that dies ends this with 1) the server is
         restarted on the same ports when its process died (Triton 2.51 crashes in its gRPC handler when
@@ -527,11 +727,14 @@ class TritonServer:
         runs every ``probe_interval`` seconds and counts the same way: after such a race, Triton 2.51's gRPC
         inference can stop answering while its HTTP health endpoints still do. More than ``max_restarts``
         within ``restart_window`` seconds is a crash loop: the server is stopped and the exit code is 1, for
-        the supervisor above to act on. A restart that does not come up counts too and is tried again."""
+        the supervisor above to act on. A restart that does not come up counts too and is tried again, after a
+        wait that doubles with each such failure in a row (RESTART_BACKOFF_S up to RESTART_BACKOFF_MAX_S); a stop
+        signal ends the wait."""
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
         watchdog = _Watchdog(self, unanswered, probe, probe_interval)
         restarts: deque[float] = deque()
+        failed = 0  # restarts in a row that did not come up
         try:
             while not stop.wait(health_interval or 0.5):
                 if not health_interval:
@@ -550,13 +753,21 @@ class TritonServer:
                               len(restarts), restart_window, self.log_tail(20))
                     return 1
                 log.error("%s; restarting it. Last log lines:\n%s", reason, self.log_tail(20))
+                restarts.append(now)
                 try:
                     self.restart()
+                    failed = 0
                 except ServerStartError as exc:
                     # Dead or not answering after the start-up timeout: the next check finds that and it
-                    # counts as another restart, so a server that cannot come back ends in the crash-loop exit.
+                    # counts as another restart, so a server that cannot come back ends in the crash-loop exit,
+                    # after waits that double (1, 2, 4 ... s) rather than in a tight loop of model loads.
+                    failed += 1
+                    delay = min(RESTART_BACKOFF_S * 2 ** (failed - 1), RESTART_BACKOFF_MAX_S)
                     log.error("%s", exc)
-                restarts.append(now)
+                    if len(restarts) < max_restarts:
+                        log.warning("next restart in %.0f s", delay)
+                        if stop.wait(delay):
+                            break
                 watchdog.reset()
             log.info("shutting down")
             return 0

@@ -4,9 +4,13 @@ serve until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
+import signal
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -15,6 +19,9 @@ from .launcher import (
     MAX_RESTARTS,
     PROBE_INTERVAL_S,
     RESTART_WINDOW_S,
+    SHM_NAMESPACE,
+    STOP_SIGNALS,
+    PortInUseError,
     ServerStartError,
     ServerTLS,
     TritonServer,
@@ -102,9 +109,7 @@ def _repository(model_repository: str | Path | None, profile: str, weights: str,
 
 
 def _demo(url: str, images: list[str]) -> None:
-    from tritonvision import Classifier, TritonVisionError
-
-    from tritonvision import sample_images
+    from tritonvision import Classifier, TritonVisionError, sample_images
 
     paths = images or [str(p) for p in sample_images()]
     with Classifier(url) as clf:
@@ -113,6 +118,40 @@ def _demo(url: str, images: list[str]) -> None:
                 log.warning("demo: %s: %s", path, result)
             else:
                 log.info("demo: %s -> %s", Path(path).name, ", ".join(f"{p.label} ({p.score:.3f})" for p in result))
+
+
+class Stopped(BaseException):
+    """A stop signal arrived before the server was serving. A BaseException, like KeyboardInterrupt, so that
+    nothing on the way out takes it for an error, and the server's own clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    # Once: a second signal must not interrupt the clean-up the first one started.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextmanager
+def _stop_signals_raise():
+    """SIGTERM and SIGHUP raise :class:`Stopped` (SIGINT raises KeyboardInterrupt already): their default
+    action would end the process at once, leaving the server to its parent-death signal, its stubs orphaned
+    during a model load, and the regions and lock behind. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}  # _raise_stopped ignores SIGINT too
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _raise_stopped)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def client_shm_args(allow: bool, tritonserver: str | None) -> list[str]:
@@ -133,6 +172,23 @@ def _access_key(text: str) -> tuple[str, str]:
     return name, value
 
 
+def stops_in_order(fn: Callable[..., int]) -> Callable[..., int]:
+    """``fn`` (returning an exit code) with SIGTERM and SIGHUP ending it like Ctrl-C does: in order, through
+    its clean-up, with exit code 128 + the signal, until the server's own handlers take over."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            with _stop_signals_raise():
+                return fn(*args, **kwargs)
+        except Stopped as exc:
+            log.warning("stopped by %s before serving", signal.Signals(exc.signum).name)
+            return 128 + exc.signum
+
+    return wrapper
+
+
+@stops_in_order
 def serve(
     *,
     model_repository: str | Path | None = None,
@@ -154,6 +210,7 @@ def serve(
     probe_timeout: float = PROBE_TIMEOUT_S,
     allow_client_shm: bool = False,
     torch_device: str = "cuda",
+    shm_namespace: str = SHM_NAMESPACE,
     verbose: bool = False,
 ) -> int:
     """Serve ``model_repository`` (default: the cpu profile's, built if needed) until Ctrl-C; the exit code.
@@ -189,9 +246,10 @@ def serve(
         log_verbose=1 if verbose else 0,
         access_key=access_key,
         tls=tls,
+        shm_namespace=shm_namespace,
     )
     try:
-        server.start()
+        server.start()  # stops the server on every failure, Stopped included
     except ServerStartError as exc:
         cause = start_failure(server.log_tail(60))
         first_line = str(exc).splitlines()[0].removesuffix("; last log lines:")
@@ -199,16 +257,23 @@ def serve(
             log.error("%s; Triton said:\n  %s", first_line, "\n  ".join(cause))
         else:
             log.error("%s", exc)
-        log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
+        # Another server on one of the ports: found before the start, or (two started at once) by Triton.
+        if isinstance(exc, PortInUseError) or any("already in use" in line for line in cause):
+            log.error("stop the server on that port or choose others (--http-port, --grpc-port, --metrics-port)")
+        else:
+            log.error("check the repository with: python build_engines.py check --profile %s %s", profile, repository)
         return 1
-    if demo is not None and tls is not None:
-        log.info("demo skipped: the server requires TLS")
-    elif demo is not None:
-        _demo(server.grpc_url, demo)
-    log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
-    with ensemble_probe(server.grpc_url, tls, probe_timeout) if probe_interval > 0 else nullcontext() as probe:
-        return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
-                                    probe_interval=probe_interval)
+    try:
+        if demo is not None and tls is not None:
+            log.info("demo skipped: the server requires TLS")
+        elif demo is not None:
+            _demo(server.grpc_url, demo)
+        log.info("serving %s on gRPC %s / HTTP %s; Ctrl-C to stop", repository, server.grpc_url, server.http_url)
+        with ensemble_probe(server.grpc_url, tls, probe_timeout) if probe_interval > 0 else nullcontext() as probe:
+            return server.serve_forever(health_interval=health_interval, max_restarts=max_restarts, probe=probe,
+                                        probe_interval=probe_interval)
+    finally:
+        server.stop()  # a signal before serve_forever took over; a no-op after it
 
 
 @contextmanager
@@ -235,6 +300,12 @@ def ensemble_probe(url: str, tls: ServerTLS | None, timeout: float = PROBE_TIMEO
 
 
 ACCESS_KEY_ENV = "TRITONVISION_ACCESS_KEY"
+
+
+def _shm_namespace(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", text):
+        raise argparse.ArgumentTypeError(f"letters, digits and '-' only, got {text!r}")
+    return text
 
 
 def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
@@ -281,6 +352,10 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
                         f"over gRPC (default {PROBE_INTERVAL_S:.0f}; 0: none)")
     p.add_argument("--probe-timeout", type=float, default=PROBE_TIMEOUT_S,
                    help=f"seconds an inference probe may take (default {PROBE_TIMEOUT_S:.0f}); a shed probe counts as alive")
+    p.add_argument("--shm-prefix", default=SHM_NAMESPACE, type=_shm_namespace, metavar="NAME",
+                   help=f"the python backend's /dev/shm regions are named NAME_<pid>_<random>_...; a start removes "
+                        f"those of NAME's launchers that are gone, e.g. killed by SIGKILL or the OOM killer, never a "
+                        f"live one's (default {SHM_NAMESPACE})")
     p.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
                    help=f"restarts allowed within {RESTART_WINDOW_S / 60:.0f} minutes (default {MAX_RESTARTS}); one more "
                         "is a crash loop: serve stops with exit code 1, for systemd or Kubernetes to act on")
@@ -310,7 +385,8 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
             access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
             max_restarts=args.max_restarts, probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
-            allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, verbose=args.verbose,
+            allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, shm_namespace=args.shm_prefix,
+            verbose=args.verbose,
         )
     except KeyboardInterrupt:
         return 130
