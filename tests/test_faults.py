@@ -322,6 +322,37 @@ def test_a_restart_that_fails_is_not_taken_for_a_dead_stub(cpu_repository):
         assert server.running and server.unhealthy() is None
 
 
+@pytest.mark.parametrize("when", ["before the start", "while the models load"])
+def test_a_chosen_port_that_another_process_takes_is_exchanged_for_a_free_one(cpu_repository, photos, when):
+    """Ports left to the launcher are free when chosen; Triton binds them only once its models are loaded,
+    and another process (a client's outgoing connection, another test's server) may take one meanwhile.
+    Such a start goes on with other ports, where ports given explicitly fail as before."""
+    server = TritonServer(cpu_repository)
+    taken = server.grpc_port
+    squatter = socket.socket()
+
+    def squat():
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+
+    if when == "before the start":
+        squat()
+    else:
+        def when_spawned():
+            assert _wait(lambda: server.pid is not None, 60, interval=0.005)
+            squat()
+
+        thread = threading.Thread(target=when_spawned, daemon=True)
+        thread.start()
+    try:
+        with server:
+            assert server.grpc_port != taken and server.running
+            with tv.Classifier(server.grpc_url, timeout=60) as clf:
+                assert clf.classify(photos["chelsea"], top_k=1)
+    finally:
+        squatter.close()
+
+
 def test_a_server_that_died_is_restarted_on_the_same_ports(cpu_repository, photos):
     with TritonServer(cpu_repository) as server:
         port = server.grpc_port

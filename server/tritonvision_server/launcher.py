@@ -179,6 +179,9 @@ def listening_ports(pid: int) -> set[int] | None:
     return ports
 
 
+_PORTS = ("http_port", "grpc_port", "metrics_port")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -349,7 +352,8 @@ class ServerTLS:
 class TritonServer:
     """A ``tritonserver`` process serving ``model_repository``.
 
-    Ports default to free loopback ports; pass 8000/8001/8002 for the usual ones.
+    Ports default to free loopback ports (another free one if one is taken before Triton binds it); pass
+    8000/8001/8002 for the usual ones.
     """
 
     model_repository: Path
@@ -389,6 +393,8 @@ class TritonServer:
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
+        # Ports left to the launcher: another free one replaces one that is taken before the server binds it.
+        self._chosen_ports = {name for name in _PORTS if not getattr(self, name)}
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
@@ -474,6 +480,8 @@ class TritonServer:
         if self._proc is not None:
             raise RuntimeError("server already started")
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        if busy and self._choose_other_ports(busy):
+            busy = []
         if busy:
             raise PortInUseError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
                                    "(another server, or one left behind?); not starting")
@@ -486,19 +494,29 @@ class TritonServer:
         self._log_fh = open(self.log_file, "w") if self.log_file else None  # noqa: SIM115 - closed in stop()
         try:
             self._claim_shm()
-            try:
-                self._spawn()
-            except ServerStartError:
-                if not self._crashed_during_start():
-                    raise
-                # Seen once in hundreds of starts on a loaded machine: Triton 2.51 aborting in its gRPC event
-                # engine ("epoll_wait ... Bad file descriptor") before it was ready. A refused option or a
-                # model that fails to load exits with a code, not a signal, and is not retried.
-                log.warning("tritonserver died from signal %d during start-up; starting it once more. Last log "
-                            "lines:\n%s", -self._proc.returncode, self.log_tail(10))
-                self._kill()
-                self.cleanup_shm()
-                self._spawn()
+            crashes = clashes = 0
+            while True:
+                try:
+                    self._spawn()
+                    break
+                except ServerStartError:
+                    if self._crashed_during_start() and crashes < 1:
+                        # Seen once in hundreds of starts on a loaded machine: Triton 2.51 aborting in its gRPC
+                        # event engine ("epoll_wait ... Bad file descriptor") before it was ready. A refused
+                        # option or a model that fails to load exits with a code, not a signal: not retried.
+                        crashes += 1
+                        log.warning("tritonserver died from signal %d during start-up; starting it once more. Last "
+                                    "log lines:\n%s", -self._proc.returncode, self.log_tail(10))
+                    elif clashes < 3 and self._port_taken_during_start():
+                        clashes += 1
+                        log.warning("a port chosen for tritonserver was taken while its models loaded; starting it "
+                                    "on gRPC %d, HTTP %d, metrics %d", self.grpc_port, self.http_port,
+                                    self.metrics_port)
+                    else:
+                        raise
+                    self._kill()
+                    self.cleanup_shm()
+                    self._cmd = self.command(backend_dir)
         except BaseException:
             self.stop()
             raise
@@ -545,6 +563,22 @@ class TritonServer:
         # and its stubs keep their access.
         for path in self.leftover_shm():
             path.chmod(0o600)
+
+    def _choose_other_ports(self, busy: list[int]) -> bool:
+        """Replace the chosen ports among ``busy`` by free ones; False (nothing changed) if one of them was given."""
+        names = [name for name in _PORTS if getattr(self, name) in busy]
+        if not set(names) <= self._chosen_ports:
+            return False
+        for name in names:
+            setattr(self, name, free_port(self.host))
+        return True
+
+    def _port_taken_during_start(self) -> bool:
+        """Whether the server failed to bind a port that was ours to choose (now exchanged for a free one)."""
+        if not any("already in use" in line for line in list(self._log_tail)[-5:]):  # its last words
+            return False
+        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        return bool(busy) and self._choose_other_ports(busy)
 
     def _crashed_during_start(self) -> bool:
         """Whether the server process ended from a signal (SIGABRT, SIGSEGV) rather than exiting."""
