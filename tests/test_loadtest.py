@@ -354,14 +354,18 @@ def _children(pid: int, running: str) -> list[int]:
     return kids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_sweep_stopped_by_a_signal_stops_its_locust_and_server_and_leaves_nothing(tmp_path, sig):
     from tritonvision._transport._shm import leftover_files
 
     out, work = tmp_path / "sweep.json", tmp_path / "work"
     work.mkdir()
-    cmd = [sys.executable, str(SWEEP), "--variant", "light", "--users", "2", "--rounds", "1", "--seconds", "60",
-           "--user-class", "ShmUser", "--no-progress", "--out", str(out)]
+    # As from a terminal, Ctrl-C raises KeyboardInterrupt in the sweep even where this test runs with SIGINT
+    # ignored (a background job of a non-interactive shell, which its children inherit and Python keeps).
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    cmd = [sys.executable, "-c", start, str(SWEEP), "--variant", "light", "--users", "2", "--rounds", "1",
+           "--seconds", "60", "--user-class", "ShmUser", "--no-progress", "--out", str(out)]
     with sweep_in_flight(cmd, work) as proc:
         (locust_pid,) = _children(proc.pid, "locust")
         proc.send_signal(sig)
