@@ -210,6 +210,7 @@ def test_statistics_over_round_robin_count_every_server_once(tls_servers, pki, p
     assert min(served) >= 3, served  # both servers took part
     assert m.breakdown[spec.ENSEMBLE].requests == 12 and m.breakdown[spec.RESNET50].inferences == 12
     assert not m.breakdown.restarted and len(m.breakdown.servers) == 2
+    assert sorted(own[spec.ENSEMBLE].requests for own in m.breakdown.by_server.values()) == sorted(served)
 
     async def run():
         async with tv.AsyncClassifier(target, load_balancing="round_robin", tls_server_name="localhost",
@@ -228,9 +229,15 @@ def test_statistics_over_round_robin_count_every_server_once(tls_servers, pki, p
                  "--client-cert", str(pki / "client.crt"), "--header", f"{HEADER[0]}={HEADER[1]}", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["servers"]) == 2
+    assert len(out["servers"]) == 2 and set(out["by_server"]) == set(out["servers"])
     assert next(s for s in out["stages"] if s["model"] == spec.ENSEMBLE)["requests"] == sum(
         _ensemble_successes(s, pki) for s in tls_servers)
+    code = main(["stats", "--url", target, "--load-balancing", "round_robin", "--tls-server-name", "localhost",
+                 "--root-certificates", str(pki / "ca.crt"), "--client-key", str(pki / "client.key"),
+                 "--client-cert", str(pki / "client.crt"), "--header", f"{HEADER[0]}={HEADER[1]}", "--per-server"])
+    text = capsys.readouterr().out
+    assert code == 0 and "summed over 2 servers" in text
+    assert all(f"\nipv4:127.0.0.1:{s.grpc_port}\nmodel" in text for s in tls_servers), text
 
 
 @pytest.mark.slow

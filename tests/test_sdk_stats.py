@@ -97,6 +97,10 @@ def test_several_servers_are_differenced_one_by_one_then_summed():
     assert b.servers == ("a", "b", "c") and b.lost == ("d",)
     assert "summed over 3 servers" in b.table() and "not counted (no second snapshot): d" in b.table()
     assert b.to_dict()["lost"] == ["d"] and b.active().lost == ("d",)
+    # Each server's own figures too: which one is slow, which one gets no traffic.
+    assert {a: own[ENSEMBLE].requests for a, own in b.by_server.items()} == {"a": 10, "b": 2, "c": 4}
+    assert b.by_server["b"][ENSEMBLE].restarted and not b.by_server["a"][ENSEMBLE].restarted
+    assert b.to_dict()["by_server"]["c"][0]["requests"] == 4 and set(b.active().by_server) == {"a", "b", "c"}
     # Since the servers started: everything, nothing marked.
     assert not after.breakdown().restarted and after.breakdown()[ENSEMBLE].requests == 116
     # No server answered: the error, not an empty snapshot.

@@ -158,6 +158,9 @@ def _stats(args: argparse.Namespace) -> int:
         span = f"last {breakdown.seconds:.1f} s" if args.interval else "since the server started"
         print(f"Triton statistics at {args.url} ({span}); times are per request, in ms\n")
         print(breakdown.table())
+        if args.per_server:
+            for address, own in breakdown.by_server.items():
+                print(f"\n{address}\n{own.table()}")
     return EXIT_OK
 
 
@@ -322,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_timeout, default=None,
                    help="measure over this many seconds from now (default: everything since start-up)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--per-server", action="store_true",
+                   help="with --load-balancing round_robin: each server's table too (the JSON always has them)")
     p.add_argument("--timeout", type=_timeout, default=None)
     p.set_defaults(func=_stats)
 

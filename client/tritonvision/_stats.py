@@ -216,19 +216,26 @@ class Statistics:
                    {a: e.message for a, e in failed.items()})
 
     def __sub__(self, earlier: "Statistics") -> "Breakdown":
+        seconds = self.taken_at - earlier.taken_at
+        by_server: dict[str, Breakdown] = {}
         deltas: dict[str, list[tuple[ModelCounters, bool]]] = {}
         for address, models in self.servers.items():
             before_models = earlier.servers.get(address)
             # A server missing from a non-empty earlier snapshot joined since (or did not answer then).
             joined = before_models is None and bool(earlier.servers)
+            stages = []
             for name, now in models.items():
                 before = (before_models or {}).get(name, ModelCounters(name))
                 restarted = joined or now.went_back_from(before)
-                deltas.setdefault(name, []).append((now - (ModelCounters(name) if restarted else before), restarted))
+                delta = now - (ModelCounters(name) if restarted else before)
+                deltas.setdefault(name, []).append((delta, restarted))
+                stages.append(StageStats.from_delta(delta, restarted))
+            by_server[address] = Breakdown(_ordered(stages), seconds, servers=(address,))
         stages = [StageStats.from_delta(_summed([{name: d} for d, _ in parts])[name], any(r for _, r in parts))
                   for name, parts in deltas.items()]
-        return Breakdown(_ordered(stages), self.taken_at - earlier.taken_at, servers=tuple(self.servers),
-                         lost=tuple(a for a in earlier.servers if a not in self.servers))
+        return Breakdown(_ordered(stages), seconds, servers=tuple(self.servers),
+                         lost=tuple(a for a in earlier.servers if a not in self.servers),
+                         by_server=by_server if len(by_server) > 1 else {})
 
     def breakdown(self) -> "Breakdown":
         """Everything since the server started."""
@@ -267,6 +274,8 @@ class Breakdown:
     servers: tuple[str, ...] = ()
     #: servers in the first snapshot but not the second: what they served in between is missing
     lost: tuple[str, ...] = ()
+    #: each server's own figures, where several were summed (which pod is slow, which gets no traffic)
+    by_server: dict[str, "Breakdown"] = field(default_factory=dict)
 
     def __getitem__(self, model: str) -> StageStats:
         for s in self.stages:
@@ -282,7 +291,7 @@ class Breakdown:
     def active(self) -> "Breakdown":
         """Only the models that served requests in the interval, or started again during it."""
         return Breakdown([s for s in self.stages if s.requests or s.failures or s.restarted], self.seconds,
-                         self.servers, self.lost)
+                         self.servers, self.lost, {a: b.active() for a, b in self.by_server.items()})
 
     def table(self) -> str:
         header = "  ".join(fmt.replace(".2f", "").format(title) for title, fmt, _ in _COLUMNS)
@@ -300,5 +309,8 @@ class Breakdown:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "servers": list(self.servers), "lost": list(self.lost),
-                "stages": [s.to_dict() for s in self.stages]}
+        out = {"seconds": self.seconds, "servers": list(self.servers), "lost": list(self.lost),
+               "stages": [s.to_dict() for s in self.stages]}
+        if self.by_server:
+            out["by_server"] = {a: [s.to_dict() for s in b.stages] for a, b in self.by_server.items()}
+        return out
