@@ -114,6 +114,11 @@ def test_a_sweep_removes_only_what_owners_that_are_gone_left(tmp_path):
     live, dead = "tv_1_0000aaaa_", "tv_2_0000bbbb_"
     for name in (f"{live}r1", f"{dead}r1", f"{dead}r2", "tv_server_r1", "tv2_3_0000cccc_r1", "tv_client_4_x_0"):
         (tmp_path / name).write_bytes(b"x" * 8192)
+    # Each launcher's folder of python-backend links, named after its prefix, in the temporary directory.
+    temp = tmp_path / "tmp"
+    for owner in (live, dead):
+        (temp / f"tritonvision-backends-{owner}x1y2").mkdir(parents=True)
+        (temp / f"tritonvision-backends-{owner}x1y2" / "python").symlink_to(tmp_path)
     release_owner_lock(hold_owner_lock(dead, tmp_path), dead, tmp_path)  # an owner that stopped cleanly: no lock file
     (tmp_path / f"{dead.rstrip('_')}.lock").touch()  # one that was killed: its lock file, nobody holding it
     (tmp_path / "tv2_3_0000cccc.lock").touch()
@@ -124,18 +129,20 @@ def test_a_sweep_removes_only_what_owners_that_are_gone_left(tmp_path):
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        swept = sweep_dead_owners("tv", tmp_path)
+        swept = sweep_dead_owners("tv", tmp_path, temp)
         assert [(s.prefix, [p.name for p in s.files], s.stubs) for s in swept] == [(dead, [f"{dead}r1", f"{dead}r2"], ())]
         assert swept[0].bytes >= 2 * 8192
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
             [f"{live}r1", "tv_1_0000aaaa.lock", "tv_server_r1", "tv2_3_0000cccc_r1", "tv2_3_0000cccc.lock",
-             "tv_client_4_x_0"])
+             "tv_client_4_x_0", "tmp"])
+        assert [p.name for p in temp.iterdir()] == [f"tritonvision-backends-{live}x1y2"]
+        assert tmp_path.exists() and (tmp_path / f"{live}r1").exists()  # links removed, not followed
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
     # Its holder gone, however it ended, the live owner's files go at the next sweep.
-    assert [s.prefix for s in sweep_dead_owners("tv", tmp_path)] == [live]
-    assert not (tmp_path / f"{live}r1").exists()
+    assert [s.prefix for s in sweep_dead_owners("tv", tmp_path, temp)] == [live]
+    assert not (tmp_path / f"{live}r1").exists() and not list(temp.iterdir())
 
 
 def test_shm_prefix_is_a_plain_name():

@@ -180,6 +180,9 @@ def listening_ports(pid: int) -> set[int] | None:
 
 
 _PORTS = ("http_port", "grpc_port", "metrics_port")
+# A launcher's folder of links to the bundled python backend, named after its shared-memory prefix so that
+# the sweep of a launcher that is gone removes it too.
+BACKENDS_DIR_PREFIX = "tritonvision-backends-"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -254,11 +257,14 @@ def _stubs_of(prefix: str) -> list[int]:
     return stubs
 
 
-def sweep_dead_owners(namespace: str = SHM_NAMESPACE, shm_dir: Path = SHM_DIR) -> list[SweptOwner]:
+def sweep_dead_owners(namespace: str = SHM_NAMESPACE, shm_dir: Path = SHM_DIR,
+                      temp_dir: Path | None = None) -> list[SweptOwner]:
     """Remove the /dev/shm regions of launchers of ``namespace`` that are gone, after killing their orphaned
-    stubs; return what was removed. An owner is gone when its lock file can be locked: a live launcher holds
+    stubs, and their folders of python-backend links in ``temp_dir`` (default: the temporary directory);
+    return what was removed. An owner is gone when its lock file can be locked: a live launcher holds
     its lock whatever its pid namespace, and the kernel drops it when the launcher dies, however it dies.
     Regions without a lock file (the Helm chart's, an older launcher's) are never touched."""
+    temp_dir = Path(tempfile.gettempdir()) if temp_dir is None else temp_dir
     pattern = _lock_pattern(namespace)
     swept = []
     for lock in sorted(shm_dir.glob(f"{namespace}_*.lock")):
@@ -296,6 +302,8 @@ def sweep_dead_owners(namespace: str = SHM_NAMESPACE, shm_dir: Path = SHM_DIR) -
                     continue
                 files.append(path)
                 held += blocks * 512
+            for folder in temp_dir.glob(f"{BACKENDS_DIR_PREFIX}{prefix}*"):
+                shutil.rmtree(folder, ignore_errors=True)  # links only: removed, never followed
             lock.unlink(missing_ok=True)
             swept.append(SweptOwner(prefix, tuple(files), held, tuple(stubs)))
         finally:
@@ -487,7 +495,7 @@ class TritonServer:
                                    "(another server, or one left behind?); not starting")
         backend_dir = None
         if self.tritonserver is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="tritonvision-backends-")
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{BACKENDS_DIR_PREFIX}{self.shm_prefix}")
             backend_dir = _python_backend_dir(bundled_server_root(), Path(self._tmp.name))
         self._cmd = self.command(backend_dir)
         log.info("starting %s", " ".join(self._cmd))
