@@ -19,11 +19,13 @@ kills it, is recorded with the case's bytes, and a new worker goes on. The invar
 ``--profile gpu-torch`` fuzzes the gpu-torch profile's step instead (:func:`torch_pipeline.preprocess_runs`, on
 the CPU: libjpeg for JPEG where a GPU has nvJPEG, PIL for the other formats on both).
 
-Then, with ``--server N``, N of the cases (every fault, then the accepted ones, then a sample of the
-refused) go to the real cpu-profile server, each among three valid photos sent at once (one dynamic batch):
-the photos must classify as they do alone, the hostile image must fail alone with ``InvalidImageError``
-(or classify, where the decoder took it in process), the server must stay up, and the preprocess stub's
-RSS must stay under ``--rss-cap``.
+Then, with ``--server N``, N of the cases (every fault, each format's heaviest and slowest accepted case,
+then other accepted ones, then a sample of the refused) go to the real server of ``--profile`` (gpu-torch: its
+repository built for the CPU device, as ``tests/test_gpu_torch.py`` builds it, random seed-0 weights), each
+among three valid photos sent at once (one dynamic batch): the photos must classify as they do alone, the
+hostile image must fail alone with ``InvalidImageError`` and the refusal message (``image refused
+(header|decode): ...``), or classify where the step decoded it in process, the server must stay up, and
+every python-backend stub's RSS must stay under ``--rss-cap``.
 
 Prints a table per format and writes ``results/fuzz_images.json``; faulty inputs are written under
 ``--save-dir`` (``results/fuzz_images/``). Exits 1 when it found a fault.
@@ -39,6 +41,7 @@ import json
 import logging
 import multiprocessing
 import random
+import re
 import struct
 import sys
 import threading
@@ -629,47 +632,83 @@ def fuzz(cases: list[dict], args) -> None:
 
 
 def server_sample(cases: list[dict], n: int, rng: random.Random) -> list[dict]:
-    """Every fault, then the cases the header check accepted, then refused ones: ``n`` in all, in every format."""
+    """Every fault, then each format's costliest accepted cases (the heaviest and the slowest in process: what
+    tests the stubs' memory), then the other cases the header check accepted, then refused ones: ``n`` in all,
+    in every format."""
     faults = [c for c in cases if c["result"]["outcome"] == "fault"]
     accepted = [c for c in cases if c["result"]["outcome"] in ("decoded", "refused-decode")]
     refused = [c for c in cases if c["result"]["outcome"] == "refused-header"]
+    costliest = []
+    for fmt in sorted({c["format"] for c in accepted}):
+        group = [c for c in accepted if c["format"] == fmt]
+        for key in ("case_rss_mib", "step_seconds"):
+            top = max(group, key=lambda c: c["result"].get(key, 0.0))
+            if all(top is not c for c in costliest):
+                costliest.append(top)
+    accepted = [c for c in accepted if all(c is not t for t in costliest)]
     rng.shuffle(accepted)
     rng.shuffle(refused)
     picked = faults[:n]
+    picked += costliest[: max(0, n - len(picked))]
     picked += accepted[: max(0, (n - len(picked)) * 2 // 3)]
     picked += refused[: max(0, n - len(picked))]
     return picked[:n]
 
 
-def serve_pass(sample: list[dict], args) -> dict:
-    import tritonvision as tv
-    from tritonvision import sample_images, spec
+def serve_repository(profile: str) -> tuple[Path, str, float]:
+    """The repository the server pass serves for ``profile`` (gpu-torch: on the CPU device), its log file, and
+    its start-up timeout. The weights are the tests' (random, seed 0)."""
+    from tritonvision import spec
     from tritonvision_server.configs import write_repository
-    from tritonvision_server.launcher import TritonServer
+
+    if profile == "gpu-torch":
+        from tritonvision_server.build_engines import build_gpu_torch_repository
+
+        repo = build_gpu_torch_repository(BUILD / "model_repository_gpu_torch_cpu_fuzz", "random:0", device="cpu",
+                                          state_dict=BUILD / "resnet50_state_dict.pt")
+        return repo, "tritonserver_fuzz_gpu_torch.log", 240.0
     from tritonvision_server.onnx_export import export_onnx
 
     onnx = export_onnx(BUILD / "resnet50.onnx", "random:0")
-    repo = write_repository(spec.CPU, BUILD / "model_repository_cpu_fuzz", onnx_path=onnx)
+    return write_repository(spec.CPU, BUILD / "model_repository_cpu_fuzz", onnx_path=onnx), "tritonserver_fuzz.log", 120.0
+
+
+REFUSAL = re.compile(r"image refused \((header|decode)\): ")
+
+
+def serve_pass(sample: list[dict], args) -> dict:
+    import tritonvision as tv
+    from tritonvision import sample_images, spec
+    from tritonvision_server.launcher import TritonServer
+
+    repo, log_name, startup = serve_repository(args.profile)
     photos = [p.read_bytes() for p in sample_images()][:3]
-    report = {"cases": 0, "as_expected": 0, "faults": [], "photos_changed": 0}
-    with TritonServer(repo, log_file=BUILD / "tritonserver_fuzz.log") as server:
-        stub = next(pid for pid, cmd in server.stub_processes().items() if f"{spec.PREPROCESS}/1/model.py" in cmd)
-        idle = proc_status(stub, "VmRSS")["VmRSS"]
-        peak, stop = [idle], threading.Event()
+    report = {"profile": args.profile, "cases": 0, "as_expected": 0, "refused": 0, "classified": 0, "faults": [],
+              "photos_changed": 0}
+    with TritonServer(repo, log_file=BUILD / log_name, startup_timeout=startup) as server:
+        # Every python-backend stub in the server's process group (one per model instance): the preprocess
+        # ones read the hostile bytes; the others must not grow either.
+        stubs = server.stub_processes()
+        pre = {pid for pid, cmd in stubs.items() if f"{spec.PREPROCESS}/1/model.py" in cmd}
+        if not pre:
+            raise RuntimeError(f"no {spec.PREPROCESS} stub among {stubs}")
+        idle = {pid: proc_status(pid, "VmRSS")["VmRSS"] for pid in stubs}
+        peak, stop = dict(idle), threading.Event()
 
         def watch():
             while not stop.is_set():
-                try:
-                    peak[0] = max(peak[0], proc_status(stub, "VmRSS")["VmRSS"])
-                except OSError:
-                    return
+                for pid, value in peak.items():
+                    try:
+                        peak[pid] = max(value, proc_status(pid, "VmRSS")["VmRSS"])
+                    except OSError:
+                        pass
                 time.sleep(0.05)
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         started = time.monotonic()
         try:
-            with tv.Classifier(server.grpc_url, timeout=60) as clf:
+            with tv.Classifier(server.grpc_url, timeout=180) as clf:
                 reference = [clf.classify(p) for p in photos]
                 for case in sample:
                     expected = case["result"]["outcome"]
@@ -685,8 +724,10 @@ def serve_pass(sample: list[dict], args) -> dict:
                             problems.append(f"a valid photo in its batch got {res!r}"[:300])
                     if expected == "decoded" and not isinstance(got, list):
                         problems.append(f"decoded in process, refused by the server: {got!r}"[:300])
-                    if expected in ("refused-header", "refused-decode") and not isinstance(got, tv.InvalidImageError):
+                    if expected in ("refused-header", "refused-decode") and not (
+                            isinstance(got, tv.InvalidImageError) and REFUSAL.search(str(got))):
                         problems.append(f"refused in process ({expected}), server answered {got!r}"[:300])
+                    report["refused" if isinstance(got, tv.InvalidImageError) else "classified"] += 1
                     if not server.running:
                         problems.append("the server died")
                     if problems:
@@ -701,10 +742,24 @@ def serve_pass(sample: list[dict], args) -> dict:
             stop.set()
             watcher.join()
         report["seconds"] = time.monotonic() - started
-        report["stub_idle_mib"] = idle / MiB
-        report["stub_peak_mib"] = peak[0] / MiB
-        if peak[0] > args.rss_cap * MiB:
-            report["faults"].append({"problems": [f"preprocess stub RSS {peak[0] / MiB:.0f} MiB over the cap"]})
+        report["stubs"] = len(stubs)
+        report["stub_idle_mib"] = max(idle[pid] for pid in pre) / MiB
+        report["stub_peak_mib"] = max(peak[pid] for pid in pre) / MiB
+        after = {}
+        for pid in stubs:
+            try:
+                after[pid] = proc_status(pid, "VmRSS")["VmRSS"]
+            except OSError:
+                after[pid] = 0
+        report["stub_after_mib"] = max(after[pid] for pid in pre) / MiB  # what it kept once the pass was over
+        report["stubs_idle_total_mib"] = sum(idle.values()) / MiB
+        report["stubs_peak_total_mib"] = sum(peak.values()) / MiB
+        grown = {pid: (peak[pid] - idle[pid]) / MiB for pid in stubs if pid not in pre}
+        report["other_stubs_max_growth_mib"] = max(grown.values(), default=0.0)
+        over = [pid for pid in stubs if peak[pid] > args.rss_cap * MiB]
+        if over:
+            report["faults"].append({"problems": [f"stub {pid} ({stubs[pid][-60:]}) RSS {peak[pid] / MiB:.0f} MiB "
+                                                  f"over the {args.rss_cap} MiB cap" for pid in over]})
     return report
 
 
@@ -744,8 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=2500, help="cases in process (the seeds count among them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", choices=sorted(STEPS), default="cpu",
-                    help="whose preprocess step decodes in process (gpu-torch's runs on the CPU); the server pass "
-                         "is always the cpu profile's")
+                    help="whose preprocess step decodes in process and which profile the server pass serves "
+                         "(gpu-torch's runs on the CPU device)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds the preprocess step may take over a case (default: 10; 30 for gpu-torch, which "
                          "takes 10-12 s on 2 CPU cores for a 1 KB JPEG claiming 120 MP)")
@@ -756,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="RSS a case may add, per pixel of its header's size (default: 16; 32 for gpu-torch, whose "
                          "resize works on a float copy of the whole image)")
     ap.add_argument("--rss-slack", type=int, default=192, help="MiB any case may add")
-    ap.add_argument("--server", type=int, default=60, help="cases to send to the real cpu-profile server (0: none)")
+    ap.add_argument("--server", type=int, default=60, help="cases to send to the real server of --profile (0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "fuzz_images.json")
     ap.add_argument("--save-dir", type=Path, default=None,
                     help="where the bytes of faulty (and mismatched) cases are written (default: --out without .json)")
@@ -770,9 +825,6 @@ def main(argv: list[str] | None = None) -> int:
     args.rss_cap = args.rss_cap or (5120 if torch_profile else 3072)
     args.timeout = args.timeout or (30.0 if torch_profile else 10.0)
     args.bytes_per_pixel = args.bytes_per_pixel or (32.0 if torch_profile else 16.0)
-    if args.profile != "cpu" and args.server:
-        log.info("no server pass: the served profile here is the cpu one, whose decoder is not %s's", args.profile)
-        args.server = 0
     if args.save_dir is None:
         args.save_dir = args.out.with_suffix("")
     cases = make_cases(args.cases, args.seed)
@@ -811,10 +863,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'FAULT' if s['outcome'] == 'fault' else 'mismatch'} #{s['index']} {s['seed']} {'+'.join(s['mutations'])}:"
               f" {s.get('fault') or s.get('decoded')} -> {s['file']}")
     if server:
-        print(f"\nserver: {server['cases']} hostile cases each among 3 valid photos, {server['as_expected']} as expected,"
+        print(f"\n{server['profile']} server: {server['cases']} hostile cases each among 3 valid photos, {server['as_expected']} as expected,"
               f" {len(server['faults'])} faults, {server['photos_changed']} photos classified differently; alive after:"
-              f" {server['alive_after']}; preprocess stub RSS {server['stub_idle_mib']:.0f} MiB idle, "
-              f"{server['stub_peak_mib']:.0f} MiB peak; {server['seconds']:.0f} s")
+              f" {server['alive_after']}; {server['refused']} refused, {server['classified']} classified; preprocess stub RSS"
+              f" {server['stub_idle_mib']:.0f} MiB idle, {server['stub_peak_mib']:.0f} MiB peak,"
+              f" {server['stub_after_mib']:.0f} MiB after; all {server['stubs']}"
+              f" stubs {server['stubs_idle_total_mib']:.0f} -> {server['stubs_peak_total_mib']:.0f} MiB;"
+              f" {server['seconds']:.0f} s")
         for f in server["faults"]:
             print(f"  SERVER FAULT {f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,19 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path):
     assert sane(result), json.dumps(result)[:3000]
 
 
+def test_fuzz_images_serves_the_gpu_torch_profile_on_the_cpu(tmp_path):
+    # The server pass serves the profile fuzzed in process (gpu-torch on the CPU device), not the cpu one.
+    out = tmp_path / "fuzz_images_gpu_torch.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "fuzz_images.py"), "--profile", "gpu-torch", "--cases", "45",
+                           "--server", "12", "--no-progress", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    server = d["server"]
+    assert d["profile"] == server["profile"] == "gpu-torch" and server["cases"] == 12, json.dumps(d)[:3000]
+    assert not server["faults"] and server["alive_after"] and server["refused"] >= 1 and server["stubs"] >= 2, server
+
+
 def test_every_benchmark_script_is_covered():
     scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"machine", "perf_analyzer", "gpu_check", "gpu_torch"}
     assert scripts == set(CASES), "a benchmark without a smoke run here (or one listed that is gone)"
