@@ -19,7 +19,9 @@ from its start (marked ``restarted``); one that answered only the first snapshot
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -231,7 +233,7 @@ class Statistics:
                 deltas.setdefault(name, []).append((delta, restarted))
                 stages.append(StageStats.from_delta(delta, restarted))
             by_server[address] = Breakdown(_ordered(stages), seconds, servers=(address,))
-        stages = [StageStats.from_delta(_summed([{name: d} for d, _ in parts])[name], any(r for _, r in parts))
+        stages = [StageStats.from_delta(functools.reduce(operator.add, (d for d, _ in parts)), any(r for _, r in parts))
                   for name, parts in deltas.items()]
         return Breakdown(_ordered(stages), seconds, servers=tuple(self.servers),
                          lost=tuple(a for a in earlier.servers if a not in self.servers),

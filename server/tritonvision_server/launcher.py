@@ -487,7 +487,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self._proc is not None:
             raise RuntimeError("server already started")
-        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        busy = self._busy_ports()
         if busy and self._choose_other_ports(busy):
             busy = []
         if busy:
@@ -572,6 +572,10 @@ class TritonServer:
         for path in self.leftover_shm():
             path.chmod(0o600)
 
+    def _busy_ports(self) -> list[int]:
+        """This server's ports on which something already listens."""
+        return [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+
     def _choose_other_ports(self, busy: list[int]) -> bool:
         """Replace the chosen ports among ``busy`` by free ones; False (nothing changed) if one of them was given."""
         names = [name for name in _PORTS if getattr(self, name) in busy]
@@ -585,7 +589,7 @@ class TritonServer:
         """Whether the server failed to bind a port that was ours to choose (now exchanged for a free one)."""
         if not any("already in use" in line for line in list(self._log_tail)[-5:]):  # its last words
             return False
-        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        busy = self._busy_ports()
         return bool(busy) and self._choose_other_ports(busy)
 
     def _crashed_during_start(self) -> bool:
