@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= server,build,test,images,cli,loadtest,deploy
+EXTRAS ?= server,build,test,images,cli,loadtest,deploy,trace
 WEIGHTS ?= imagenet
 
 .PHONY: serve test install build gpu-configs bench loadtest clean dali-envs wheel-venv

@@ -1,5 +1,5 @@
-"""Access to the server's administrative protocols: shared-memory registration, the model repository and
-statistics need a header on a server started with an access key, which the SDK sends when given it; the
+"""Access to the server's administrative protocols: shared-memory registration, the model repository,
+statistics and the trace and log settings need a header on a server started with an access key, which the SDK sends when given it; the
 python backend's regions are private to the server's user; shared memory is refused for a remote server."""
 
 from __future__ import annotations
@@ -35,9 +35,21 @@ def test_keyed_server_refuses_shared_memory_and_statistics_without_the_key(keyed
         for call in (lambda: client.register_system_shared_memory("x", "/x", 64),
                      lambda: client.get_system_shared_memory_status(),
                      lambda: client.get_inference_statistics(),
-                     lambda: client.get_model_repository_index()):
+                     lambda: client.get_model_repository_index(),
+                     # Open, these would let any client trace every request or log verbosely.
+                     lambda: client.update_trace_settings(settings={"trace_rate": "1", "trace_level": ["TIMESTAMPS"]}),
+                     lambda: client.get_trace_settings(),
+                     lambda: client.update_log_settings({"log_verbose_level": 1}),
+                     lambda: client.get_log_settings()):
             with pytest.raises(InferenceServerException, match="restricted"):
                 call()
+
+
+def test_keyed_server_answers_trace_and_log_settings_with_the_key(keyed_server):
+    key = {f"triton-grpc-protocol-{KEY[0]}": KEY[1]}
+    with grpcclient.InferenceServerClient(keyed_server.grpc_url) as client:
+        assert "trace_rate" in client.get_trace_settings(headers=key, as_json=True)["settings"]
+        assert "log_verbose_level" in client.get_log_settings(headers=key, as_json=True)["settings"]
 
 
 def test_sdk_with_the_key_uses_shared_memory_and_statistics_on_a_keyed_server(keyed_server, photos):

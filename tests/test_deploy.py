@@ -320,7 +320,7 @@ def test_administrative_protocols_need_the_access_key_from_a_secret_by_default()
     assert len(restricted) == 2
     for arg in restricted:
         protocols, key = arg.split("=", 1)[1].split(":", 1)
-        assert set(protocols.split(",")) == {"shared-memory", "model-repository", "statistics"}
+        assert set(protocols.split(",")) == {"shared-memory", "model-repository", "statistics", "trace", "logging"}
         assert key == "tritonvision-admin=$(TRITONVISION_ACCESS_KEY_VALUE)"
     env = {e["name"]: e for e in c["env"]}
     secret = m["Secret"]
@@ -461,3 +461,31 @@ def test_server_image_targets_the_charts_release_and_refuses_random_weights():
     # No DALI serialisation at build time: the committed dali.py is built by the image's own DALI, and the
     # build checks that it can be.
     assert "build_engines.py dali --output model_repository" in dockerfile and "model.dali" not in dockerfile
+
+
+def test_tracing_exports_opentelemetry_spans_named_after_the_pod_when_enabled():
+    from tritonvision_server.launcher import RESTRICTED
+
+    # The chart restricts what the launcher restricts.
+    (grpc_arg,) = [a for a in server(render())["args"] if a.startswith("--grpc-restricted-protocol=")]
+    assert set(grpc_arg.split("=", 1)[1].split(":", 1)[0].split(",")) == set(RESTRICTED)
+    assert not any(a.startswith("--trace-config") for a in server(render())["args"])
+    url = "http://otel-collector.observability:4318/v1/traces"
+    m = render({"tracing": {"enabled": True, "url": url, "rate": 50,
+                            "resourceAttributes": {"deployment.environment": "prod"}}})
+    c = server(m)
+    trace = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--trace-config=")]
+    assert trace[:4] == ["mode=opentelemetry", "level=TIMESTAMPS", "rate=50", f"opentelemetry,url={url}"]
+    resources = dict(a.split("resource=", 1)[1].split("=", 1) for a in trace if ",resource=" in a)
+    assert resources == {"service.name": "tv-tritonvision", "k8s.namespace.name": "ml",
+                         "k8s.pod.name": "$(TRITONVISION_POD_NAME)", "deployment.environment": "prod"}
+    # $(TRITONVISION_POD_NAME) is expanded by the kubelet from the container's own environment.
+    env = {e["name"]: e for e in c["env"]}
+    assert env["TRITONVISION_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for doc in m.values():
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    # Without a collector, or with a value Triton would misread, the chart refuses to render.
+    for bad in ({"enabled": True}, {"enabled": True, "url": "otel:4318"}, {"enabled": True, "url": url, "rate": 0},
+                {"enabled": True, "url": url, "resourceAttributes": {"a": "b,c=d"}}):
+        with pytest.raises(Exception, match="tracing"):
+            render({"tracing": bad})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import logging
 import math
@@ -145,11 +146,12 @@ class _ClassifierBase:
         headers: Mapping[str, str] | None = None,
         load_balancing: str | None = None,
         tls_server_name: str | None = None,
+        trace: bool = False,
     ):
         self.connection = Connection.make(
             url, headers=with_access_key(headers, access_key), ssl=ssl, root_certificates=root_certificates,
             private_key=private_key, certificate_chain=certificate_chain, load_balancing=load_balancing,
-            tls_server_name=tls_server_name,
+            tls_server_name=tls_server_name, trace=trace,
         )
         self.url = self.connection.target
         self.timeout = checked_timeout(timeout)
@@ -197,7 +199,10 @@ class Classifier(_ClassifierBase):
     restricted protocols (shared-memory registration, statistics; ``tritonvision serve --access-key``,
     Triton's ``--grpc-restricted-protocol=...:<name>=<value>``): it is sent as the header
     ``triton-grpc-protocol-<name>``. ``tls_server_name``: the name the server's certificate carries, where
-    ``url`` is an address or a list of them.
+    ``url`` is an address or a list of them. ``trace=True`` (``tritonvision[trace]``) sends the caller's
+    current OpenTelemetry trace context with each call (a stream: the context where it opens; a retry: the
+    context of its first attempt), so a server exporting traces (``tritonvision serve --trace-url``) puts
+    its spans for the request and each ensemble step under the caller's span.
     """
 
     _transport_class = GrpcTransport
@@ -226,6 +231,7 @@ class Classifier(_ClassifierBase):
     def _submit(self, data: bytes, top_k: int, deadline: Deadline, callback, delays) -> None:
         """Send one image without blocking; ``callback(predictions, error)`` runs once, on another thread.
         Retries (on a timer thread) follow ``delays``."""
+        context = contextvars.copy_context()
 
         def done(preds, error):
             if error is None:
@@ -236,7 +242,8 @@ class Classifier(_ClassifierBase):
             except TritonVisionError as final:
                 callback(None, final)
                 return
-            timer = threading.Timer(wait, self._submit, (data, top_k, deadline, callback, delays))
+            # The retry runs in the first attempt's context (its trace context, with ``trace``).
+            timer = threading.Timer(wait, context.run, (self._submit, data, top_k, deadline, callback, delays))
             timer.daemon = True
             timer.start()
 

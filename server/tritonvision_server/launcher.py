@@ -80,8 +80,9 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # What stops a server in order: Ctrl-C, a supervisor (systemd, the kubelet), a terminal that hangs up.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # What an access key guards (Triton 2.51 names): registering shared memory (any /dev/shm key the server's
-# user can open), loading and unloading models, and statistics.
-RESTRICTED = ("shared-memory", "model-repository", "statistics")
+# user can open), loading and unloading models, statistics, and the trace and log settings (open, they let
+# any client trace every request or turn on verbose logging: load and disk for everyone).
+RESTRICTED = ("shared-memory", "model-repository", "statistics", "trace", "logging")
 STUB_COMM = "triton_python_"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 chars)
 
 # The python backend's shared-memory region, one per model instance, carries each dynamic batch's inputs and
@@ -356,6 +357,36 @@ class ServerTLS:
         return args
 
 
+@dataclass(frozen=True)
+class TraceExport:
+    """OpenTelemetry traces of requests, exported by Triton over OTLP/HTTP (JSON) to ``url`` (a collector's
+    ``http(s)://host:4318/v1/traces``): Triton's ``--trace-config mode=opentelemetry``, timestamps only (never
+    tensors: they would carry the images). A request is traced when its client sent a trace context
+    (``traceparent``, e.g. ``Classifier(trace=True)``), else one in every ``rate``. Each traced request
+    gives a span for the gRPC request, the ensemble, each step and each step's compute. ``resources``: the
+    spans' resource attributes (``service.name`` is ``tritonvision`` unless given)."""
+
+    url: str
+    rate: int = 1000
+    resources: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if not self.url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"the trace URL must be an OTLP/HTTP endpoint, http(s)://host:port/v1/traces, not {self.url!r}")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, int) or self.rate < 1:
+            raise ValueError(f"the trace rate must be an integer >= 1 (one request in every rate), not {self.rate!r}")
+        for key, value in self.resources:
+            if not key or "=" in key or "," in key + value:
+                raise ValueError(f"a trace resource attribute is KEY=VALUE without commas, not {key}={value}")
+
+    def args(self) -> list[str]:
+        resources = dict(self.resources)
+        resources.setdefault("service.name", "tritonvision")
+        return (["--trace-config=mode=opentelemetry", "--trace-config=level=TIMESTAMPS",
+                 f"--trace-config=rate={self.rate}", f"--trace-config=opentelemetry,url={self.url}"]
+                + [f"--trace-config=opentelemetry,resource={k}={v}" for k, v in resources.items()])
+
+
 @dataclass
 class TritonServer:
     """A ``tritonserver`` process serving ``model_repository``.
@@ -382,6 +413,7 @@ class TritonServer:
     # stay open. Triton 2.51's --grpc-restricted-protocol / --http-restricted-api.
     access_key: tuple[str, str] | None = None
     tls: ServerTLS | None = None
+    trace: TraceExport | None = None
     # Bytes of each python-backend instance's shared-memory region at start, and of each growth step (None:
     # Triton's defaults, 1 MiB each; ignored when extra_args set them). See PYTHON_SHM_REGION_BYTES.
     python_shm_bytes: int | None = PYTHON_SHM_REGION_BYTES
@@ -460,6 +492,8 @@ class TritonServer:
             cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         if self.tls is not None:
             cmd += self.tls.args()
+        if self.trace is not None:
+            cmd += self.trace.args()
         if self.grpc_request_pool is not None and not any(
                 a.startswith("--grpc-infer-allocation-pool-size") for a in self.extra_args):
             cmd.append(f"--grpc-infer-allocation-pool-size={self.grpc_request_pool}")

@@ -24,11 +24,15 @@ from .launcher import (
     PortInUseError,
     ServerStartError,
     ServerTLS,
+    TraceExport,
     TritonServer,
     which_tritonserver,
 )
 
 log = logging.getLogger("tritonvision.serve")
+
+# Requests traced without a client's trace context: one in this many (Triton's own default).
+TRACE_RATE = 1000
 
 # Seconds the watchdog's inference probe may take (a request queued behind a full batch on the CPU takes a
 # few; one the server sheds returns at once and counts as alive).
@@ -165,6 +169,23 @@ def client_shm_args(allow: bool, tritonserver: str | None) -> list[str]:
     return ["--allow-client-shm=true"]
 
 
+def _resource(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def trace_export(url: str | None, rate: int, resources: list[tuple[str, str]]) -> TraceExport | None:
+    """``serve``'s tracing flags as a :class:`TraceExport` (None without ``--trace-url``); ValueError for
+    flags that make no sense."""
+    if url is None:
+        if resources or rate != TRACE_RATE:
+            raise ValueError("--trace-rate and --trace-resource need --trace-url (the collector to export to)")
+        return None
+    return TraceExport(url, rate, tuple(resources))
+
+
 def _access_key(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
@@ -203,6 +224,7 @@ def serve(
     startup_timeout: float = 180.0,
     access_key: tuple[str, str] | None = None,
     tls: ServerTLS | None = None,
+    trace: TraceExport | None = None,
     demo: list[str] | None = None,
     health_interval: float = 1.0,
     max_restarts: int = MAX_RESTARTS,
@@ -220,6 +242,7 @@ def serve(
     accepts clients' shared memory; the bundled 2.51 does not know the flag (and needs none).
     ``torch_device``: gpu-torch only, ``cpu`` runs its PyTorch steps on the CPU (the override for machines
     without a GPU); with ``cuda`` and no GPU the exit code is 1, with the reason.
+    ``trace``: export OpenTelemetry traces (:class:`TraceExport`).
     """
     server_args = list(server_args) + client_shm_args(allow_client_shm, tritonserver)
     if profile == "gpu-torch":
@@ -246,6 +269,7 @@ def serve(
         log_verbose=1 if verbose else 0,
         access_key=access_key,
         tls=tls,
+        trace=trace,
         shm_namespace=shm_namespace,
     )
     try:
@@ -339,6 +363,14 @@ def parser(prog: str = "tritonvision serve") -> argparse.ArgumentParser:
     p.add_argument("--grpc-tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate (with --grpc-tls-key)")
     p.add_argument("--grpc-tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--grpc-tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--trace-url", metavar="URL",
+                   help="export OpenTelemetry traces to this OTLP/HTTP endpoint (http://collector:4318/v1/traces): "
+                        "a span for each request, the ensemble and each step; requests that carry a trace context "
+                        "(Classifier(trace=True)) are always traced")
+    p.add_argument("--trace-rate", type=int, default=TRACE_RATE, metavar="N",
+                   help=f"with --trace-url, also trace one in every N requests without a trace context (default {TRACE_RATE})")
+    p.add_argument("--trace-resource", type=_resource, action="append", default=[], metavar="KEY=VALUE",
+                   help="a resource attribute of the exported spans (repeatable; service.name defaults to tritonvision)")
     p.add_argument("--allow-client-shm", action="store_true",
                    help="let clients send images through system/CUDA shared memory on Triton 2.68+ (NGC 26.04+; "
                         "with --tritonserver); the bundled 2.51 needs no flag")
@@ -375,6 +407,7 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
         return 2
     try:
         client_shm_args(args.allow_client_shm, args.tritonserver)
+        trace = trace_export(args.trace_url, args.trace_rate, args.trace_resource)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -383,7 +416,7 @@ def main(argv: list[str] | None = None, prog: str = "tritonvision serve") -> int
             model_repository=args.model_repository, profile=args.profile, weights=args.weights, host=args.host,
             http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             tritonserver=args.tritonserver, server_args=args.server_arg, startup_timeout=args.startup_timeout,
-            access_key=args.access_key, tls=tls, demo=args.demo, health_interval=args.health_interval,
+            access_key=args.access_key, tls=tls, trace=trace, demo=args.demo, health_interval=args.health_interval,
             max_restarts=args.max_restarts, probe_interval=args.probe_interval, probe_timeout=args.probe_timeout,
             allow_client_shm=args.allow_client_shm, torch_device=args.torch_device, shm_namespace=args.shm_prefix,
             verbose=args.verbose,

@@ -2,6 +2,10 @@
 policy. :class:`Connection` holds these decisions (no I/O); :func:`open_channel` makes the channel that
 :mod:`._grpc` uses.
 
+With ``trace``, every call also carries the caller's current OpenTelemetry trace context (W3C
+``traceparent``/``tracestate``, read when the call starts), so the spans a tracing Triton exports for the
+request and each ensemble step join the caller's trace.
+
 Targets are ``host:port`` (port 8001, Triton's gRPC port, when none is given) or any gRPC target URI:
 ``dns:///name:port`` re-resolved by gRPC (a Kubernetes headless Service's name resolves to every ready
 pod), ``ipv4:10.0.0.1:8001,10.0.0.2:8001`` for a fixed list. With ``load_balancing="round_robin"`` gRPC
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Union
 
 import grpc
+
+from ..extras import require
 
 DEFAULT_PORT = 8001
 DEFAULT_URL = f"127.0.0.1:{DEFAULT_PORT}"
@@ -101,6 +107,7 @@ class Connection:
     headers: tuple[tuple[str, str], ...] = ()
     load_balancing: str | None = None
     tls_server_name: str | None = None
+    trace: bool = False
 
     @classmethod
     def make(
@@ -114,8 +121,12 @@ class Connection:
         headers: Mapping[str, str] | None = None,
         load_balancing: str | None = None,
         tls_server_name: str | None = None,
+        trace: bool = False,
     ) -> Connection:
         target, scheme_ssl = normalize_url(url)
+        if trace:  # fail where the client is made, not at its first call
+            for module in ("opentelemetry.trace", "opentelemetry.propagate"):
+                require(module, extra="trace", what="trace=True (sending the caller's trace context)")
         if load_balancing is not None and load_balancing not in LOAD_BALANCING:
             raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}, not {load_balancing!r}")
         if (private_key is None) != (certificate_chain is None):
@@ -135,7 +146,22 @@ class Connection:
             headers=pairs,
             load_balancing=load_balancing,
             tls_server_name=tls_server_name or None,
+            trace=bool(trace),
         )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call starting now: the headers, and with ``trace`` the current trace context.
+        Only a sampled span's context is sent: Triton traces every request that carries one, sampled or not,
+        so sending an unsampled context would trace what the caller chose not to."""
+        if not self.trace:
+            return self.headers
+        from opentelemetry import propagate, trace
+
+        if not trace.get_current_span().get_span_context().trace_flags.sampled:
+            return self.headers
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return self.headers + tuple((k.lower(), v) for k, v in carrier.items())
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.ssl:
@@ -193,13 +219,13 @@ def resolve(target: str) -> tuple[str | None, list[str]]:
 
 
 class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the connection's headers to every call on the channel."""
+    """Adds the connection's metadata (:meth:`Connection.metadata`) to every call on the channel."""
 
-    def __init__(self, headers: tuple[tuple[str, str], ...]):
-        self._headers = headers
+    def __init__(self, conn: Connection):
+        self._conn = conn
 
     def _details(self, details):
-        return details._replace(metadata=tuple(details.metadata or ()) + self._headers)
+        return details._replace(metadata=tuple(details.metadata or ()) + self._conn.metadata())
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
@@ -209,12 +235,13 @@ class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterce
 
 
 def open_channel(conn: Connection, aio: bool = False):
-    """The channel for every call to the server. Without headers no interceptor sits on the hot path."""
+    """The channel for every call to the server. Without headers or ``trace`` no interceptor sits on the hot
+    path."""
     module = grpc.aio if aio else grpc
     creds = conn.credentials()
     args = conn.channel_args()
     if aio:
-        # No interceptor here: the aio transport passes the headers as each call's metadata.
+        # No interceptor here: the aio transport passes Connection.metadata() with each call.
         return module.secure_channel(conn.target, creds, options=args) if creds else module.insecure_channel(conn.target, options=args)
     channel = grpc.secure_channel(conn.target, creds, options=args) if creds else grpc.insecure_channel(conn.target, options=args)
-    return grpc.intercept_channel(channel, _Metadata(conn.headers)) if conn.headers else channel
+    return grpc.intercept_channel(channel, _Metadata(conn)) if conn.headers or conn.trace else channel

@@ -328,8 +328,12 @@ class AsyncGrpcTransport:
         self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._closed = False
-        # The connection's headers go with every call as its metadata (see open_channel).
-        self._metadata = self.connection.headers or None
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """A call's metadata, made as it starts: the headers, and the current trace context with ``trace``
+        (see open_channel)."""
+        return self.connection.metadata() or None
 
     @property
     def _stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
