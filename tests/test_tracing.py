@@ -70,9 +70,9 @@ class _Span:
 
 def _sent(collector, span: _Span, count: int) -> tuple[list[dict], list[dict]]:
     """The gRPC request spans of ``count`` requests sent since the collector was cleared, once all are in:
-    (those under ``span``, those Triton started a trace of its own for). Triton 2.51 loses the client's
-    context of a few gRPC requests (measured: 11 of 232; over HTTP 0 of 40) and traces those as roots, at
-    its rate."""
+    (those under ``span``, those Triton started a trace of its own for). Triton loses the client's context
+    of a few gRPC requests (measured: 11 of 232; over HTTP 0 of 40: its gRPC handler reads the metadata value
+    as a C string, README, Tracing) and traces those as roots, at its rate."""
 
     def requests(spans):
         return [s for s in spans if s["name"] == "InferRequest"]
