@@ -46,6 +46,10 @@ CASES = {
                             and {"fp16", "int8"} <= set(d["results"])),
     "queue_stall": (["--concurrency", "2", "--seconds", "2", "--rounds", "1"], "--out",
                     lambda d: _positive(d["summary"], "throughput")),
+    "trace_cost": (["--concurrency", "2", "--seconds", "1", "--rounds", "1"], "--output",
+                   lambda d: _positive(d["summary"], "throughput")
+                   and [(s["variant"], s["spans"] > 0) for s in d["summary"] if s["variant"] != "rate1000"]
+                   == [("off", False), ("every", True)]),
     "validate_ceiling": (["--instances", "1", "--concurrency", "1", "--seconds", "1", "--images", "35KB"], "--output",
                          lambda d: _positive(d["rows"], "throughput")),
 }
