@@ -959,7 +959,10 @@ def test_readme_sdk_and_cli_block_runs_against_the_served_cpu_profile(grpc_url, 
     stats_proc = subprocess.Popen([str(exe), *argv[1:]], cwd=quickstart_dir, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "TRITONVISION_URL": grpc_url})
     try:
-        assert "measuring for 3 s" in stats_proc.stderr.readline()  # its first snapshot is taken: send traffic
+        seen = []
+        while not any("measuring for 3 s" in line for line in seen):  # its first snapshot is taken: send traffic
+            seen.append(stats_proc.stderr.readline())
+            assert seen[-1], f"stats ended before measuring: {seen}"
         from tritonvision import Classifier
 
         with Classifier(grpc_url, timeout=60) as clf:
