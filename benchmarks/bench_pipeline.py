@@ -127,7 +127,8 @@ def measure(pipelines, rounds: int, n_latency: int, n_throughput: int) -> dict:
     return figures
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-requests", type=int, default=40)
     ap.add_argument("--throughput-images", type=int, default=160)
@@ -136,6 +137,11 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default="random:0", help="weights of the benchmarked model (speed does not depend on them)")
     ap.add_argument("--output", type=Path, default=ROOT / "results" / "bench_pipeline.json")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

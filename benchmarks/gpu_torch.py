@@ -352,7 +352,8 @@ def print_table(result: dict) -> None:
         print(f"ERROR {e}")
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     ap.add_argument("--seconds", type=float, default=None, help="measured window per point (default 1.0; smoke 0.2)")
@@ -364,6 +365,11 @@ def main(argv=None) -> int:
                     help="folder holding perf_analyzer 2.51 (default: extracted from the tritonclient 2.51.0 wheel)")
     ap.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", ROOT / "results")) / "gpu_torch.json")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -424,11 +424,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tritonvision import sample_images
+def _variants(text: str) -> str:
+    unknown = set(text.split(",")) - set(VARIANTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    return text
 
+
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default="shed,no-admission", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="shed,no-admission", type=_variants,
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every variant, in alternating order")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the overload phase")
     ap.add_argument("--factor", type=float, default=3.0, help="offered load as a multiple of the measured capacity")
@@ -439,12 +447,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "overload.json")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tritonvision import sample_images
+
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        ap.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     image = next(p for p in sample_images() if p.name == "chelsea.jpg").read_bytes()
     results = []
     for round_ in range(1, args.rounds + 1):

@@ -109,7 +109,8 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="random:0", help="random[:SEED] (default random:0) | imagenet | PATH")
     ap.add_argument("--images", type=Path, help="held images (default: samples, scikit-image photos and variants)")
@@ -118,6 +119,11 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="make the ONNX files again")
     ap.add_argument("--output", type=Path, default=ROOT / "results" / "precision_agreement.json")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

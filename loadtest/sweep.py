@@ -615,86 +615,89 @@ def _stop(signum, _frame) -> None:
     raise Stopped(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ints(least: int):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        bad = [v for v in values if v < least]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]} is below {least}")
+        twice = [v for v in values if values.count(v) > 1]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]} is given twice")
+        return values
+    return parse
+
+
+def _sizes(text: str) -> list[tuple[int, ...]]:
+    try:
+        values = [tuple(int(b) for b in p.split("/")) if p != "none" else () for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 8/16,none") from None
+    if any(b < 1 for v in values for b in v):
+        raise argparse.ArgumentTypeError("batch sizes are at least 1")
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError("a list of sizes is given twice")
+    return values
+
+
+def _number(least: float, *, above: bool = False, most: float | None = None, kind=float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        too_big = most is not None and value > most
+        if not math.isfinite(value) or value < least or (above and value == least) or too_big:
+            bounds = f"{'above' if above else 'at least'} {least:g}"
+            bounds += f" and at most {most:g}" if most is not None else ""
+            raise argparse.ArgumentTypeError(f"{text} is not {bounds}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """The sweep's command line (main() checks what needs more than argparse: a server at --url, images)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    def ints(least: int):
-        def parse(text: str) -> list[int]:
-            try:
-                values = [int(x) for x in text.split(",")]
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-            bad = [v for v in values if v < least]
-            if bad:
-                raise argparse.ArgumentTypeError(f"{bad[0]} is below {least}")
-            twice = [v for v in values if values.count(v) > 1]
-            if twice:
-                raise argparse.ArgumentTypeError(f"{twice[0]} is given twice")
-            return values
-        return parse
-
-    def sizes(text: str) -> list[tuple[int, ...]]:
-        try:
-            values = [tuple(int(b) for b in p.split("/")) if p != "none" else () for p in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 8/16,none") from None
-        if any(b < 1 for v in values for b in v):
-            raise argparse.ArgumentTypeError("batch sizes are at least 1")
-        if len(set(values)) < len(values):
-            raise argparse.ArgumentTypeError("a list of sizes is given twice")
-        return values
-
-    def number(least: float, *, above: bool = False, most: float | None = None, kind=float):
-        def parse(text: str):
-            try:
-                value = kind(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-            too_big = most is not None and value > most
-            if not math.isfinite(value) or value < least or (above and value == least) or too_big:
-                bounds = f"{'above' if above else 'at least'} {least:g}"
-                bounds += f" and at most {most:g}" if most is not None else ""
-                raise argparse.ArgumentTypeError(f"{text} is not {bounds}")
-            return value
-        return parse
-
-    from tritonvision import spec
-
     ap.add_argument("--url", help="load this running server (gRPC host:port) instead of starting one")
     ap.add_argument("--variant", choices=("real", "light"), default="real",
                     help="the server the sweep starts: the real cpu profile (default) or the light variant "
                          "(trivial compute: where the client and transport saturate, not the model)")
-    ap.add_argument("--users", type=ints(1), default=[1, 2, 4, 8],
+    ap.add_argument("--users", type=_ints(1), default=[1, 2, 4, 8],
                     help="concurrent Locust users (each one request in flight)")
-    ap.add_argument("--queue-delay-us", type=ints(0), default=[spec.CPU.resnet50.batching.max_queue_delay_us],
+    ap.add_argument("--queue-delay-us", type=_ints(0), default=[spec.CPU.resnet50.batching.max_queue_delay_us],
                     help="resnet50 max queue delays")
-    ap.add_argument("--instances", type=ints(1), default=[spec.CPU.resnet50.instances], help="resnet50 instance counts")
-    ap.add_argument("--pre-instances", type=ints(1), default=[spec.CPU.preprocess.instances],
+    ap.add_argument("--instances", type=_ints(1), default=[spec.CPU.resnet50.instances],
+                    help="resnet50 instance counts")
+    ap.add_argument("--pre-instances", type=_ints(1), default=[spec.CPU.preprocess.instances],
                     help="preprocess instance counts")
-    ap.add_argument("--max-batch", type=ints(1), default=[spec.CPU.max_batch_size],
+    ap.add_argument("--max-batch", type=_ints(1), default=[spec.CPU.max_batch_size],
                     help="max batch size of both steps and the ensemble (each value restarts the server)")
-    ap.add_argument("--preferred", type=sizes, default=[spec.CPU.resnet50.batching.preferred_batch_sizes],
+    ap.add_argument("--preferred", type=_sizes, default=[spec.CPU.resnet50.batching.preferred_batch_sizes],
                     help="preferred batch sizes of both steps: 8/16,none compares (8, 16) with none (Triton then "
                          "prefers the max batch size)")
-    ap.add_argument("--rounds", type=number(1, kind=int), default=3,
+    ap.add_argument("--rounds", type=_number(1, kind=int), default=3,
                     help="interleaved rounds; each point is measured once per round")
-    ap.add_argument("--tolerance", type=number(0), default=0.10,
+    ap.add_argument("--tolerance", type=_number(0), default=0.10,
                     help="flag a point UNSTABLE when its rounds' throughput or budget percentile differ by more "
                          "than this fraction of the median")
-    ap.add_argument("--budget-ms", type=number(0, above=True),
+    ap.add_argument("--budget-ms", type=_number(0, above=True),
                     help="latency budget: recommend the best point within it")
     ap.add_argument("--percentile", choices=PERCENTILES, default="p99", help="the percentile the budget applies to")
-    ap.add_argument("--knee-fraction", type=number(0, above=True, most=1), default=0.9,
+    ap.add_argument("--knee-fraction", type=_number(0, above=True, most=1), default=0.9,
                     help="the knee: the fewest users reaching this fraction of the configuration's peak throughput")
     ap.add_argument("--user-class", default="UnaryUser", choices=tuple(KINDS))
-    ap.add_argument("--stream-in-flight", type=number(1, kind=int), default=4)
+    ap.add_argument("--stream-in-flight", type=_number(1, kind=int), default=4)
     ap.add_argument("--images", type=Path, default=Path(os.environ.get("TRITONVISION_IMAGES") or _samples()),
                     help="image file or folder the users send, round-robin, and perf_analyzer too (default: the "
                          "SDK's sample photos; env TRITONVISION_IMAGES)")
-    ap.add_argument("--bad-image-every", type=number(0, kind=int), default=0,
+    ap.add_argument("--bad-image-every", type=_number(0, kind=int), default=0,
                     help="a corrupt image every N requests (0: none; 1 would leave nothing to measure)")
-    ap.add_argument("--seconds", type=number(0, above=True), default=15.0, help="measured seconds per point and round")
-    ap.add_argument("--warmup", type=number(0), default=2.0, help="seconds of each run left out of the figures")
+    ap.add_argument("--seconds", type=_number(0, above=True), default=15.0, help="measured seconds per point and round")
+    ap.add_argument("--warmup", type=_number(0), default=2.0, help="seconds of each run left out of the figures")
     ap.add_argument("--perf-analyzer", nargs="?", const="", metavar="BINARY",
                     help="also measure each point with perf_analyzer (default: the tritonclient 2.51.0 wheel's, "
                          "extracted under build/bench)")
@@ -704,6 +707,11 @@ def main(argv: list[str] | None = None) -> int:
                          "tolerance or knee fraction) and write --out")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -156,7 +156,7 @@ def _stats(args: argparse.Namespace) -> int:
         print()
     else:
         span = f"last {breakdown.seconds:.1f} s" if args.interval else "since the server started"
-        print(f"Triton statistics at {args.url} ({span}); times are per request, in ms\n")
+        print(f"Triton statistics at {normalize_url(args.url)[0]} ({span}); times are per request, in ms\n")
         print(breakdown.table())
         if args.per_server:
             for address, own in breakdown.by_server.items():
