@@ -1,21 +1,19 @@
 """The pixel budget of the gpu profile's DALI batches, in the real (bundled) Triton server.
 
 Triton 2.51 has no DALI backend, so ``preprocess`` is a python-backend stand-in with the generated config
-(backend switched to python, CPU instances, no DALI warm-up): the budget is enforced by Triton's batcher
-through the compiled batching strategy (``batchstrategy.so``), before any backend sees the batch, so the
-stand-in receives the batches DALI would. It records each batch's pixel counts (one sum per request) and
-takes 0.3 s a batch, so that requests queue behind its two busy instances as they would behind DALI under
-load. ``validate`` (the real step) and a light ``resnet50`` complete the gpu ensemble; clients send to
+(``configs.write_batch_recorder_repository``): the budget is enforced by Triton's batcher through the
+compiled batching strategy (``batchstrategy.so``), before any backend sees the batch, so the stand-in
+receives the batches DALI would. It records each batch's pixel counts (one sum per request) and takes 0.3 s
+a batch, so that requests queue behind its two busy instances as they would behind DALI under load.
+``validate`` (the real step) and a light ``resnet50`` complete the gpu ensemble; clients send to
 ``classifier``. The same burst against the same repository without the library is the control. First, the parts that need
 no server: the spec's rules for a budget, the generated configs, and ``build_engines.py batcher``.
 """
 
 from __future__ import annotations
 
-import json
 import queue
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import pytest
 from image_helpers import png_claiming
 from tritonvision import spec
 from tritonvision_server import batchstrategy, configs
-from tritonvision_server.configs import mc, text_format
+from tritonvision_server.configs import mc
 
 BUDGET = spec.GPU.max_batch_pixels
 EXECUTE_SECONDS = 0.3
@@ -34,68 +32,6 @@ HUGE = (10954, 10954)  # 120.0 MP, just under max_pixels: four fill a batch
 LARGE = (8000, 6000)  # 48 MP
 PHOTO = (2000, 1500)  # 3 MP
 FULL_BATCH_PHOTO = (2500, 1500)  # 3.75 MP: 128 of them are exactly the budget
-
-_STANDIN = '''# A stand-in for the DALI preprocess step: records the pixel counts of each batch it gets, answers zeros.
-import json
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        self.log, self.seconds = params["batch_log"], float(params["execute_seconds"])
-        out = config["output"][0]
-        self.name, self.dims = out["name"], [int(d) for d in out["dims"]]
-        self.dtype = pb_utils.triton_string_to_numpy(out["data_type"])
-
-    def execute(self, requests):
-        counts = [pb_utils.get_input_tensor_by_name(r, "{pixel_count}").as_numpy() for r in requests]
-        with open(self.log, "a") as f:
-            f.write(json.dumps([int(c.sum()) for c in counts]) + "\\n")
-        time.sleep(self.seconds)
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.name, np.zeros([len(c), *self.dims], self.dtype))])
-                for c in counts]
-'''
-
-
-def _write_repository(dest: Path, library: Path | None) -> Path:
-    models = configs.configs(spec.GPU)
-    pre = models[spec.PREPROCESS]
-    pre.backend = "python"
-    pre.ClearField("default_model_filename")
-    del pre.model_warmup[:]
-    pre.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
-    # Two cores run every step here: a queue timeout of a GPU host's pace would refuse what merely waits.
-    pre.dynamic_batching.default_queue_policy.default_timeout_microseconds = 60_000_000
-    pre.parameters["batch_log"].string_value = str(dest / "batches.jsonl")
-    pre.parameters["execute_seconds"].string_value = str(EXECUTE_SECONDS)
-    resnet = models[spec.RESNET50]
-    resnet.ClearField("platform")
-    resnet.ClearField("default_model_filename")
-    resnet.ClearField("optimization")
-    resnet.backend = "python"
-    for step in (resnet, models[spec.VALIDATE]):
-        step.instance_group[0].count = 1
-        step.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
-        step.dynamic_batching.default_queue_policy.default_timeout_microseconds = 60_000_000
-    labels = "\n".join(f"class_{i}" for i in range(spec.NUM_CLASSES)) + "\n"
-    for name, cfg in models.items():
-        (dest / name / "1").mkdir(parents=True, exist_ok=True)
-        (dest / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
-    for name in (spec.ENSEMBLE, spec.RESNET50):
-        (dest / name / configs.LABELS_FILE).write_text(labels)
-    (dest / spec.VALIDATE / "1" / "model.py").write_text(
-        configs._BACKEND_STUB.format(module="tritonvision_server.backends.validate"))
-    (dest / spec.RESNET50 / "1" / "model.py").write_text(configs._LIGHT_STUB.format(cls="LightResNet50"))
-    (dest / spec.PREPROCESS / "1" / "model.py").write_text(_STANDIN.replace("{pixel_count}", spec.PIXEL_COUNT.name))
-    if library is not None:
-        shutil.copyfile(library, batchstrategy.library_path(dest))
-    return dest
-
 
 # --- spec, configs, build --------------------------------------------------------------------------------
 
@@ -168,19 +104,18 @@ def test_batcher_subcommand_reports_the_compilers_own_error(tmp_path, caplog):
 
 class _Served:
     def __init__(self, server, repo: Path):
-        self.server, self.log = server, repo / "batches.jsonl"
+        self.server, self.repo = server, repo
 
     def batches(self) -> list[list[int]]:
         """Each batch preprocess ran since the last call: the pixel count of each of its requests."""
-        lines = self.log.read_text().splitlines() if self.log.exists() else []
-        self.log.write_text("")
-        return [json.loads(line) for line in lines]
+        return configs.read_batch_log(self.repo)
 
 
 def _serve(tmp_path_factory, name: str, library: Path | None):
     from tritonvision_server.launcher import TritonServer
 
-    repo = _write_repository(tmp_path_factory.mktemp(name), library)
+    repo = configs.write_batch_recorder_repository(tmp_path_factory.mktemp(name), library=library,
+                                                   execute_seconds=EXECUTE_SECONDS)
     return TritonServer(repo, log_file=repo / "tritonserver.log"), repo
 
 

@@ -6,6 +6,7 @@ Each ``config.pbtxt`` is built as a ``model_config_pb2.ModelConfig`` message and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -371,3 +372,61 @@ def write_light_repository(dest: Path, profile: Profile | None = None, *, min_in
     (dest / PREPROCESS / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightPreprocess"))
     (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
     return dest
+
+
+_RECORDER_STUB = """# The batch recorder (configs.write_batch_recorder_repository): a stand-in for the DALI preprocess step.
+from tritonvision_server.backends.batch_recorder import BatchRecorder as TritonPythonModel  # noqa: F401
+"""
+BATCH_LOG_FILE = "batches.jsonl"
+
+
+def write_batch_recorder_repository(dest: Path, *, library: Path | None = None, execute_seconds: float = 0.3,
+                                    queue_timeout_us: int = 60_000_000) -> Path:
+    """The gpu profile's ensemble on the bundled server, for the pixel budget: the real ``validate`` (one
+    instance), :mod:`.backends.batch_recorder` as ``preprocess`` with the generated config (backend switched
+    to python, CPU instances, no DALI warm-up; it logs each batch's pixel counts to ``dest/batches.jsonl``),
+    and :mod:`.backends.light`'s ResNet-50 (one instance). ``library``: the compiled batching strategy, put
+    where Triton finds it (None: served without it). Each step's queue timeout is ``queue_timeout_us``: two
+    shared cores run all of it, and a GPU host's timeout would refuse what merely waits."""
+    from .batchstrategy import library_path
+
+    dest = Path(dest)
+    profile = spec.GPU
+    models = configs(profile)
+    pre, resnet, validate = models[PREPROCESS], models[RESNET50], models[VALIDATE]
+    pre.backend = "python"
+    pre.ClearField("default_model_filename")
+    del pre.model_warmup[:]
+    _parameters(pre, batch_log=dest / BATCH_LOG_FILE, execute_seconds=execute_seconds)
+    resnet.ClearField("platform")
+    resnet.ClearField("default_model_filename")
+    resnet.ClearField("optimization")
+    resnet.backend = "python"
+    for step in (pre, resnet, validate):
+        step.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
+        step.dynamic_batching.default_queue_policy.default_timeout_microseconds = queue_timeout_us
+    resnet.instance_group[0].count = validate.instance_group[0].count = 1
+    label_text = "\n".join(f"class_{i}" for i in range(spec.NUM_CLASSES)) + "\n"
+    for name, cfg in models.items():
+        (dest / name / "1").mkdir(parents=True, exist_ok=True)
+        (dest / name / "config.pbtxt").write_text(_header(profile, name) + text_format.MessageToString(cfg))
+    for name in (ENSEMBLE, RESNET50):
+        (dest / name / LABELS_FILE).write_text(label_text)
+    (dest / VALIDATE / "1" / "model.py").write_text(_BACKEND_STUB.format(module="tritonvision_server.backends.validate"))
+    (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
+    (dest / PREPROCESS / "1" / "model.py").write_text(_RECORDER_STUB)
+    lib = library_path(dest)
+    if library is not None:
+        shutil.copyfile(library, lib)
+    else:
+        lib.unlink(missing_ok=True)
+    return dest
+
+
+def read_batch_log(repository: Path, *, clear: bool = True) -> list[list[int]]:
+    """The batches the recorder ran (each: the pixel count of each of its requests), and the log cleared."""
+    log_file = Path(repository) / BATCH_LOG_FILE
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    if clear:
+        log_file.write_text("")
+    return [json.loads(line) for line in lines]
