@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SOURCE = "pixel_budget.c"
 # Triton looks for a library of this name in the model's version folder, then the model folder, then the
 # backend folder (core r24.10 to r26.06, TritonModel::Create). The model config parameter
-# TRITON_BATCH_STRATEGY_PATH is not used: since 26.02 Triton refuses one outside the model repository, and
+# TRITON_BATCH_STRATEGY_PATH is not used: from 26.06 Triton refuses one outside the model repository, and
 # the default search needs no path.
 BATCH_STRATEGY_FILE = "batchstrategy.so"
 # preprocess's config parameter that the library reads: the budget in decoded pixels.
