@@ -6,7 +6,7 @@ ceiling must sit above that. This serves the ``validate`` model alone from the g
 perf_analyzer 2.51 (a C++ client, so the client costs the shared cores little), and divides the requests
 Triton counted by the CPU time the server and its stub processes used over the same interval: requests per
 CPU-second, which holds on a shared machine where wall-clock throughput does not. In the same run, turn by
-turn: ``shipped`` (the model as served: a one-byte verdict), ``passthrough`` (the accepted image itself as
+turn: ``shipped`` (the model as served: each image's pixel count, 8 bytes), ``passthrough`` (the accepted image itself as
 the output, copied back out of the stub, as validate once did) and ``noop`` (the floor of any python-backend
 step: the input arrives, a byte leaves, nothing is read), for a 35 KB photo and a 3 MB 12-megapixel one. Prints a table, writes ``results/validate_ceiling.json``.
 
@@ -34,7 +34,7 @@ from machine import hardware  # noqa: E402
 log = logging.getLogger("validate_ceiling")
 BUILD = ROOT / "build" / "bench" / "validate"
 
-# What validate did before the verdict: the accepted image itself was the output, copied back out of the stub.
+# What validate did before it answered with pixel counts: the accepted image itself was the output, copied back out of the stub.
 PASSTHROUGH_MODEL = '''
 import triton_python_backend_utils as pb_utils
 
@@ -52,11 +52,11 @@ class TritonPythonModel:
             except InvalidImage as exc:
                 responses.append(error_response(str(exc)))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("ACCEPTED", rows)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PIXEL_COUNT", rows)]))
         return responses
 '''
 
-# The floor of any python-backend step: the input reaches the stub, a one-byte answer leaves, nothing is read.
+# The floor of any python-backend step: the input reaches the stub, an 8-byte answer leaves, nothing is read.
 NOOP_MODEL = '''
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -64,7 +64,7 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("ACCEPTED", np.ones((1, 1), np.uint8))]) for _ in requests]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("PIXEL_COUNT", np.ones((1, 1), np.int64))]) for _ in requests]
 '''
 
 
@@ -96,6 +96,7 @@ def repository(variant: str, instances: int) -> Path:
     cfg = configs.validate_config(profile)
     if variant == "passthrough":
         cfg.output[0].dims[:] = [-1]
+        cfg.output[0].data_type = configs.mc.TYPE_UINT8
     dest = BUILD / f"repo_{variant}"
     (dest / spec.VALIDATE / "1").mkdir(parents=True, exist_ok=True)
     (dest / spec.VALIDATE / "config.pbtxt").write_text(text_format.MessageToString(cfg))
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=5.0, help="perf_analyzer measurement window")
     ap.add_argument("--variants", default="shipped,passthrough,noop",
-                    help="shipped (the verdict), passthrough (the image back out), noop (the hop's floor)")
+                    help="shipped (the pixel counts), passthrough (the image back out), noop (the hop's floor)")
     ap.add_argument("--images", default="", help="only these image sizes (35KB, 3.1MB); default both")
     ap.add_argument("--output", type=Path, default=ROOT / "results" / "validate_ceiling.json")
     ap.add_argument("-v", "--verbose", action="store_true")

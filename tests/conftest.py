@@ -64,6 +64,18 @@ def onnx_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def batch_strategy() -> Path:
+    """The gpu profile's pixel-budget batching strategy, compiled here (a C compiler is part of the test
+    environment: without one this fails with what to install, it is not skipped)."""
+    from tritonvision_server import batchstrategy
+
+    try:
+        return batchstrategy.build(BUILD / batchstrategy.BATCH_STRATEGY_FILE)
+    except batchstrategy.CompilerNotFound as exc:
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
 def cpu_repository(onnx_path) -> Path:
     from tritonvision import spec
     from tritonvision_server.configs import write_repository

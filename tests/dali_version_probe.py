@@ -47,7 +47,7 @@ def main(dali_py: str, images_dir: str, out_dir: str) -> int:
     source = Path(dali_py).read_text()
     call = source[source.rindex("return preprocess_graph") + len("return preprocess_graph"):].strip()
     args = list(ast.literal_eval(call))  # a literal tuple written by the generator
-    accepted = args[1]
+    pixel_count = args[1]
     args[2], args[3] = "cpu", "FP32"
     names = sorted(p.name for p in Path(images_dir).iterdir())
 
@@ -59,8 +59,8 @@ def main(dali_py: str, images_dir: str, out_dir: str) -> int:
     pipe = cpu_pipeline()
     pipe.build()
     pipe.feed_input(args[0], [np.fromfile(Path(images_dir) / n, dtype=np.uint8) for n in names])
-    if accepted is not None:  # the header check's verdict, as the validate step sends it
-        pipe.feed_input(accepted, [np.ones(1, dtype=np.uint8) for _ in names])
+    if pixel_count is not None:  # the header check's pixel counts, as the validate step sends them
+        pipe.feed_input(pixel_count, [np.full(1, 120_000_000, dtype=np.int64) for _ in names])
     (pixels,) = pipe.run()
     array = pixels.as_array()
     for i, name in enumerate(names):

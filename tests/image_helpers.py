@@ -48,3 +48,17 @@ def undecodable_jpeg(jpeg: bytes) -> bytes:
     broken = bytearray(jpeg)
     broken[i + 6] = 0x77
     return bytes(broken)
+
+
+def png_claiming(width: int, height: int, tag: int = 0) -> bytes:
+    """A PNG of a few dozen bytes whose header claims ``width`` x ``height`` RGB pixels: every chunk is
+    well formed, so the header check accepts it (a decoder would find its one IDAT far too short). ``tag``
+    goes into a text chunk, to make files of the same size differ."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tEXt", b"tag\x00%d" % tag)
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))

@@ -26,6 +26,9 @@ def _positive(rows, key):
 CASES = {
     "bad_images": (["--batch", "4", "--rounds", "1", "--bad", "1"], "--out",
                    lambda d: _positive(d["rows"], "good_img_per_s")),
+    "batch_budget": (["--clients", "8", "--seconds", "3", "--variants", "shipped"], "--output",
+                     lambda d: [r["variant"] for r in d["rows"]] == ["shipped"] and d["rows"][0]["requests"] > 0
+                     and d["rows"][0]["errors"] == 0 and d["rows"][0]["over_budget"] == 0),
     "batch_memory": (["--rows", "1,2", "--formats", "jpeg"], "--out",
                      lambda d: [r["rows"] for r in d["results"]] == [1, 2] and not any(r["error"] for r in d["results"])),
     "bench_client": (["--concurrency", "1", "--seconds", "1", "--warmup", "0.5"], "--out",

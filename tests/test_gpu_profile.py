@@ -31,8 +31,8 @@ def test_validate_step_runs_before_dali_and_passes_its_bytes_on():
     steps = configs.ensemble_config(spec.GPU).ensemble_scheduling.step
     assert [s.model_name for s in steps] == [spec.VALIDATE, spec.PREPROCESS, spec.RESNET50]
     # DALI takes the image from the ensemble input and validate's verdict, so it waits for the check.
-    assert steps[1].input_map == {spec.IMAGE.name: spec.IMAGE.name, spec.ACCEPTED.name: steps[0].output_map[spec.ACCEPTED.name]}
-    assert [i.name for i in configs.preprocess_config(spec.GPU).input] == [spec.IMAGE.name, spec.ACCEPTED.name]
+    assert steps[1].input_map == {spec.IMAGE.name: spec.IMAGE.name, spec.PIXEL_COUNT.name: steps[0].output_map[spec.PIXEL_COUNT.name]}
+    assert [i.name for i in configs.preprocess_config(spec.GPU).input] == [spec.IMAGE.name, spec.PIXEL_COUNT.name]
     assert [i.name for i in configs.preprocess_config(spec.CPU).input] == [spec.IMAGE.name]
     validate = configs.validate_config(spec.GPU)
     assert validate.backend == "python" and validate.input[0].allow_ragged_batch
@@ -590,10 +590,14 @@ def test_corrupt_upload_fails_only_its_own_request_in_a_shared_batch(validate_se
             if time.monotonic() > end:
                 break
             time.sleep(0.05)
+    from PIL import Image
+
     for i in (0, 2):
         result, error = got[i]
         assert error is None
-        assert result.as_numpy(spec.ACCEPTED.name).tolist() == [[1]]
+        # The decoded pixel count, which the batcher sums against preprocess's pixel budget.
+        width, height = Image.open(io.BytesIO(uploads[i])).size
+        assert result.as_numpy(spec.PIXEL_COUNT.name).tolist() == [[width * height]]
     for i, reason in ((1, "truncated JPEG"), (3, "not a supported image")):
         result, error = got[i]
         assert result is None and reason in error.message()
@@ -619,12 +623,12 @@ def test_validate_refuses_a_webp_its_dali_would_decode_as_noise_and_nothing_else
         inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
         with grpcclient.InferenceServerClient(validate_server.grpc_url) as client:
             try:
-                return client.infer(spec.VALIDATE, [inp]).as_numpy(spec.ACCEPTED.name).tolist()
+                return client.infer(spec.VALIDATE, [inp]).as_numpy(spec.PIXEL_COUNT.name).tolist()
             except grpcclient.InferenceServerException as exc:
                 return exc
 
     for data in (encoded("WEBP"), encoded("WEBP", 1), encoded("JPEG", 6)):
-        assert verdict(data) == [[1]]
+        assert verdict(data) == [[photo.width * photo.height]]
     for orientation in (3, 6, 8):
         refused = verdict(encoded("WEBP", orientation))
         assert isinstance(refused, Exception) and refused.status() == "StatusCode.INVALID_ARGUMENT"

@@ -104,9 +104,9 @@ def test_validator_catches_a_header_check_that_nothing_waits_for(gpu_repo):
     # preprocess no longer takes validate's verdict: every config is consistent on its own, but DALI would
     # decode uploads that the check refuses, alongside it.
     _edit(gpu_repo, configs.PREPROCESS, lambda c: c.input.pop())
-    _edit(gpu_repo, configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[1].input_map.pop(spec.ACCEPTED.name))
+    _edit(gpu_repo, configs.ENSEMBLE, lambda c: c.ensemble_scheduling.step[1].input_map.pop(spec.PIXEL_COUNT.name))
     problems = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule != "warmup"]
-    assert problems == ["[wiring] classifier: 'accepted' from validate.ACCEPTED is read by no later step: "
+    assert problems == ["[wiring] classifier: 'pixel_count' from validate.PIXEL_COUNT is read by no later step: "
                         "nothing waits for that step"], problems
 
 
@@ -141,11 +141,14 @@ def test_validator_catches_a_missing_label_file(gpu_repo):
     assert [p.model for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule == "labels"] == [configs.ENSEMBLE]
 
 
-def test_validator_requires_built_artifacts_only_when_asked(gpu_repo):
+def test_validator_requires_built_artifacts_only_when_asked(gpu_repo, batch_strategy):
     assert check_repository(gpu_repo, profile=spec.GPU) == []
-    missing = {p.model for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)}
-    assert missing == {configs.RESNET50}  # model.plan is built on the GPU host; dali.py is generated with the configs
+    missing = {(p.model, p.rule) for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)}
+    # model.plan is built on the GPU host and batchstrategy.so where the server runs; dali.py is generated
+    # with the configs.
+    assert missing == {(configs.RESNET50, "artifact"), (configs.PREPROCESS, "batcher")}
     (gpu_repo / configs.RESNET50 / "1" / "model.plan").write_bytes(b"x")
+    shutil.copyfile(batch_strategy, gpu_repo / configs.PREPROCESS / "batchstrategy.so")
     assert check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True) == []
     (gpu_repo / configs.PREPROCESS / "1" / configs.DALI_FILE).unlink()
     missing = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU, require_artifacts=True)]
@@ -158,3 +161,27 @@ def test_check_command_exits_1_on_a_broken_repository(gpu_repo):
     assert main(["check", str(gpu_repo)]) == 0
     _edit(gpu_repo, configs.PREPROCESS, _set_pixels_dtype)
     assert main(["check", str(gpu_repo)]) == 1
+
+
+def test_validator_reports_a_pixel_budget_whose_batching_strategy_is_missing(gpu_repo, batch_strategy):
+    # Without the library Triton loads preprocess all the same and batches with no pixel budget.
+    def batcher(repo):
+        return [str(p) for p in check_repository(repo, profile=spec.GPU, require_artifacts=True) if p.rule == "batcher"]
+
+    missing = batcher(gpu_repo)
+    assert len(missing) == 1 and "preprocess" in missing[0] and "batchstrategy.so is missing" in missing[0]
+    # The committed repository (no built artifacts) passes the check that does not ask for them.
+    assert not [p for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule == "batcher"]
+    shutil.copyfile(batch_strategy, gpu_repo / configs.PREPROCESS / "batchstrategy.so")
+    assert batcher(gpu_repo) == []
+
+
+def test_validator_reports_a_batching_strategy_without_its_budget(gpu_repo, batch_strategy):
+    shutil.copyfile(batch_strategy, gpu_repo / configs.PREPROCESS / "batchstrategy.so")
+    _edit(gpu_repo, configs.PREPROCESS, lambda c: c.parameters.pop("max_batch_pixels"))
+    problems = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule == "batcher"]
+    assert problems == ["[batcher] preprocess: batchstrategy.so is there but the config has no 'max_batch_pixels' "
+                        "parameter: Triton fails to load the model"]
+    _edit(gpu_repo, configs.PREPROCESS, lambda c: c.parameters["max_batch_pixels"].__setattr__("string_value", "-1"))
+    problems = [str(p) for p in check_repository(gpu_repo, profile=spec.GPU) if p.rule == "batcher"]
+    assert problems == ["[batcher] preprocess: parameter 'max_batch_pixels' is '-1', not a positive integer"]

@@ -21,7 +21,7 @@ __all__ = [
     "PREPROCESS",
     "RESNET50",
     "IMAGE",
-    "ACCEPTED",
+    "PIXEL_COUNT",
     "PIXELS",
     "SCORES",
     "NUM_CLASSES",
@@ -150,11 +150,13 @@ def refusal_reason(message: str) -> str | None:
 # Ensemble interface, identical in both profiles.
 IMAGE = Tensor("IMAGE", "UINT8", (-1,))
 SCORES = Tensor("SCORES", "FP32", (NUM_CLASSES,))
-# validate -> preprocess in the gpu profile: a one-byte verdict, sent only for an image the header check
-# accepted (a refused one ends its request there). preprocess takes the image from the ensemble input and
-# waits for this, so DALI never sees a refused upload and the image is not copied back out of validate:
-# that copy halved validate's ceiling for 3 MB photos (benchmarks/validate_ceiling.py).
-ACCEPTED = Tensor("ACCEPTED", "UINT8", (1,))
+# validate -> preprocess in the gpu profile: each image's decoded pixel count (width x height from its header,
+# what the decoder will produce), sent only for an image the header check accepted (a refused one ends its
+# request there). preprocess takes the image from the ensemble input and waits for this, so DALI never sees
+# a refused upload and the image is not copied back out of validate: that copy halved validate's ceiling for
+# 3 MB photos (benchmarks/validate_ceiling.py). Triton's batcher reads it too: the pixel budget of a DALI
+# batch (Profile.max_batch_pixels) is the sum of this tensor over the batch's requests.
+PIXEL_COUNT = Tensor("PIXEL_COUNT", "INT64", (1,))
 
 
 def PIXELS(dtype: str) -> Tensor:  # noqa: N802 - reads as the tensor's name
@@ -281,6 +283,12 @@ class Profile:
     # at preprocess's queue, undecoded (tritonvision_server.admission). 0: off, and overload is refused at
     # resnet50's own queue after the preprocessing was spent.
     admission_pending: int = 0
+    # gpu only: the most decoded pixels one DALI batch may hold (0: no budget). Triton's DALI backend decodes a
+    # whole dynamic batch as one run, so the per-run budget of the python steps (ImageLimits.max_run_pixels)
+    # cannot reach it; instead a custom batching strategy (server/tritonvision_server/batchstrategy/) makes the
+    # batcher close a batch before a request that would take it past this sum of PIXEL_COUNT. A request over
+    # it on its own still runs, alone; validate refuses a request whose images together exceed it.
+    max_batch_pixels: int = 0
     # cpu only: each step runs one largest batch at load (Triton's model warm-up), so that what serving full
     # batches takes (ONNX Runtime's buffers, the pages of the python backend's regions that a full batch
     # touches, mapped in tritonserver too) is taken before the first request, not in the first burst: memory
@@ -309,6 +317,25 @@ class Profile:
             raise ValueError(f"torch_device must be 'cuda' or 'cpu', got {self.torch_device!r}")
         if self.torch_precision not in TORCH_PRECISIONS:
             raise ValueError(f"torch_precision must be one of {TORCH_PRECISIONS}, got {self.torch_precision!r}")
+        if self.max_batch_pixels < 0:
+            raise ValueError(f"max_batch_pixels must be >= 0, got {self.max_batch_pixels}")
+        if self.max_batch_pixels:
+            self._check_budget_batching()
+
+    def _check_budget_batching(self) -> None:
+        """A pixel budget holds only for batches the batcher forms in one pass. Triton's dynamic batcher
+        (core r24.10 to r26.06) also (1) adds requests to a batch that still waits for a free instance, after
+        re-initialising the strategy as for a new batch (``DynamicBatchScheduler::GetDynamicBatch`` resets it
+        whenever the queue cursor was invalidated, which taking the previous batch out of the queue does),
+        unless the batch was closed as saturated; and (2) merges batches waiting for the same instance when
+        ``max_queue_delay_microseconds`` > 0 (``InstanceQueue::Dequeue``), without asking the strategy. With
+        no queue delay and every batch size preferred, every batch is closed as saturated when it is formed,
+        and no batches are merged."""
+        b = self.preprocess.batching
+        if b.max_queue_delay_us or set(b.preferred_batch_sizes) != set(range(1, b.max_batch_size + 1)):
+            raise ValueError("a pixel budget (max_batch_pixels) needs preprocess batching with max_queue_delay_us 0 "
+                             "and every batch size 1..max_batch_size preferred, or Triton grows and merges batches "
+                             "past it")
 
     @property
     def pixels(self) -> Tensor:
@@ -370,8 +397,11 @@ GPU = Profile(
     # Queues hold four full batches (~100 ms of work at ~5k img/s); requests beyond that are refused.
     # Two DALI instances: with a bounded queue, one instance can leave the batcher asleep for 500 ms after a
     # missed wake-up (Batching.has_queue_policy); the second keeps it awake and overlaps decodes.
-    preprocess=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 500, max_queue_size=512, queue_timeout_us=1_000_000),
-                           backend="dali"),
+    # preprocess prefers every batch size and has no queue delay: what the pixel budget needs to hold
+    # (Profile._check_budget_batching). A batch is formed when an instance is free, of everything queued up to
+    # 128 requests or the budget; under load requests queue while both instances are busy, so batches still fill.
+    preprocess=StepServing(2, "KIND_GPU", Batching(128, tuple(range(1, 129)), 0, max_queue_size=512,
+                                                   queue_timeout_us=1_000_000), backend="dali"),
     # Two engine instances overlap one batch's compute with the next one's copies.
     resnet50=StepServing(2, "KIND_GPU", Batching(128, (32, 64, 128), 100, max_queue_size=512, queue_timeout_us=1_000_000),
                          backend="tensorrt_plan"),
@@ -383,6 +413,10 @@ GPU = Profile(
     # The header check costs ~6 us for a 68 KB JPEG (measured on 2 cores); the python-backend hop around it
     # is the real cost, so four CPU instances batch requests and keep it ahead of the GPU steps.
     validate=StepServing(4, "KIND_CPU", Batching(128, (), 0, max_queue_size=512, queue_timeout_us=1_000_000)),
+    # 128 photos of up to 3.75 MP (the average the cpu profile's per-run budget allows: 32 in 120 MP) still
+    # make one full batch; 4 images at max_pixels fill it. Decoded RGB of a batch: at most 1.44 GB per DALI
+    # instance, against 46 GB for 128 images at max_pixels without it.
+    max_batch_pixels=480_000_000,
 )
 
 GPU_TORCH = Profile(

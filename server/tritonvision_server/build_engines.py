@@ -11,9 +11,11 @@ Subcommands, each idempotent:
                under ``build/``; ``--device cpu`` builds the CPU override that runs without a GPU
 - ``dali``     write the GPU-decoder pipeline as ``preprocess/1/dali.py`` and check that this machine's DALI
                autoserialises it the way the Triton DALI backend will
+- ``batcher``  compile the pixel budget of preprocess's batches (a Triton batching strategy, C) as
+               ``preprocess/batchstrategy.so`` with this machine's C compiler
 - ``engine``   build the TensorRT engine for this GPU and TensorRT version as ``resnet50/1/model.plan``,
                strongly typed from the ONNX file of its precision (``trtexec``, in every tritonserver image)
-- ``gpu``      (alias ``all``) ``onnx`` + ``dali`` + ``engine`` + ``configs``: the whole gpu profile
+- ``gpu``      (alias ``all``) ``onnx`` + ``dali`` + ``batcher`` + ``engine`` + ``configs``: the whole gpu profile
 - ``check``    validate a model repository the way Triton would at load time (and more)
 """
 
@@ -108,6 +110,13 @@ def build_dali(repository: Path, profile: spec.Profile) -> Path:
         log.info("DALI %s autoserialises it (%d bytes); the server's DALI does the same when it loads the model",
                  pipeline.dali_version(), target.stat().st_size)
     return path
+
+
+def build_batcher(repository: Path, compiler: str | None = None) -> Path:
+    """Compile the pixel-budget batching strategy into ``repository/preprocess/batchstrategy.so``."""
+    from . import batchstrategy
+
+    return batchstrategy.build(batchstrategy.library_path(repository), compiler=compiler)
 
 
 def build_onnx(output: Path, weights: str, precisions: list[str], *, calibration_images: Path | None = None,
@@ -251,16 +260,22 @@ def parser() -> argparse.ArgumentParser:
     _add_dali_args(p)
     p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
 
+    p = sub.add_parser("batcher", help="compile preprocess/batchstrategy.so, the pixel budget of DALI batches (needs a C compiler)")
+    p.add_argument("--cc", default=None, help="the C compiler (default: $CC, else cc, gcc or clang from PATH)")
+    p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
+
     p = sub.add_parser("engine", help="build the TensorRT engine for this GPU (needs TensorRT)")
     _add_engine_args(p)
     p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
 
     for name in ("gpu", "all"):
-        p = sub.add_parser(name, help="onnx + dali + engine + configs: the whole gpu profile")
+        p = sub.add_parser(name, help="onnx + dali + batcher + engine + configs: the whole gpu profile")
         _add_engine_args(p)
         _add_onnx_precision_args(p, with_precision=False)
         _add_dali_args(p)
         p.add_argument("--weights", default="imagenet", help="imagenet | random[:SEED] | PATH (default: imagenet)")
+        p.add_argument("--cc", default=None, help="the C compiler for the batching strategy (default: $CC, else cc, "
+                                                  "gcc or clang from PATH)")
         p.add_argument("--output", type=Path, default=DEFAULT_GPU_REPOSITORY)
 
     p = sub.add_parser("check", help="validate a model repository (exit code 1 when it finds problems)")
@@ -287,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
                                        state_dict=args.state_dict, force=args.force)
         elif args.command == "dali":
             build_dali(args.output, _with_hw_decoder_load(gpu_profile(args.precision), args.hw_decoder_load))
+        elif args.command == "batcher":
+            build_batcher(args.output, args.cc)
         elif args.command == "engine":
             build_engine(args.output, gpu_profile(args.precision), **_engine_options(args))
         elif args.command in ("gpu", "all"):
             profile = gpu_profile(args.precision)
             build_onnx(args.onnx, args.weights, [profile.engine.precision], calibration_images=args.calibration_images)
             build_dali(args.output, _with_hw_decoder_load(profile, args.hw_decoder_load))
+            if profile.max_batch_pixels:
+                build_batcher(args.output, args.cc)
             build_engine(args.output, profile, **_engine_options(args))
             configs.write_repository(profile, args.output)
             return check(args.output, profile, require_artifacts=True)

@@ -6,6 +6,7 @@ Each ``config.pbtxt`` is built as a ``model_config_pb2.ModelConfig`` message and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonvision import sample_images, spec
-from tritonvision.spec import ACCEPTED, ENSEMBLE, IMAGE, PREPROCESS, RESNET50, SCORES, VALIDATE, Profile
+from tritonvision.spec import ENSEMBLE, IMAGE, PIXEL_COUNT, PREPROCESS, RESNET50, SCORES, VALIDATE, Profile
+
+from .batchstrategy import BATCH_PIXELS_PARAMETER, REQUEST_PIXELS_PARAMETER
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ WARMUP_LARGE_SOURCE = Path(str(resources.files(__package__).joinpath("data", "wa
 # The 1000 ImageNet class names in torchvision's order, shipped so that no build step needs torchvision.
 LABELS_SOURCE = Path(str(resources.files(__package__).joinpath("data", "imagenet_labels.txt")))
 
-_DTYPES = {"UINT8": mc.TYPE_UINT8, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32, "BYTES": mc.TYPE_STRING}
+_DTYPES = {"UINT8": mc.TYPE_UINT8, "INT64": mc.TYPE_INT64, "FP16": mc.TYPE_FP16, "FP32": mc.TYPE_FP32,
+           "BYTES": mc.TYPE_STRING}
 _KINDS = {"KIND_CPU": mc.ModelInstanceGroup.KIND_CPU, "KIND_GPU": mc.ModelInstanceGroup.KIND_GPU}
 
 
@@ -84,10 +88,14 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
     # Ragged batching lets requests whose encoded images differ in length share one batch.
     config.input.append(_input(IMAGE, ragged=True))
     if profile.validate is not None:
-        config.input.append(_input(ACCEPTED))
+        config.input.append(_input(PIXEL_COUNT))
     config.output.append(_output(profile.pixels))
     _serving(config, profile.preprocess)
     config.backend = profile.preprocess.backend
+    if profile.validate is not None and profile.max_batch_pixels:
+        # Read by the batching strategy (batchstrategy/pixel_budget.c); the DALI backend ignores parameters
+        # it does not know (dali_backend r24.10 to r26.06 looks up num_threads and split_along_outer_axis only).
+        _parameters(config, **{BATCH_PIXELS_PARAMETER: profile.max_batch_pixels})
     if profile.preprocess.backend == "python" and profile.torch_device is not None:
         # The encoded bytes must be in host memory for nvJPEG (and the header check): keep the python
         # backend's default of moving inputs to the CPU (a client's CUDA shared memory input lands there too).
@@ -102,11 +110,11 @@ def preprocess_config(profile: Profile) -> mc.ModelConfig:
         # Batch 1 compiles the decoder paths; the max batch makes DALI allocate its batch-wide buffers, and
         # the 12-megapixel photo the per-image decode buffers, at load time rather than under the first
         # burst of traffic.
-        accepted = profile.validate is not None
+        counted = profile.validate is not None
         for batch_size in sorted({1, profile.preprocess.batching.max_batch_size}):
-            config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE, accepted=accepted))
+            config.model_warmup.append(_warmup(batch_size, WARMUP_SOURCE, WARMUP_FILE, counted=counted))
         config.model_warmup.append(_warmup(1, WARMUP_LARGE_SOURCE, WARMUP_LARGE_FILE, name="photo_12mp_batch1",
-                                           accepted=accepted))
+                                           counted=counted))
     else:
         raise ValueError(f"preprocess cannot run on the {profile.preprocess.backend} backend")
     if profile.warmup_full_batch and profile.preprocess.backend == "python":
@@ -123,8 +131,10 @@ def validate_config(profile: Profile) -> mc.ModelConfig:
     assert profile.validate is not None
     config = mc.ModelConfig(name=VALIDATE, backend="python")
     config.input.append(_input(IMAGE, ragged=True))
-    config.output.append(_output(ACCEPTED))
+    config.output.append(_output(PIXEL_COUNT))
     _serving(config, profile.validate)
+    if profile.max_batch_pixels:
+        _parameters(config, **{REQUEST_PIXELS_PARAMETER: profile.max_batch_pixels})
     return config
 
 
@@ -224,11 +234,11 @@ def ensemble_config(profile: Profile) -> mc.ModelConfig:
         config.ensemble_scheduling.step.append(
             mc.ModelEnsembling.Step(
                 model_name=VALIDATE, model_version=-1, input_map={IMAGE.name: IMAGE.name},
-                output_map={ACCEPTED.name: "accepted"},
+                output_map={PIXEL_COUNT.name: "pixel_count"},
             )
         )
-        # preprocess needs validate's verdict, so it runs only for images validate let through.
-        preprocess_inputs[ACCEPTED.name] = "accepted"
+        # preprocess needs validate's pixel counts, so it runs only for images validate let through.
+        preprocess_inputs[PIXEL_COUNT.name] = "pixel_count"
     config.ensemble_scheduling.step.extend(
         [
             mc.ModelEnsembling.Step(
@@ -248,11 +258,14 @@ def _shipped(path: Path) -> Path:
     return path
 
 
-def _warmup(batch_size: int, source: Path, file: str, name: str | None = None, accepted: bool = False) -> mc.ModelWarmup:
+def _warmup(batch_size: int, source: Path, file: str, name: str | None = None, counted: bool = False) -> mc.ModelWarmup:
     size = _shipped(source).stat().st_size
     inputs = {IMAGE.name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[size], input_data_file=Path(file).name)}
-    if accepted:  # the verdict's value does not matter to DALI, only that it is fed
-        inputs[ACCEPTED.name] = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=list(ACCEPTED.dims), zero_data=True)
+    if counted:
+        # The count's value does not matter to DALI, only that it is fed; warm-up requests go straight to an
+        # instance, not through the batcher and its pixel budget.
+        inputs[PIXEL_COUNT.name] = mc.ModelWarmup.Input(data_type=_DTYPES[PIXEL_COUNT.dtype],
+                                                        dims=list(PIXEL_COUNT.dims), zero_data=True)
     return mc.ModelWarmup(name=name or f"photo_batch{batch_size}", batch_size=batch_size, inputs=inputs)
 
 
@@ -359,3 +372,61 @@ def write_light_repository(dest: Path, profile: Profile | None = None, *, min_in
     (dest / PREPROCESS / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightPreprocess"))
     (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
     return dest
+
+
+_RECORDER_STUB = """# The batch recorder (configs.write_batch_recorder_repository): a stand-in for the DALI preprocess step.
+from tritonvision_server.backends.batch_recorder import BatchRecorder as TritonPythonModel  # noqa: F401
+"""
+BATCH_LOG_FILE = "batches.jsonl"
+
+
+def write_batch_recorder_repository(dest: Path, *, library: Path | None = None, execute_seconds: float = 0.3,
+                                    queue_timeout_us: int = 60_000_000) -> Path:
+    """The gpu profile's ensemble on the bundled server, for the pixel budget: the real ``validate`` (one
+    instance), :mod:`.backends.batch_recorder` as ``preprocess`` with the generated config (backend switched
+    to python, CPU instances, no DALI warm-up; it logs each batch's pixel counts to ``dest/batches.jsonl``),
+    and :mod:`.backends.light`'s ResNet-50 (one instance). ``library``: the compiled batching strategy, put
+    where Triton finds it (None: served without it). Each step's queue timeout is ``queue_timeout_us``: two
+    shared cores run all of it, and a GPU host's timeout would refuse what merely waits."""
+    from .batchstrategy import library_path
+
+    dest = Path(dest)
+    profile = spec.GPU
+    models = configs(profile)
+    pre, resnet, validate = models[PREPROCESS], models[RESNET50], models[VALIDATE]
+    pre.backend = "python"
+    pre.ClearField("default_model_filename")
+    del pre.model_warmup[:]
+    _parameters(pre, batch_log=dest / BATCH_LOG_FILE, execute_seconds=execute_seconds)
+    resnet.ClearField("platform")
+    resnet.ClearField("default_model_filename")
+    resnet.ClearField("optimization")
+    resnet.backend = "python"
+    for step in (pre, resnet, validate):
+        step.instance_group[0].kind = mc.ModelInstanceGroup.KIND_CPU
+        step.dynamic_batching.default_queue_policy.default_timeout_microseconds = queue_timeout_us
+    resnet.instance_group[0].count = validate.instance_group[0].count = 1
+    label_text = "\n".join(f"class_{i}" for i in range(spec.NUM_CLASSES)) + "\n"
+    for name, cfg in models.items():
+        (dest / name / "1").mkdir(parents=True, exist_ok=True)
+        (dest / name / "config.pbtxt").write_text(_header(profile, name) + text_format.MessageToString(cfg))
+    for name in (ENSEMBLE, RESNET50):
+        (dest / name / LABELS_FILE).write_text(label_text)
+    (dest / VALIDATE / "1" / "model.py").write_text(_BACKEND_STUB.format(module="tritonvision_server.backends.validate"))
+    (dest / RESNET50 / "1" / "model.py").write_text(_LIGHT_STUB.format(cls="LightResNet50"))
+    (dest / PREPROCESS / "1" / "model.py").write_text(_RECORDER_STUB)
+    lib = library_path(dest)
+    if library is not None:
+        shutil.copyfile(library, lib)
+    else:
+        lib.unlink(missing_ok=True)
+    return dest
+
+
+def read_batch_log(repository: Path, *, clear: bool = True) -> list[list[int]]:
+    """The batches the recorder ran (each: the pixel count of each of its requests), and the log cleared."""
+    log_file = Path(repository) / BATCH_LOG_FILE
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    if clear:
+        log_file.write_text("")
+    return [json.loads(line) for line in lines]

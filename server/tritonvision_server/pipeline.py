@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 
-from tritonvision.spec import ACCEPTED, IMAGE, IMAGE_LIMITS, PREPROCESSING
+from tritonvision.spec import IMAGE, IMAGE_LIMITS, PIXEL_COUNT, PREPROCESSING
 
 from tritonvision.extras import require
 
@@ -25,10 +25,10 @@ def _dali():
     return dali
 
 
-def _graph_args(decoder_device: str, pixels_dtype: str, hw_decoder_load: float, accepted: str | None = None) -> tuple:
+def _graph_args(decoder_device: str, pixels_dtype: str, hw_decoder_load: float, pixel_count: str | None = None) -> tuple:
     """The arguments of :func:`.dali_graph.preprocess_graph`, in order, from the spec."""
     p = PREPROCESSING
-    return (IMAGE.name, accepted, decoder_device, pixels_dtype, hw_decoder_load, p.resize_shorter, p.crop, p.mean_255,
+    return (IMAGE.name, pixel_count, decoder_device, pixels_dtype, hw_decoder_load, p.resize_shorter, p.crop, p.mean_255,
             p.std_255)
 
 
@@ -278,7 +278,7 @@ def dali_model_source(profile) -> str:
     footer = _MODEL_FOOTER.format(
         batch_size=profile.preprocess.batching.max_batch_size, num_threads=profile.cpu_threads, name="preprocess",
         args=_graph_args("mixed", profile.pixels_dtype, profile.hw_decoder_load,
-                         ACCEPTED.name if profile.validate is not None else None),
+                         PIXEL_COUNT.name if profile.validate is not None else None),
     )
     return _MODEL_HEADER.format(profile=profile.name) + graph + footer
 

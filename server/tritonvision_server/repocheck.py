@@ -16,6 +16,11 @@ Rules (each problem names its rule, so tests can ask for a broken variant of eac
 - ``labels``      a ``label_filename`` exists with one line per class of its output
 - ``warmup``      a warm-up file exists at ``<model>/warmup/<file>`` and its dims are concrete and match it
 - ``artifact``    (``require_artifacts``) the model file each backend loads exists
+- ``batcher``     a model whose config gives a pixel budget (``max_batch_pixels``) has it as a positive
+                  integer and, with ``require_artifacts``, the batching strategy that enforces it
+                  (``batchstrategy.so``, ``build_engines.py batcher``): without the library Triton loads the
+                  model all the same and batches without a budget; a library without the parameter fails the
+                  model's load
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from tritonvision import spec
+
+from .batchstrategy import BATCH_PIXELS_PARAMETER, BATCH_STRATEGY_FILE
 
 _DTYPE_SIZES = {mc.TYPE_UINT8: 1, mc.TYPE_INT8: 1, mc.TYPE_FP16: 2, mc.TYPE_FP32: 4, mc.TYPE_INT32: 4, mc.TYPE_INT64: 8}
 
@@ -224,6 +231,24 @@ def _check_files(name: str, cfg: mc.ModelConfig, model_dir: Path, require_artifa
     return problems
 
 
+def _check_batcher(name: str, cfg: mc.ModelConfig, model_dir: Path, require_artifacts: bool) -> list[Problem]:
+    # Triton's search order (core r24.10 to r26.06): the version folders, then the model folder.
+    libraries = [p for p in (model_dir / BATCH_STRATEGY_FILE, *model_dir.glob(f"*/{BATCH_STRATEGY_FILE}")) if p.is_file()]
+    if BATCH_PIXELS_PARAMETER not in cfg.parameters:
+        if libraries:
+            return [Problem("batcher", name, f"{libraries[0].relative_to(model_dir)} is there but the config has no "
+                                             f"{BATCH_PIXELS_PARAMETER!r} parameter: Triton fails to load the model")]
+        return []
+    value = cfg.parameters[BATCH_PIXELS_PARAMETER].string_value
+    if not value.isdigit() or int(value) <= 0:
+        return [Problem("batcher", name, f"parameter {BATCH_PIXELS_PARAMETER!r} is {value!r}, not a positive integer")]
+    if require_artifacts and not libraries:
+        return [Problem("batcher", name, f"the config gives a pixel budget ({BATCH_PIXELS_PARAMETER} {value}) but "
+                                         f"{BATCH_STRATEGY_FILE} is missing, so Triton batches without it (build it "
+                                         "with build_engines.py batcher)")]
+    return []
+
+
 def check_repository(
     repository: Path,
     *,
@@ -247,4 +272,5 @@ def check_repository(
             problems += _check_ensemble(name, cfg, configs)
         problems += _check_batching(name, cfg, engine_profiles)
         problems += _check_files(name, cfg, repository / name, require_artifacts)
+        problems += _check_batcher(name, cfg, repository / name, require_artifacts)
     return problems

@@ -38,21 +38,21 @@ def _centre_offset(size, crop):
     return half + (margin - 2 * half) * (half - 2 * (half // 2))
 
 
-def preprocess_graph(input_name, accepted_name, decoder_device, pixels_dtype, hw_decoder_load, resize_shorter, crop,
-                     mean_255, std_255):
+def preprocess_graph(input_name, pixel_count_name, decoder_device, pixels_dtype, hw_decoder_load, resize_shorter,
+                     crop, mean_255, std_255):
     """Build the graph inside a ``pipeline_def``; returns the ``[3, crop, crop]`` pixels node.
 
-    ``accepted_name``: an input carrying the header check's one-byte verdict (gpu profile), or None. It only
-    orders the ensemble (Triton starts this step once the verdict exists), but DALI prunes an input that no
-    output depends on and then refuses to be fed it, so the verdict is consumed as a mirror flag that is
-    always 0.
+    ``pixel_count_name``: an input carrying the header check's INT64 pixel count of each image (gpu profile),
+    or None. The graph does not need it: it orders the ensemble (Triton starts this step once the check has
+    passed) and Triton's batcher reads it for the pixel budget. DALI prunes an input that no output depends
+    on and then refuses to be fed it, so it is consumed as a mirror flag that is always 0.
     """
     decode, peek = orientation_aware_ops()
     encoded = fn.external_source(name=input_name, dtype=types.UINT8, ndim=1, device="cpu")
     never_mirror = 0
-    if accepted_name is not None:
-        accepted = fn.external_source(name=accepted_name, dtype=types.UINT8, ndim=1, device="cpu")
-        never_mirror = fn.cast(accepted, dtype=types.INT32) * 0
+    if pixel_count_name is not None:
+        pixel_count = fn.external_source(name=pixel_count_name, dtype=types.INT64, ndim=1, device="cpu")
+        never_mirror = fn.cast(pixel_count * 0, dtype=types.INT32)
     if decoder_device == "mixed":
         # hw_decoder_load: the share of each batch sent to the A100/H100/H200 hardware JPEG decoder; the
         # rest goes to the CUDA decoder so both run at once. jpeg_fancy_upsampling: both GPU decoders
@@ -94,4 +94,4 @@ from nvidia.dali.plugin.triton import autoserialize  # noqa: E402
 @autoserialize
 @dali.pipeline_def(batch_size=128, num_threads=4, device_id=None)
 def preprocess():
-    return preprocess_graph('IMAGE', 'ACCEPTED', 'mixed', 'FP16', 0.65, 256, 224, (123.675, 116.28, 103.53), (58.395, 57.120000000000005, 57.375))
+    return preprocess_graph('IMAGE', 'PIXEL_COUNT', 'mixed', 'FP16', 0.65, 256, 224, (123.675, 116.28, 103.53), (58.395, 57.120000000000005, 57.375))

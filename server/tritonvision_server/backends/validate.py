@@ -5,8 +5,9 @@ returns the same error to every request of the batch. This step runs in the ense
 checks each request on its own (:func:`..imagecheck.inspect`: format, size limits, JPEG/PNG end marker,
 PNG/WebP chunks within the file),
 so a corrupt or truncated upload fails only its own request with INVALID_ARGUMENT. An accepted image gets
-the one-byte verdict ``ACCEPTED``, which ``preprocess`` waits for; the image itself goes to DALI straight
-from the ensemble's input, so it is never copied back out of this step.
+its decoded pixel count (``PIXEL_COUNT``, width x height from the header), which ``preprocess`` waits for and
+Triton's batcher sums against the pixel budget of a DALI batch; the image itself goes to DALI straight from
+the ensemble's input, so it is never copied back out of this step.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonvision.spec import ACCEPTED, IMAGE
+from tritonvision.spec import IMAGE, PIXEL_COUNT
 
+from ..batchstrategy import REQUEST_PIXELS_PARAMETER
 from ..imagecheck import ImageInfo, InvalidImage, inspect, inspect_rows, webp_orientation
-from ._common import refusal
+from ._common import parameters, refusal
 
 
 def check(row: bytes) -> ImageInfo:
@@ -32,16 +34,31 @@ def check(row: bytes) -> ImageInfo:
     return info
 
 
+def pixel_counts(rows, max_request_pixels: int = 0) -> np.ndarray:
+    """The ``[images, 1]`` INT64 pixel counts of a request's images, after the header check of each; raises
+    :class:`InvalidImage` when one is refused, or when together they exceed ``max_request_pixels`` (0: no
+    limit): the batcher never splits a request, so one that large would be a DALI batch over the budget."""
+    counts = np.array([[info.width * info.height] for info in inspect_rows(rows, check)], dtype=np.int64)
+    total = int(counts.sum())
+    if max_request_pixels and total > max_request_pixels:
+        raise InvalidImage(f"the request's {len(counts)} images hold {total / 1e6:.1f} megapixels together, over the "
+                           f"limit of {max_request_pixels / 1e6:g} for one request: send them in smaller requests")
+    return counts
+
+
 class TritonPythonModel:
+    def initialize(self, args):
+        _, params = parameters(args)
+        self.max_request_pixels = int(params.get(REQUEST_PIXELS_PARAMETER, "0"))
+
     def execute(self, requests):
         responses = []
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, IMAGE.name).as_numpy()
             try:
-                inspect_rows(rows, check)
+                counts = pixel_counts(rows, self.max_request_pixels)
             except InvalidImage as exc:
                 responses.append(refusal("header", str(exc)))
                 continue
-            verdict = np.ones((rows.shape[0] if rows.ndim > 1 else 1, 1), dtype=np.uint8)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(ACCEPTED.name, verdict)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(PIXEL_COUNT.name, counts)]))
         return responses
