@@ -27,10 +27,18 @@ hostile image must fail alone with ``InvalidImageError`` and the refusal message
 (header|decode): ...``), or classify where the step decoded it in process, the server must stay up, and
 every python-backend stub's RSS must stay under ``--rss-cap``.
 
+``--rounds N`` then sends each format's costliest accepted cases, and a crafted PNG that fails late in its
+decode (:func:`damaged_near_the_end`), N times more, each as above, and reads the preprocess stubs' memory
+(VmRSS, RssAnon, RssFile, RssShmem) when idle, after each round; the baseline is read after the photos and one
+small image of every format (the decoders' one-time set-up). A plateau over rounds 2..N is memory kept for
+reuse; a least-squares slope over ``--max-growth`` MiB a round is reported as a fault (growth: a leak).
+``--glibc-malloc`` serves with glibc's default malloc settings instead of the launcher's.
+
 Prints a table per format and writes ``results/fuzz_images.json``; faulty inputs are written under
 ``--save-dir`` (``results/fuzz_images/``). Exits 1 when it found a fault.
 
     .venv/bin/python benchmarks/fuzz_images.py [--cases 2500] [--seed 0] [--server 60] [--profile gpu-torch]
+        [--rounds 8] [--glibc-malloc]
 """
 
 from __future__ import annotations
@@ -639,31 +647,54 @@ def fuzz(cases: list[dict], args) -> None:
             case["result"] = w.run(case["data"])
     finally:
         w.close()
-    args.worker_starts = w.starts
+    args.worker_starts = getattr(args, "worker_starts", 0) + w.starts
 
 
 # --- the real server -----------------------------------------------------------------------------------
 
 
-def server_sample(cases: list[dict], n: int, rng: random.Random) -> list[dict]:
-    """Every fault, then each format's costliest accepted cases (the heaviest and the slowest in process: what
-    tests the stubs' memory), then the other cases the header check accepted, then refused ones: ``n`` in all,
-    in every format."""
-    faults = [c for c in cases if c["result"]["outcome"] == "fault"]
+def costliest(cases: list[dict]) -> list[dict]:
+    """Each format's costliest accepted cases: the heaviest and the slowest in process (what tests the stubs'
+    memory), in format order, each once."""
     accepted = [c for c in cases if c["result"]["outcome"] in ("decoded", "refused-decode")]
-    refused = [c for c in cases if c["result"]["outcome"] == "refused-header"]
-    costliest = []
+    out = []
     for fmt in sorted({c["format"] for c in accepted}):
         group = [c for c in accepted if c["format"] == fmt]
         for key in ("case_rss_mib", "step_seconds"):
             top = max(group, key=lambda c: c["result"].get(key, 0.0))
-            if all(top is not c for c in costliest):
-                costliest.append(top)
-    accepted = [c for c in accepted if all(c is not t for t in costliest)]
+            if all(top is not c for c in out):
+                out.append(top)
+    return out
+
+
+def damaged_near_the_end(width: int = 10000, height: int = 12000) -> bytes:
+    """A PNG of one colour at the pixel limit (0.4 MB) whose compressed data is zeroed near its end: the decoder
+    fills most of the image before it fails. Mutating 52x36 seeds does not reach such a case: what a failed
+    decode leaves behind is measured with it in ``--rounds``."""
+    raw = zlib.compress(b"".join(b"\0" + bytes([7]) * (3 * width) for _ in range(height)), 9)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", raw[:-50] + bytes(50))
+            + _png_chunk(b"IEND", b""))
+
+
+def crafted_cases(start: int) -> list[dict]:
+    """Hand-made costly cases, numbered from ``start``, that ``--rounds`` repeats with the costliest fuzzed ones."""
+    return [{"index": start, "seed": "png-damaged-near-the-end", "format": "png", "mutations": ["crafted"],
+             "data": damaged_near_the_end()}]
+
+
+def server_sample(cases: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """Every fault, then each format's costliest accepted cases (:func:`costliest`), then the other cases the
+    header check accepted, then refused ones: ``n`` in all, in every format."""
+    faults = [c for c in cases if c["result"]["outcome"] == "fault"]
+    accepted = [c for c in cases if c["result"]["outcome"] in ("decoded", "refused-decode")]
+    refused = [c for c in cases if c["result"]["outcome"] == "refused-header"]
+    top = costliest(cases)
+    accepted = [c for c in accepted if all(c is not t for t in top)]
     rng.shuffle(accepted)
     rng.shuffle(refused)
     picked = faults[:n]
-    picked += costliest[: max(0, n - len(picked))]
+    picked += top[: max(0, n - len(picked))]
     picked += accepted[: max(0, (n - len(picked)) * 2 // 3)]
     picked += refused[: max(0, n - len(picked))]
     return picked[:n]
@@ -688,18 +719,70 @@ def serve_repository(profile: str) -> tuple[Path, str, float]:
 
 
 REFUSAL = re.compile(r"image refused \((header|decode)\): ")
+# What a stub's RSS is made of (/proc/<pid>/status): its own heap and mappings (RssAnon), mapped files (the
+# libraries' code, RssFile) and shared memory (the python backend's regions, RssShmem).
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
-def serve_pass(sample: list[dict], args) -> dict:
+def warm_up_images() -> list[bytes]:
+    """One small valid image of each format the fuzzer accepts: sent before the memory baseline is read, so
+    that the decoders' one-time set-up (libraries loaded, first allocations) does not count as retention."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (90, 140, 200))
+    out = []
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def stub_memory(pids) -> dict[str, float]:
+    """The largest of each :data:`RSS_FIELDS` over the stubs ``pids``, in MiB (0 for a stub that is gone)."""
+    out = dict.fromkeys(RSS_FIELDS, 0.0)
+    for pid in pids:
+        try:
+            fields = proc_status(pid, *RSS_FIELDS)
+        except OSError:
+            continue
+        for key in RSS_FIELDS:
+            out[key] = max(out[key], fields.get(key, 0) / MiB)
+    return out
+
+
+def trend(values: list[float]) -> float:
+    """Least-squares slope of ``values`` against their index (MiB a round); 0 for fewer than two."""
+    if len(values) < 2:
+        return 0.0
+    x = np.arange(len(values), dtype=float)
+    return float(np.polyfit(x, np.asarray(values, dtype=float), 1)[0])
+
+
+def rounds_verdict(after: list[float], max_slope: float) -> dict:
+    """Retention or growth from the step's RSS after each round (MiB): rounds after the first are compared,
+    since the first round may still set things up (buffers sized by the largest image). ``growth``: the
+    least-squares slope of rounds 2..N exceeds ``max_slope`` MiB a round."""
+    later = after[1:]
+    slope = trend(later)
+    return {"slope_mib_per_round": slope, "first_mib": after[0] if after else 0.0,
+            "last_mib": after[-1] if after else 0.0, "spread_after_first_mib": (max(later) - min(later)) if later else 0.0,
+            "verdict": "growth" if len(later) >= 2 and slope > max_slope else "plateau" if len(later) >= 2 else "too few rounds"}
+
+
+def serve_pass(sample: list[dict], args, repeat: list[dict] = ()) -> dict:
+    """Send ``sample`` to the real server, each case among three valid photos, and check the answers; then
+    send ``repeat`` ``args.rounds`` times more, reading the preprocess stubs' memory after each round."""
     import tritonvision as tv
     from tritonvision import sample_images, spec
-    from tritonvision_server.launcher import TritonServer
+    from tritonvision_server.launcher import MALLOC_ENV, TritonServer
 
     repo, log_name, startup = serve_repository(args.profile)
     photos = [p.read_bytes() for p in sample_images()][:3]
+    malloc_env = {} if args.glibc_malloc else dict(MALLOC_ENV)
     report = {"profile": args.profile, "cases": 0, "as_expected": 0, "refused": 0, "classified": 0, "faults": [],
-              "photos_changed": 0}
-    with TritonServer(repo, log_file=BUILD / log_name, startup_timeout=startup) as server:
+              "photos_changed": 0, "malloc_env": malloc_env}
+    with TritonServer(repo, log_file=BUILD / log_name, startup_timeout=startup, malloc_env=malloc_env) as server:
         # Every python-backend stub in the server's process group (one per model instance): the preprocess
         # ones read the hostile bytes; the others must not grow either.
         stubs = server.stub_processes()
@@ -707,50 +790,80 @@ def serve_pass(sample: list[dict], args) -> dict:
         if not pre:
             raise RuntimeError(f"no {spec.PREPROCESS} stub among {stubs}")
         idle = {pid: proc_status(pid, "VmRSS")["VmRSS"] for pid in stubs}
+        report["stub_idle"] = stub_memory(pre)
         peak, stop = dict(idle), threading.Event()
+        window = dict(idle)  # the peak since the current round began
 
         def watch():
             while not stop.is_set():
                 for pid, value in peak.items():
                     try:
-                        peak[pid] = max(value, proc_status(pid, "VmRSS")["VmRSS"])
+                        rss = proc_status(pid, "VmRSS")["VmRSS"]
                     except OSError:
-                        pass
+                        continue
+                    peak[pid] = max(value, rss)
+                    window[pid] = max(window[pid], rss)
                 time.sleep(0.05)
+
+        def send(clf, case, reference, tally) -> bool:
+            """One case among the photos, checked and counted in ``tally``; False once the server is gone."""
+            expected = case["result"]["outcome"]
+            results = clf.classify_batch([photos[0], case["data"], photos[1], photos[2]], return_exceptions=True)
+            tally["cases"] += 1
+            got = results[1]
+            problems = []
+            for ref, res in zip(reference, (results[0], results[2], results[3])):
+                if not isinstance(res, list) or [p.label for p in res] != [p.label for p in ref] or \
+                        not np.allclose([p.score for p in res], [p.score for p in ref], atol=1e-4):
+                    tally["photos_changed"] += 1
+                    problems.append(f"a valid photo in its batch got {res!r}"[:300])
+            if expected == "decoded" and not isinstance(got, list):
+                problems.append(f"decoded in process, refused by the server: {got!r}"[:300])
+            if expected in ("refused-header", "refused-decode") and not (
+                    isinstance(got, tv.InvalidImageError) and REFUSAL.search(str(got))):
+                problems.append(f"refused in process ({expected}), server answered {got!r}"[:300])
+            tally["refused" if isinstance(got, tv.InvalidImageError) else "classified"] += 1
+            if not server.running:
+                problems.append("the server died")
+            if problems:
+                report["faults"].append({"index": case["index"], "format": case["format"], "in_process": expected,
+                                         "problems": problems})
+            else:
+                tally["as_expected"] += 1
+            return server.running
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         started = time.monotonic()
+        rounds = []
+        # The repeated cases' answers, checked as the sample's and counted apart from them.
+        report["rounds_tally"] = tally = {k: 0 for k in ("cases", "as_expected", "refused", "classified", "photos_changed")}
         try:
             with tv.Classifier(server.grpc_url, timeout=180) as clf:
                 reference = [clf.classify(p) for p in photos]
+                for image in warm_up_images():
+                    clf.classify(image)
+                report["stub_warm"] = stub_memory(pre)  # after the photos and one image of every format
+                alive = True
                 for case in sample:
-                    expected = case["result"]["outcome"]
-                    batch = [photos[0], case["data"], photos[1], photos[2]]
-                    results = clf.classify_batch(batch, return_exceptions=True)
-                    report["cases"] += 1
-                    got = results[1]
-                    problems = []
-                    for ref, res in zip(reference, (results[0], results[2], results[3])):
-                        if not isinstance(res, list) or [p.label for p in res] != [p.label for p in ref] or \
-                                not np.allclose([p.score for p in res], [p.score for p in ref], atol=1e-4):
-                            report["photos_changed"] += 1
-                            problems.append(f"a valid photo in its batch got {res!r}"[:300])
-                    if expected == "decoded" and not isinstance(got, list):
-                        problems.append(f"decoded in process, refused by the server: {got!r}"[:300])
-                    if expected in ("refused-header", "refused-decode") and not (
-                            isinstance(got, tv.InvalidImageError) and REFUSAL.search(str(got))):
-                        problems.append(f"refused in process ({expected}), server answered {got!r}"[:300])
-                    report["refused" if isinstance(got, tv.InvalidImageError) else "classified"] += 1
-                    if not server.running:
-                        problems.append("the server died")
-                    if problems:
-                        report["faults"].append({"index": case["index"], "format": case["format"],
-                                                 "in_process": expected, "problems": problems})
-                        if not server.running:
+                    if not (alive := send(clf, case, reference, report)):
+                        break
+                report["sample_seconds"] = time.monotonic() - started
+                report["stub_after_sample"] = stub_memory(pre)
+                for r in range(args.rounds if alive else 0):
+                    round_started = time.monotonic()
+                    window.update(dict.fromkeys(window, 0))
+                    for case in repeat:
+                        if not (alive := send(clf, case, reference, tally)):
                             break
-                    else:
-                        report["as_expected"] += 1
+                    if not alive:
+                        break
+                    held = stub_memory(pre)  # read once the round's last answer is in: the server is idle
+                    rounds.append({"round": r + 1, "cases": len(repeat), "seconds": time.monotonic() - round_started,
+                                   "peak_mib": max(window[pid] for pid in pre) / MiB,
+                                   **{f"{k}_mib": v for k, v in held.items()}})
+                    log.info("round %d: preprocess stub peak %.0f MiB, after: %s", r + 1, rounds[-1]["peak_mib"],
+                             ", ".join(f"{k} {v:.0f} MiB" for k, v in held.items()))
                 report["alive_after"] = server.running and clf.is_ready()
         finally:
             stop.set()
@@ -770,6 +883,25 @@ def serve_pass(sample: list[dict], args) -> dict:
         report["stubs_peak_total_mib"] = sum(peak.values()) / MiB
         grown = {pid: (peak[pid] - idle[pid]) / MiB for pid in stubs if pid not in pre}
         report["other_stubs_max_growth_mib"] = max(grown.values(), default=0.0)
+        if args.rounds:
+            # The repeated cases' bytes are kept, so that what held memory can be sent again by hand.
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+            report["repeated"] = []
+            for c in repeat:
+                path = args.save_dir / f"costly-{c['index']:05d}-{c['seed']}.bin"
+                path.write_bytes(c["data"])
+                report["repeated"].append({"index": c["index"], "format": c["format"], "bytes": len(c["data"]),
+                                           "size": [c["result"].get("width"), c["result"].get("height")],
+                                           "in_process": c["result"]["outcome"],
+                                           "case_rss_mib": c["result"].get("case_rss_mib"),
+                                           "step_seconds": c["result"].get("step_seconds"), "file": str(path)})
+            report["rounds"] = rounds
+            report["rounds_summary"] = rounds_verdict([r["VmRSS_mib"] for r in rounds], args.max_growth)
+            if report["rounds_summary"]["verdict"] == "growth":
+                slope = report["rounds_summary"]["slope_mib_per_round"]
+                problem = (f"the preprocess stub's RSS grew {slope:.1f} MiB a round over rounds 2-{len(rounds)} "
+                           f"(allowed {args.max_growth:g})")
+                report["faults"].append({"problems": [problem]})
         over = [pid for pid in stubs if peak[pid] > args.rss_cap * MiB]
         if over:
             report["faults"].append({"problems": [f"stub {pid} ({stubs[pid][-60:]}) RSS {peak[pid] / MiB:.0f} MiB "
@@ -804,6 +936,28 @@ def summarise(cases: list[dict]) -> list[dict]:
     return rows
 
 
+def rounds_table(server: dict) -> str:
+    """The preprocess stub's memory after each round of ``--rounds`` (MiB)."""
+    idle, warm, sample = server["stub_idle"], server["stub_warm"], server["stub_after_sample"]
+    def row(name, fields, peak=None, seconds=None):
+        return (f"{name:>14} {'' if peak is None else f'{peak:.0f}':>6} "
+                + " ".join(f"{fields[k]:>{len(k) + 1}.0f}" for k in RSS_FIELDS)
+                + f" {'' if seconds is None else f'{seconds:.1f}':>8}")
+
+    title = (f"\n{len(server['repeated'])} costliest cases ({', '.join(c['format'] for c in server['repeated'])}) "
+             f"sent {len(server['rounds'])} more times; preprocess stub memory, MiB (malloc env: "
+             f"{server['malloc_env'] or 'glibc defaults'}):")
+    lines = [title,
+             f"{'':>14} {'peak':>6} " + " ".join(f"{k:>{len(k) + 1}}" for k in RSS_FIELDS) + f" {'seconds':>8}",
+             row("idle", idle), row("warm", warm), row("after sample", sample, seconds=server["sample_seconds"])]
+    for r in server["rounds"]:
+        lines.append(row(f"round {r['round']}", {k: r[f"{k}_mib"] for k in RSS_FIELDS}, r["peak_mib"], r["seconds"]))
+    s = server["rounds_summary"]
+    lines.append(f"rounds 2-{len(server['rounds'])}: {s['slope_mib_per_round']:+.1f} MiB a round (least squares), "
+                 f"spread {s['spread_after_first_mib']:.0f} MiB: {s['verdict']}")
+    return "\n".join(lines)
+
+
 def _size(wh) -> str:
     return "refused" if wh[0] is None else f"{wh[0]}x{wh[1]}"
 
@@ -826,6 +980,15 @@ def main(argv: list[str] | None = None) -> int:
                          "resize works on a float copy of the whole image)")
     ap.add_argument("--rss-slack", type=int, default=192, help="MiB any case may add")
     ap.add_argument("--server", type=int, default=60, help="cases to send to the real server of --profile (0: none)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="after the server pass, send each format's costliest accepted cases (and a crafted PNG "
+                         "that fails late in its decode) this many times more, reading the preprocess stubs' RSS "
+                         "after each round: a plateau is memory kept for reuse, growth from round to round a leak")
+    ap.add_argument("--max-growth", type=float, default=8.0,
+                    help="MiB a round the preprocess stub's RSS may grow over rounds 2..N (least-squares slope) "
+                         "before --rounds reports a fault")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="serve with glibc's default malloc settings instead of the launcher's MALLOC_ENV")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "fuzz_images.json")
     ap.add_argument("--save-dir", type=Path, default=None,
                     help="where the bytes of faulty (and mismatched) cases are written (default: --out without .json)")
@@ -859,7 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
             saved.append({"index": c["index"], "seed": c["seed"], "format": c["format"], "mutations": c["mutations"],
                           "bytes": len(c["data"]), "file": str(path), **{k: v for k, v in r.items()}})
 
-    server = serve_pass(server_sample(cases, args.server, random.Random(args.seed)), args) if args.server else None
+    repeat = []
+    if args.server and args.rounds:
+        crafted = crafted_cases(len(cases))
+        fuzz(crafted, args)
+        repeat = costliest(cases) + crafted
+    server = (serve_pass(server_sample(cases, args.server, random.Random(args.seed)), args, repeat)
+              if args.server else None)
 
     hw = hardware()
     print(f"\n{hw['cpu']}, {hw['cores']} cores; {args.profile} profile's step; {len(cases)} cases (seed {args.seed}) "
@@ -884,11 +1053,14 @@ def main(argv: list[str] | None = None) -> int:
               f" {server['stub_after_mib']:.0f} MiB after; all {server['stubs']}"
               f" stubs {server['stubs_idle_total_mib']:.0f} -> {server['stubs_peak_total_mib']:.0f} MiB;"
               f" {server['seconds']:.0f} s")
+        if server.get("rounds") is not None:
+            print(rounds_table(server))
         for f in server["faults"]:
             print(f"  SERVER FAULT {f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "hardware": hw, "profile": args.profile, "cases": len(cases), "seed": args.seed, "seconds": seconds,
+        "hardware": hw, "date": time.strftime("%Y-%m-%d", time.gmtime()), "profile": args.profile,
+        "cases": len(cases), "seed": args.seed, "seconds": seconds, "rounds": args.rounds,
         "worker_starts": args.worker_starts,
         "limits": {"timeout_s": args.timeout, "rss_cap_mib": args.rss_cap, "bytes_per_pixel": args.bytes_per_pixel,
                    "rss_slack_mib": args.rss_slack},

@@ -69,17 +69,29 @@ def test_benchmark_runs_and_writes_its_results(name, tmp_path):
     assert sane(result), json.dumps(result)[:3000]
 
 
-def test_fuzz_images_serves_the_gpu_torch_profile_on_the_cpu(tmp_path):
-    # The server pass serves the profile fuzzed in process (gpu-torch on the CPU device), not the cpu one.
+def test_fuzz_images_serves_the_gpu_torch_profile_on_the_cpu_and_repeats_its_costliest_cases(tmp_path):
+    # The server pass serves the profile fuzzed in process (gpu-torch on the CPU device), not the cpu one; with
+    # --rounds it then sends the costliest cases again, reading the preprocess stub's memory after each round.
     out = tmp_path / "fuzz_images_gpu_torch.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "fuzz_images.py"), "--profile", "gpu-torch", "--cases", "45",
-                           "--server", "12", "--no-progress", "--out", str(out)],
+                           "--server", "12", "--rounds", "3", "--no-progress", "--out", str(out)],
                           check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d = json.loads(out.read_text())
     server = d["server"]
     assert d["profile"] == server["profile"] == "gpu-torch" and server["cases"] == 12, json.dumps(d)[:3000]
     assert not server["faults"] and server["alive_after"] and server["refused"] >= 1 and server["stubs"] >= 2, server
+    repeated, rounds = server["repeated"], server["rounds"]
+    # Each format's costliest accepted case, then the crafted PNG that fails late in its decode (in process too).
+    assert {"bmp", "jpeg", "png", "tiff", "webp"} <= {c["format"] for c in repeated}, repeated
+    assert repeated[-1]["size"] == [10000, 12000] and repeated[-1]["in_process"] == "refused-decode", repeated[-1]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and all(r["cases"] == len(repeated) for r in rounds), rounds
+    tally = server["rounds_tally"]
+    assert tally["cases"] == tally["as_expected"] == 3 * len(repeated) and tally["refused"] >= 3, tally
+    # The crafted PNG decodes 120 MP before it fails: every round's peak shows it, and the stub is read idle after.
+    assert all(r["peak_mib"] > r["VmRSS_mib"] + 300 and r["RssAnon_mib"] > 0 for r in rounds), rounds
+    assert server["rounds_summary"]["verdict"] == "plateau", server["rounds_summary"]
+    assert "rounds 2-3:" in proc.stdout and "RssAnon" in proc.stdout, proc.stdout[-3000:]
 
 
 def test_every_benchmark_script_is_covered():

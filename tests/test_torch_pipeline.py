@@ -4,6 +4,9 @@ EXIF orientation, per-image decode failures, the CUDA-graph runner's padding, an
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +441,131 @@ def test_cuda_graph_replay_equals_eager_fp16_model(tmp_path):
     with torch.inference_mode():
         eager = model(x)
     assert torch.allclose(runner(x), eager, atol=2e-3)
+
+
+# Run in a fresh interpreter, as the stub runs the step: what a process keeps must not depend on pytest's own
+# handling of warnings (it records them per test, with filters of its own).
+_REGISTRY_PROBE = r"""
+import json, sys
+import numpy as np
+from tritonvision_server import torch_pipeline as tp
+
+def entries():
+    # Python keeps each distinct warning text a module issued in that module's __warningregistry__.
+    return sum(len([k for k in vars(m).get("__warningregistry__", {}) if k != "version"])
+               for m in list(sys.modules.values()) if hasattr(m, "__dict__"))
+
+import io
+from PIL import Image
+
+def encoded(fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, fmt)
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+tp.decode([encoded("PNG"), encoded("TIFF")], "cpu")  # the decoders' modules imported before counting
+rows = [np.fromfile(path, np.uint8) for path in sys.argv[1:]]
+before = entries()
+outcomes = [type(o).__name__ for o in tp.decode(rows, "cpu")]
+print(json.dumps({"before": before, "after": entries(), "outcomes": outcomes}))
+"""
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """An 8x8 PNG whose header claims ``width`` x ``height``: PIL opens it, then fails as truncated."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _tiff_with_oversized_tag(tag: int) -> bytes:
+    """An 8x8 TIFF with one private tag whose declared data runs past the end of the file (PIL skips it)."""
+    import struct
+
+    from PIL import Image, TiffImagePlugin, TiffTags
+
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[tag] = b"abcdefgh"
+    info.tagtype[tag] = TiffTags.UNDEFINED
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "TIFF", tiffinfo=info)
+    data = bytearray(buf.getvalue())
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        if struct.unpack_from("<H", data, entry)[0] == tag:
+            struct.pack_into("<I", data, entry + 4, 1 << 28)
+            return bytes(data)
+    raise AssertionError(f"tag {tag} not written")
+
+
+def test_decoder_warnings_about_hostile_files_are_not_kept_one_per_distinct_file(tmp_path):
+    # PIL warns about images over its own pixel limit (89.5 MP, under the spec's 120 MP) and about damaged
+    # TIFF tags with the file's own numbers in the text; Python keeps every distinct text for the life of the
+    # process (~280 bytes each) and logs it, so a client sending ever-new numbers could grow the step's memory
+    # and the server log without end.
+    rows = [_png_claiming(10_000, 9_000 + k) for k in range(8)] + [_tiff_with_oversized_tag(40_000 + k)
+                                                                   for k in range(8)]
+    assert all(89_478_485 < 10_000 * (9_000 + k) <= spec.IMAGE_LIMITS.max_pixels for k in range(8))
+    paths = []
+    for i, data in enumerate(rows):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", _REGISTRY_PROBE, *map(str, paths)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["outcomes"] == ["DecodeFailed"] * 8 + ["Tensor"] * 8, result
+    assert result["after"] == result["before"], result
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _png_damaged_near_the_end(width: int, height: int) -> bytes:
+    """A one-colour PNG whose compressed data is zeroed near its end: PIL decodes most rows, then fails."""
+    import struct
+    import zlib
+
+    raw = zlib.compress(b"".join(b"\0" + bytes([7]) * (3 * width) for _ in range(height)), 9)
+    raw = raw[:-50] + bytes(50)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def test_a_failed_decode_leaves_nothing_for_the_garbage_collector_to_free():
+    # Whatever a failed decode allocated (PIL's partly decoded image) must go when its batch's results go, not
+    # wait in a reference cycle for the garbage collector, which may not run for many batches.
+    import gc
+
+    from PIL import Image
+
+    rows = [np.frombuffer(_png_damaged_near_the_end(1000, 1200), np.uint8)]
+    normalise = tp.Normaliser("cpu", torch.float32)
+    tp.preprocess_runs(rows, [1000 * 1200], "cpu", normalise)  # imports done first: they leave cycles of their own
+    gc.collect()
+    gc.disable()
+    try:
+        out, where = tp.preprocess_runs(rows, [1000 * 1200], "cpu", normalise)
+        assert out is None and isinstance(where[0], tp.DecodeFailed), where
+        assert "could not decode the image" in str(where[0])
+        del out, where
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kept = [o for o in gc.garbage if isinstance(o, (BaseException, Image.Image))
+                or (type(o).__name__ == "frame" and o.f_code.co_filename == tp.__file__)]
+        assert not kept, kept
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
