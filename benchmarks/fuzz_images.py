@@ -962,7 +962,7 @@ def _size(wh) -> str:
     return "refused" if wh[0] is None else f"{wh[0]}x{wh[1]}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=2500, help="cases in process (the seeds count among them)")
     ap.add_argument("--seed", type=int, default=0)
@@ -994,6 +994,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the bytes of faulty (and mismatched) cases are written (default: --out without .json)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
