@@ -546,3 +546,34 @@ def test_restarts_that_fail_back_off_and_a_stop_during_the_wait_is_prompt(cpu_re
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(timeout=10) == 0
         assert time.monotonic() - stopped < 3, "the stop waited out the backoff"
+
+
+def test_chosen_ports_differ_even_when_the_kernel_hands_out_one_twice(cpu_repository, monkeypatch):
+    """bind(port 0) may return a port it just gave back (Triton then refused to start: "cannot listen to GRPC
+    requests and metrics requests at the same address and port"). The launcher's choices differ from each
+    other and from the ports given to it, whatever the kernel repeats."""
+    from tritonvision_server import launcher
+
+    handed = iter([41000, 41000, 41000, 41001, 8001, 41002, 41002, 41003])
+
+    class Socket:
+        def __init__(self):
+            self.port = None
+
+        def bind(self, address):
+            self.port = next(handed)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(launcher.socket, "socket", Socket)
+    assert launcher.free_ports("127.0.0.1", 3) == [41000, 41001, 8001]
+    server = TritonServer(cpu_repository, grpc_port=8001)  # given; http and metrics chosen
+    assert server.grpc_port == 8001 and {server.http_port, server.metrics_port} == {41002, 41003}
+    # Exchanging one chosen port keeps it apart from the others too.
+    handed = iter([41002, 8001, 41003, 41004])
+    server._choose_ports(["http_port"])
+    assert server.http_port == 41004 and server.metrics_port in (41002, 41003)

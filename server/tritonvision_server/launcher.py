@@ -37,7 +37,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,10 +186,28 @@ _PORTS = ("http_port", "grpc_port", "metrics_port")
 BACKENDS_DIR_PREFIX = "tritonvision-backends-"
 
 
+def free_ports(host: str = "127.0.0.1", count: int = 1, exclude: Collection[int] = ()) -> list[int]:
+    """``count`` different free ports, none of ``exclude``. The sockets stay bound until all are chosen: the
+    kernel may hand out a port it just gave back (three single picks in a row repeated one in ~5000 here,
+    more often under load), and Triton refuses to start with two of its ports the same."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in exclude and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(host, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -435,9 +453,7 @@ class TritonServer:
         self.model_repository = Path(self.model_repository).resolve()
         # Ports left to the launcher: another free one replaces one that is taken before the server binds it.
         self._chosen_ports = {name for name in _PORTS if not getattr(self, name)}
-        self.http_port = self.http_port or free_port(self.host)
-        self.grpc_port = self.grpc_port or free_port(self.host)
-        self.metrics_port = self.metrics_port or free_port(self.host)
+        self._choose_ports(sorted(self._chosen_ports))
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]*", self.shm_namespace):
             raise ValueError(f"shared-memory namespace {self.shm_namespace!r}: letters, digits and '-' only")
         self.shm_prefix = f"{self.shm_namespace}_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
@@ -615,9 +631,15 @@ class TritonServer:
         names = [name for name in _PORTS if getattr(self, name) in busy]
         if not set(names) <= self._chosen_ports:
             return False
-        for name in names:
-            setattr(self, name, free_port(self.host))
+        self._choose_ports(names)
         return True
+
+    def _choose_ports(self, names: Collection[str]) -> None:
+        """Free ports for the port attributes ``names``, different from each other and from every port the
+        server has now (the ones replaced included)."""
+        now = {getattr(self, name) for name in _PORTS} - {0}
+        for name, port in zip(names, free_ports(self.host, len(names), exclude=now)):
+            setattr(self, name, port)
 
     def _port_taken_during_start(self) -> bool:
         """Whether the server failed to bind a port that was ours to choose (now exchanged for a free one)."""
