@@ -15,13 +15,18 @@ class OtlpCollector:
 
     def __init__(self):
         self._spans: list[dict] = []
+        #: What could not be read of what was sent (each post is answered all the same).
+        self.errors: list[str] = []
         self._lock = threading.Lock()
         collector = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
+            def do_POST(self):  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                collector._receive(self.path, self.headers.get("Content-Type", ""), body)
+                try:
+                    collector._receive(self.path, self.headers.get("Content-Type", ""), body)
+                except Exception as exc:  # noqa: BLE001 - kept for the caller; the exporter still gets its answer
+                    collector.errors.append(f"{type(exc).__name__}: {exc}")
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", "2")
@@ -70,4 +75,5 @@ class OtlpCollector:
 
 
 def _attributes(items: list[dict]) -> dict:
-    return {a["key"]: next(iter(a["value"].values()), None) for a in items}
+    # An attribute's value is an AnyValue: one typed field ({"stringValue": ...}), or empty/null for no value.
+    return {a["key"]: next(iter((a.get("value") or {}).values()), None) for a in items}

@@ -79,6 +79,7 @@ def _sent(collector, span: _Span, count: int) -> tuple[list[dict], list[dict]]:
 
     collector.wait_for(lambda spans: len(requests(spans)) >= count)
     time_left = collector.wait_for(lambda spans: False, timeout=0.5)  # anything late or extra shows up too
+    assert not collector.errors, collector.errors
     got = requests(time_left)
     under = [s for s in got if s["traceId"] == span.trace_hex]
     assert len(got) == count, f"{len(got)} requests traced, {count} sent"
@@ -231,3 +232,14 @@ def test_a_retry_sent_from_a_timer_thread_carries_its_first_attempts_context(pho
             future = clf.submit(photos["chelsea"], retry=tv.RetryPolicy(attempts=2, initial=0.01))
         assert future.result(timeout=10) == []
     assert transport.sent == [f"00-{span.trace_hex}-{span.span_hex}-01"] * 2
+
+
+def test_serve_warns_that_the_bundled_triton_crashes_when_it_traces_many_requests(tmp_path, caplog):
+    from tritonvision_server.serve import serve
+
+    missing = tmp_path / "no-repository"  # serve stops right after its checks: nothing is started
+    assert serve(model_repository=missing, profile="gpu", trace=TraceExport("http://c:4318/v1/traces")) == 1
+    assert "crashes (SIGSEGV) when it traces many requests" in caplog.text
+    caplog.clear()
+    assert serve(model_repository=missing, profile="gpu") == 1
+    assert "SIGSEGV" not in caplog.text

@@ -253,6 +253,12 @@ def serve(
             return 1
         if torch_device == "cuda":
             server_args = gpu_torch_server_args() + server_args
+    if trace is not None and not tritonserver:
+        # The bundled Triton 2.51 crashes when it traces many requests a second (fixed in r25.04, server PR
+        # #8144); measured here: SIGSEGV within seconds with every request traced at 8-16 in flight.
+        log.warning("tracing on the bundled Triton 2.51: it crashes (SIGSEGV) when it traces many requests a second "
+                    "(fixed upstream in 25.04); keep --trace-rate high and trace-context clients few, and rely on "
+                    "serve's restart; NGC images from 25.04 have the fix")
     repository = _repository(model_repository, profile, weights, torch_device)
     if not repository.is_dir():  # the gpu profile's is built on a GPU host, not here
         log.error("no model repository at %s: build the gpu profile's with: build_engines.py gpu", repository)
