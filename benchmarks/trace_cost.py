@@ -31,20 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback OTLP receiver the tracing tests use
 
 import perf_analyzer  # noqa: E402
+from bench_client import photo  # noqa: E402
 from machine import hardware  # noqa: E402
-from validate_ceiling import _cpu_seconds  # noqa: E402
+from validate_ceiling import _cpu_seconds, _success_count  # noqa: E402
 
 log = logging.getLogger("trace_cost")
 
 BUILD = ROOT / "build" / "bench" / "trace_cost"
 # name: the server's trace export (None: off), as (rate,)
 VARIANTS = {"off": None, "rate1000": 1000, "every": 1}
-
-
-def photo() -> bytes:
-    from tritonvision import sample_images
-
-    return next(p for p in sample_images() if p.name == "chelsea.jpg").read_bytes()
 
 
 def measure(variant: str, repository: Path, data: Path, *, concurrency: int, seconds: float, binary: Path,
@@ -74,11 +69,7 @@ def measure(variant: str, repository: Path, data: Path, *, concurrency: int, sec
                 log.warning("%s: %s", variant, failed)
                 return {"variant": variant, "round": round_no, "failed": failed}
             cpu = _cpu_seconds(pid) - cpu_before
-            import tritonclient.grpc as grpcclient
-
-            with grpcclient.InferenceServerClient(server.grpc_url) as client:
-                stats = client.get_inference_statistics(spec.ENSEMBLE, as_json=True)["model_stats"][0]
-            requests = int(stats["inference_stats"]["success"].get("count", 0))
+            requests, _ = _success_count(server.grpc_url, spec.ENSEMBLE)
         spans = len(collector.wait_for(lambda s: False, timeout=1.0)) if rate is not None else 0
     finally:
         collector.close()

@@ -169,11 +169,16 @@ def client_shm_args(allow: bool, tritonserver: str | None) -> list[str]:
     return ["--allow-client-shm=true"]
 
 
-def _resource(text: str) -> tuple[str, str]:
+def _key_value(text: str, form: str, empty_value: bool) -> tuple[str, str]:
+    """An argparse value ``KEY=VALUE`` as a pair (``empty_value``: ``KEY=`` too)."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not sep or not key or not (value or empty_value):
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
     return key, value
+
+
+def _resource(text: str) -> tuple[str, str]:
+    return _key_value(text, "KEY=VALUE", empty_value=True)
 
 
 def trace_export(url: str | None, rate: int, resources: list[tuple[str, str]]) -> TraceExport | None:
@@ -187,10 +192,7 @@ def trace_export(url: str | None, rate: int, resources: list[tuple[str, str]]) -
 
 
 def _access_key(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
+    return _key_value(text, "NAME=VALUE", empty_value=False)
 
 
 def stops_in_order(fn: Callable[..., int]) -> Callable[..., int]:
