@@ -25,31 +25,21 @@ import argparse
 import json
 import logging
 import random
-import struct
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))  # png_claiming: the tests' header-only PNGs
 
+from image_helpers import png_claiming  # noqa: E402
 from machine import hardware  # noqa: E402
 
 BUILD = ROOT / "build" / "batch_budget"
 SIZES = ((10954, 10954), (8000, 6000))  # 120 MP (four fill the budget) and 48 MP
 VARIANTS = ("shipped", "before", "no library")
-
-
-def png_claiming(width: int, height: int, tag: int) -> bytes:
-    """A few dozen bytes of well-formed PNG chunks whose header claims ``width`` x ``height`` (the header check
-    accepts it; the stand-in never decodes). As tests/image_helpers.png_claiming."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"tEXt", b"tag\x00%d" % tag) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
 
 
 def repository(variant: str, library: Path, execute_seconds: float) -> Path:
