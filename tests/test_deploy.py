@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from chart_helpers import rendered_docs
+
 helm = pytest.importorskip("helm_python", reason="the [deploy] extra (helm-python-sdk) is not installed")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the [deploy] extra is not installed")
 yaml = pytest.importorskip("yaml")
@@ -16,9 +18,7 @@ KUBERNETES = "1.30"
 
 def render(values: dict | None = None, name: str = "tv") -> dict[str, dict]:
     """Rendered manifests by kind; a second manifest of a kind (the headless Service) is keyed "Kind/name"."""
-    manifests = helm.Chart.load(CHART).render(values, name=name, namespace="ml", is_install=True)
-    docs = [doc for path, text in manifests.items() if not path.endswith("NOTES.txt")
-            for doc in yaml.safe_load_all(text) if doc]
+    docs = rendered_docs(CHART, values, name)
     out = {}
     # The shortest name of a kind (the release's own Service) takes the plain key.
     for doc in sorted(docs, key=lambda d: (d["kind"], len(d["metadata"]["name"]))):

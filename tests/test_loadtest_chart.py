@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from chart_helpers import rendered_docs
+
 helm = pytest.importorskip("helm_python", reason="the [deploy] extra (helm-python-sdk) is not installed")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the [deploy] extra is not installed")
 yaml = pytest.importorskip("yaml")
@@ -19,14 +21,10 @@ KUBERNETES = "1.30"
 def render(values: dict | None = None, name: str = "tv") -> dict[str, dict]:
     """Rendered manifests by "Kind/role" (master, worker, or the Service)."""
     out = {}
-    for path, text in helm.Chart.load(CHART).render(values, name=name, namespace="ml", is_install=True).items():
-        if path.endswith("NOTES.txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                key = f"{doc['kind']}/{doc['metadata']['labels']['app.kubernetes.io/component']}"
-                assert key not in out, f"two {key} manifests"
-                out[key] = doc
+    for doc in rendered_docs(CHART, values, name):
+        key = f"{doc['kind']}/{doc['metadata']['labels']['app.kubernetes.io/component']}"
+        assert key not in out, f"two {key} manifests"
+        out[key] = doc
     return out
 
 

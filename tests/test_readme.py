@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from chart_helpers import rendered_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -514,14 +516,8 @@ def _merge(into: dict, other: dict) -> None:
 
 
 def render_chart(chart: str, values: dict, release: str) -> list[dict]:
-    helm = pytest.importorskip("helm_python", reason="the [deploy] extra (helm-python-sdk) is not installed")
-    yaml = pytest.importorskip("yaml")
-    docs = []
-    for path, text in helm.Chart.load(ROOT / chart).render(values, name=release, namespace="ml",
-                                                           is_install=True).items():
-        if not path.endswith("NOTES.txt"):
-            docs += [d for d in yaml.safe_load_all(text) if d]
-    return docs
+    pytest.importorskip("helm_python", reason="the [deploy] extra (helm-python-sdk) is not installed")
+    return rendered_docs(ROOT / chart, values, release)
 
 
 # -- Locust (in a subprocess: importing Locust monkey-patches the process for gevent) --------------------------
